@@ -1,0 +1,59 @@
+# Parley: `make run` (embedded default) and `make test` (the whole suite).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+PY := $(BIN)/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+# llama-cpp-python has no wheel and builds from source. A native build dies with
+# "Illegal instruction" on CPUs that report AMX, so pin a portable instruction set.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+.PHONY: help install frontend run test lint format
+
+help:
+	@echo "make run    install, migrate, seed the demo tenant, serve Parley on the embedded default"
+	@echo "make test   install, make sure PostgreSQL and Redis answer, run the whole suite"
+
+$(VENV)/.installed: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "Parley needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+frontend/node_modules/.installed: frontend/package.json frontend/package-lock.json
+	@command -v npm >/dev/null || { echo "Parley's frontend build needs Node.js 20+ and npm"; exit 1; }
+	cd frontend && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+frontend/dist/parley/chat.js: frontend/node_modules/.installed frontend/tsconfig.json $(wildcard frontend/src/*.ts)
+	cd frontend && npm run --silent build
+
+frontend: frontend/dist/parley/chat.js
+
+run: install frontend
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py seed_demo
+	$(PY) manage.py serve --host $(HOST) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy platform
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: install frontend
+	@eval "$$(bash tests/services.sh)" && \
+	  $(BIN)/ruff check . && \
+	  $(BIN)/ruff format --check . && \
+	  $(BIN)/mypy platform && \
+	  $(PY) manage.py makemigrations --check --dry-run --settings=config.settings.test && \
+	  $(BIN)/pytest $(PYTEST_ARGS)

@@ -1,0 +1,135 @@
+"""The websocket endpoint `/ws/v1/`: thin transport over chat services and run logs.
+
+Bad input answers with an `error` frame and the socket stays open. A run's
+events are relayed from its event log; closing the socket never stops a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from django.core.exceptions import ValidationError
+
+from chat import protocol
+from chat.eventlog import event_log, run_log_key
+from chat.models import Run
+from chat.runner import TERMINAL_EVENTS
+from chat.services import chat_send
+from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
+
+logger = logging.getLogger(__name__)
+
+# Close codes for refused handshakes (the application range 4000-4999).
+CLOSE_UNAUTHENTICATED = 4401
+
+RELAY_POLL_S = 15.0
+
+
+class ChatConsumer(AsyncWebsocketConsumer):
+    actor: Actor | None = None
+
+    async def connect(self) -> None:
+        session = self.scope.get("session")
+        tenant_id = session.get(SESSION_TENANT_KEY) if session is not None else None
+        self.actor = await database_sync_to_async(actor_for_user)(
+            self.scope.get("user"), tenant_id=tenant_id
+        )
+        if self.actor is None:
+            await self.close(code=CLOSE_UNAUTHENTICATED)
+            return
+        self.relays: dict[str, asyncio.Task[None]] = {}
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        for task in getattr(self, "relays", {}).values():
+            task.cancel()
+
+    async def send_frame(self, frame: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(frame))
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        raw = text_data if text_data is not None else bytes_data
+        client_id = None
+        try:
+            frame = protocol.parse(raw, max_bytes=settings.PARLEY_WS_MAX_FRAME_BYTES)
+            client_id = frame.get("client_id")
+            if frame["type"] == "ping":
+                await self.send_frame(
+                    {"type": "pong", **({"client_id": client_id} if client_id else {})}
+                )
+            elif frame["type"] == "chat.send":
+                await self.on_chat_send(protocol.chat_send(frame))
+        except protocol.FrameError as exc:
+            await self.send_frame(protocol.error_frame(exc.code, exc.message, exc.client_id))
+        except Exception:
+            logger.exception("websocket frame failed")
+            await self.send_frame(
+                protocol.error_frame(
+                    protocol.INTERNAL_ERROR, "The server could not handle this frame.", client_id
+                )
+            )
+
+    async def on_chat_send(self, send: protocol.ChatSend) -> None:
+        assert self.actor is not None
+        try:
+            run = await database_sync_to_async(chat_send)(
+                actor=self.actor,
+                content=send.content,
+                conversation_id=send.conversation_id,
+                model=send.model,
+                client_id=send.client_id or "",
+            )
+        except NotFound:
+            raise protocol.FrameError(
+                protocol.NOT_FOUND, "No such conversation.", send.client_id
+            ) from None
+        except ValidationError as exc:
+            raise protocol.FrameError(
+                protocol.INVALID_FRAME, " ".join(exc.messages), send.client_id
+            ) from None
+        frame: dict[str, Any] = {
+            "type": "run.started",
+            "run_id": str(run.id),
+            "conversation_id": str(run.conversation_id),
+            "user_message_id": str(run.user_message_id),
+        }
+        if send.client_id:
+            frame["client_id"] = send.client_id
+        await self.send_frame(frame)
+        self.attach(run, after=0)
+
+    def attach(self, run: Run, *, after: int) -> None:
+        run_id = str(run.id)
+        if run_id in self.relays and not self.relays[run_id].done():
+            return
+        key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
+        self.relays[run_id] = asyncio.ensure_future(self.relay(run_id, key, after))
+
+    async def relay(self, run_id: str, key: str, after: int) -> None:
+        """Send every event of the run after `after`, live, until its terminal event."""
+        log = event_log()
+        try:
+            while True:
+                events = await log.read(key, after, RELAY_POLL_S)
+                for seq, event in events:
+                    await self.send_frame({**event, "run_id": run_id, "seq": seq})
+                    after = seq
+                    if event.get("type") in TERMINAL_EVENTS:
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("relaying run %s failed", run_id)
+            await self.send_frame(
+                protocol.error_frame(
+                    protocol.INTERNAL_ERROR, f"Lost the event stream of run {run_id}."
+                )
+            )
+        finally:
+            self.relays.pop(run_id, None)

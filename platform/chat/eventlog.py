@@ -1,0 +1,196 @@
+"""The event log of a run: append-only, gapless sequence numbers, readable from a cursor.
+
+One writer (the worker executing the run) appends events with sequence numbers
+1, 2, 3, ...; any number of readers (websocket consumers) read everything after
+their cursor, then wait for more. Production keeps each log in a Redis Stream
+whose entry ids are `0-<seq>`, so Redis itself refuses a duplicate or
+out-of-order append. Embedded mode keeps the logs in this process's memory.
+
+Keys are built from server-side ids only (tenant and run), never from client input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from django.conf import settings
+
+Event = dict[str, Any]
+
+
+class EventLogError(Exception):
+    pass
+
+
+def run_log_key(*, tenant_id: Any, run_id: Any) -> str:
+    return f"{settings.PARLEY_REDIS_PREFIX}:t:{tenant_id}:run:{run_id}:events"
+
+
+class EventLog(Protocol):
+    def append(self, key: str, seq: int, event: Mapping[str, Any]) -> None:
+        """Append `event` as number `seq`; `seq` must be one more than the last."""
+
+    def expire(self, key: str, ttl_s: int) -> None:
+        """Drop the log `ttl_s` seconds from now (after the run is persisted)."""
+
+    def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
+        """Every event after `after`, without waiting."""
+
+    async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
+        """Events after `after`; waits up to `timeout_s` for the first one."""
+
+
+# --- Redis Streams ------------------------------------------------------------
+
+
+class RedisEventLog:
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.url = url
+        self._sync = redis.Redis.from_url(url)
+        # redis.asyncio clients belong to the event loop that created them.
+        self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _aclient(self) -> Any:
+        import redis.asyncio
+
+        loop = asyncio.get_running_loop()
+        client = self._async.get(loop)
+        if client is None:
+            client = redis.asyncio.Redis.from_url(self.url)
+            self._async[loop] = client
+        return client
+
+    def append(self, key: str, seq: int, event: Mapping[str, Any]) -> None:
+        import redis
+
+        try:
+            self._sync.xadd(key, {"e": json.dumps(event)}, id=f"0-{seq}")
+        except redis.ResponseError as exc:
+            raise EventLogError(f"cannot append event {seq} to {key}: {exc}") from exc
+
+    def expire(self, key: str, ttl_s: int) -> None:
+        self._sync.expire(key, ttl_s)
+
+    @staticmethod
+    def _decode(entries: list[Any]) -> list[tuple[int, Event]]:
+        out = []
+        for entry_id, fields in entries:
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            seq = int(entry_id.split("-", 1)[1])
+            out.append((seq, json.loads(fields[b"e"] if b"e" in fields else fields["e"])))
+        return out
+
+    def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
+        entries: Any = self._sync.xrange(key, min=f"(0-{after}", max="+")
+        return self._decode(entries)
+
+    async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
+        client = self._aclient()
+        block_ms = max(1, int(timeout_s * 1000))
+        result = await client.xread({key: f"0-{after}"}, block=block_ms, count=1000)
+        if not result:
+            return []
+        return self._decode(result[0][1])
+
+
+# --- in memory (embedded mode) --------------------------------------------------
+
+
+@dataclass
+class _MemoryStream:
+    events: list[Event] = field(default_factory=list)
+    expires_at: float | None = None
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = field(
+        default_factory=list
+    )
+
+
+class MemoryEventLog:
+    """Thread-safe: the writer is a worker thread, readers are asyncio tasks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._streams: dict[str, _MemoryStream] = {}
+
+    def _stream(self, key: str) -> _MemoryStream:
+        stream = self._streams.get(key)
+        if stream is not None and stream.expires_at is not None and stream.expires_at < time.time():
+            del self._streams[key]
+            stream = None
+        if stream is None:
+            stream = self._streams[key] = _MemoryStream()
+        return stream
+
+    def append(self, key: str, seq: int, event: Mapping[str, Any]) -> None:
+        with self._lock:
+            stream = self._stream(key)
+            if seq != len(stream.events) + 1:
+                raise EventLogError(
+                    f"cannot append event {seq} to {key}: the last event is {len(stream.events)}"
+                )
+            stream.events.append(json.loads(json.dumps(event)))
+            waiters, stream.waiters = stream.waiters, []
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+
+    def expire(self, key: str, ttl_s: int) -> None:
+        with self._lock:
+            self._stream(key).expires_at = time.time() + ttl_s
+            now = time.time()
+            for stale in [
+                k for k, s in self._streams.items() if s.expires_at and s.expires_at < now
+            ]:
+                del self._streams[stale]
+
+    def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
+        with self._lock:
+            events = self._stream(key).events
+            return [(i + 1, e) for i, e in enumerate(events) if i + 1 > after]
+
+    async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            stream = self._stream(key)
+            if len(stream.events) > after:
+                return [(i + 1, e) for i, e in enumerate(stream.events) if i + 1 > after]
+            future: asyncio.Future[None] = loop.create_future()
+            stream.waiters.append((loop, future))
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            with self._lock:
+                if (loop, future) in stream.waiters:
+                    stream.waiters.remove((loop, future))
+        return self.read_sync(key, after)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_log: EventLog | None = None
+_log_lock = threading.Lock()
+
+
+def event_log() -> EventLog:
+    global _log
+    with _log_lock:
+        if _log is None:
+            _log = (
+                MemoryEventLog()
+                if settings.REDIS_URL is None
+                else RedisEventLog(settings.REDIS_URL)
+            )
+        return _log

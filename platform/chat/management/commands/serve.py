@@ -1,0 +1,77 @@
+"""Run Parley's web process; in embedded mode also the local CPU model server.
+
+Embedded mode (no DATABASE_URL / REDIS_URL): starts llama.cpp with SmolLM2 on a
+free local port, waits until it is healthy, registers it as the only backend,
+serves HTTP and websockets with uvicorn (runs execute on threads of this
+process), and stops the model server on exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from inference import pool
+from inference.local_process import LocalModelServer, LocalModelServerError
+
+WS_MAX_SIZE = 1024 * 1024  # above PARLEY_WS_MAX_FRAME_BYTES, so oversize frames get an error frame
+
+
+class Command(BaseCommand):
+    help = "Serve Parley (and, in embedded mode, the local model) until interrupted."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument(
+            "--backend",
+            action="append",
+            default=[],
+            help="use this inference backend instead of starting the local model server",
+        )
+
+    def handle(self, *args, **options):
+        import uvicorn
+
+        model_server = None
+        if options["backend"]:
+            settings.PARLEY_BACKENDS = [url.rstrip("/") for url in options["backend"]]
+        elif not settings.PARLEY_BACKENDS:
+            if not settings.EMBEDDED:
+                raise CommandError("Set PARLEY_BACKENDS: production mode starts no local model.")
+            self.stdout.write("Starting the local model server (SmolLM2-135M-Instruct)…")
+            model_server = LocalModelServer(
+                model_path=settings.PARLEY_LOCAL_MODEL_PATH,
+                ctx=settings.PARLEY_LOCAL_MODEL_CTX,
+                threads=settings.PARLEY_LOCAL_MODEL_THREADS,
+                log_path=settings.VAR_DIR / "model-server.log",
+            )
+            try:
+                model_server.start()
+            except LocalModelServerError as exc:
+                raise CommandError(str(exc)) from None
+            atexit.register(model_server.stop)
+            settings.PARLEY_BACKENDS = [model_server.url]
+            self.stdout.write(f"Local model server healthy at {model_server.url}")
+        pool.forget_cache()
+
+        from config.asgi import application
+
+        url = f"http://{options['host']}:{options['port']}/"
+        self.stdout.write(self.style.SUCCESS(f"Parley ({settings.PARLEY_MODE} mode) at {url}"))
+        if settings.EMBEDDED:
+            self.stdout.write("Demo login: demo / parley-demo")
+        try:
+            uvicorn.run(
+                application,
+                host=options["host"],
+                port=options["port"],
+                ws_max_size=WS_MAX_SIZE,
+                lifespan="off",
+                log_level="info",
+            )
+        finally:
+            if model_server is not None:
+                model_server.stop()

@@ -1,0 +1,1 @@
+"""Settings modules: `base` (both modes, chosen by the environment), `production`, `test`."""

@@ -1,0 +1,235 @@
+"""Parley settings, read from the environment through `config.env`.
+
+Two modes, one code base:
+
+- embedded (neither DATABASE_URL nor REDIS_URL set): SQLite under var/, in-memory
+  channel layer and run event log, tasks executed in-process on worker threads,
+  the local CPU model server as the only inference backend;
+- production (both set): PostgreSQL through psycopg 3, Redis for the channel
+  layer, the Celery broker and the run event streams, backends from PARLEY_BACKENDS.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from config import env
+
+ROOT_DIR = Path(__file__).resolve().parents[3]
+PLATFORM_DIR = ROOT_DIR / "platform"
+FRONTEND_DIR = ROOT_DIR / "frontend"
+VAR_DIR = Path(env.string("PARLEY_VAR_DIR", default=str(ROOT_DIR / "var"))).resolve()
+
+# --- mode -------------------------------------------------------------------
+_has_db = env.present("DATABASE_URL")
+_has_redis = env.present("REDIS_URL")
+if _has_db != _has_redis:
+    missing = "REDIS_URL" if _has_db else "DATABASE_URL"
+    raise ImproperlyConfigured(
+        f"Set the {missing} environment variable: production mode needs both DATABASE_URL "
+        "and REDIS_URL (leave both unset for the embedded mode)."
+    )
+EMBEDDED = not _has_db
+PARLEY_MODE = "embedded" if EMBEDDED else "production"
+
+if EMBEDDED:
+    VAR_DIR.mkdir(parents=True, exist_ok=True)
+
+
+def _embedded_secret_key() -> str:
+    """Embedded mode keeps a generated key under var/ so sessions survive restarts."""
+    path = VAR_DIR / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(50))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+DEBUG = env.boolean("DJANGO_DEBUG", default=False)
+if env.present("DJANGO_SECRET_KEY") or not EMBEDDED:
+    SECRET_KEY = env.string("DJANGO_SECRET_KEY")
+else:
+    SECRET_KEY = _embedded_secret_key()
+
+ALLOWED_HOSTS = env.strings(
+    "DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"] if EMBEDDED else []
+)
+if not EMBEDDED and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("Set the DJANGO_ALLOWED_HOSTS environment variable.")
+CSRF_TRUSTED_ORIGINS = env.strings("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- applications -----------------------------------------------------------
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "channels",
+    "tenants",
+    "inference",
+    "chat",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+ASGI_APPLICATION = "config.asgi.application"
+AUTH_USER_MODEL = "tenants.User"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "chat:home"
+LOGOUT_REDIRECT_URL = "login"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [FRONTEND_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- data -------------------------------------------------------------------
+if EMBEDDED:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": VAR_DIR / "parley.sqlite3",
+            "OPTIONS": {
+                # WAL lets the web and the in-process workers read while a run writes.
+                "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+            },
+        }
+    }
+else:
+    DATABASES = {"default": env.database("DATABASE_URL")}
+    DATABASES["default"]["CONN_MAX_AGE"] = env.integer("DATABASE_CONN_MAX_AGE", default=60)
+    DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = None if EMBEDDED else env.redis_url("REDIS_URL")
+# Every Redis key Parley writes starts with this prefix (see chat.eventlog).
+PARLEY_REDIS_PREFIX = env.string("PARLEY_REDIS_PREFIX", default="parley")
+
+CHANNEL_LAYERS: dict[str, dict[str, Any]]
+if EMBEDDED:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+else:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{PARLEY_REDIS_PREFIX}:asgi"},
+        }
+    }
+
+# --- tasks ------------------------------------------------------------------
+# Embedded mode runs tasks on threads of the web process (config.celery.enqueue);
+# production sends them to Celery workers through Redis.
+PARLEY_TASKS_IN_PROCESS = EMBEDDED
+PARLEY_IN_PROCESS_WORKERS = env.integer("PARLEY_IN_PROCESS_WORKERS", default=4, minimum=1)
+CELERY_BROKER_URL = "memory://" if EMBEDDED else REDIS_URL
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_ROUTES = {"chat.tasks.*": {"queue": "runs"}}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
+    # A run that outlives this is redelivered; run_execute claims runs once.
+    "visibility_timeout": 3600,
+}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+
+# --- runs and the event log ---------------------------------------------------
+# How long a finished run's event log stays in Redis after the run is persisted.
+PARLEY_RUN_LOG_TTL_S = env.integer("PARLEY_RUN_LOG_TTL_S", default=3600, minimum=1)
+# Token deltas arriving closer together than this are coalesced into one event.
+PARLEY_TOKEN_COALESCE_MS = env.integer("PARLEY_TOKEN_COALESCE_MS", default=25, minimum=0)
+PARLEY_RUN_HEARTBEAT_S = env.floating("PARLEY_RUN_HEARTBEAT_S", default=5.0, minimum=0.1)
+
+# --- chat -------------------------------------------------------------------
+PARLEY_SYSTEM_PROMPT = env.string(
+    "PARLEY_SYSTEM_PROMPT", default="You are Parley, a helpful and concise assistant."
+)
+PARLEY_MAX_TOKENS = env.integer("PARLEY_MAX_TOKENS", default=512, minimum=1)
+PARLEY_WS_MAX_FRAME_BYTES = env.integer("PARLEY_WS_MAX_FRAME_BYTES", default=65536, minimum=1024)
+PARLEY_MAX_MESSAGE_CHARS = env.integer("PARLEY_MAX_MESSAGE_CHARS", default=32000, minimum=1)
+
+# --- inference --------------------------------------------------------------
+# Production: the pool's base URLs (vLLM's OpenAI-compatible servers). Embedded:
+# empty, and `manage.py serve` starts the local CPU model server and adds it.
+PARLEY_BACKENDS = env.http_urls("PARLEY_BACKENDS", default=[])
+PARLEY_DEFAULT_MODEL = env.string("PARLEY_DEFAULT_MODEL", default="")
+PARLEY_BACKEND_API_KEY = env.string("PARLEY_BACKEND_API_KEY", default="")
+PARLEY_CONNECT_TIMEOUT_S = env.floating("PARLEY_CONNECT_TIMEOUT_S", default=5.0, minimum=0.1)
+PARLEY_FIRST_TOKEN_TIMEOUT_S = env.floating(
+    "PARLEY_FIRST_TOKEN_TIMEOUT_S", default=120.0, minimum=0.1
+)
+PARLEY_STREAM_IDLE_TIMEOUT_S = env.floating(
+    "PARLEY_STREAM_IDLE_TIMEOUT_S", default=60.0, minimum=0.1
+)
+PARLEY_HEALTH_TTL_S = env.floating("PARLEY_HEALTH_TTL_S", default=5.0, minimum=0.0)
+# The local CPU model server (embedded mode and tests).
+PARLEY_LOCAL_MODEL_PATH = env.string("PARLEY_LOCAL_MODEL_PATH", default="")
+PARLEY_LOCAL_MODEL_CTX = env.integer("PARLEY_LOCAL_MODEL_CTX", default=8192, minimum=512)
+PARLEY_LOCAL_MODEL_THREADS = env.integer("PARLEY_LOCAL_MODEL_THREADS", default=0, minimum=0)
+
+# --- auth -------------------------------------------------------------------
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+SESSION_COOKIE_HTTPONLY = True
+SESSION_COOKIE_SAMESITE = "Lax"
+
+# --- i18n, static -------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATICFILES_DIRS = [FRONTEND_DIR / "static", FRONTEND_DIR / "dist"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# Serve from the finders so the embedded mode needs no collectstatic step.
+WHITENOISE_USE_FINDERS = True
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.string("PARLEY_LOG_LEVEL", default="INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}

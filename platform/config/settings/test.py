@@ -1,0 +1,28 @@
+"""Test settings: the mode the environment chooses (production against real PostgreSQL
+and Redis under `make test`), with fast password hashing and a private Redis prefix."""
+
+import os
+
+# `make test` exports these (tests/services.sh); the defaults are the standard local ports.
+os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/parley")
+os.environ.setdefault("REDIS_URL", "redis://127.0.0.1:6379/15")
+os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-" + "x" * 50)
+os.environ.setdefault("DJANGO_ALLOWED_HOSTS", "testserver,localhost,127.0.0.1")
+
+from config.settings.base import *  # noqa: F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+ALLOWED_HOSTS = ["testserver", "localhost", "127.0.0.1"]
+# Keys of concurrent test sessions never meet.
+PARLEY_REDIS_PREFIX = f"parleytest{os.getpid()}"
+if not EMBEDDED:  # noqa: F405
+    CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"{PARLEY_REDIS_PREFIX}:asgi"  # noqa: F405
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        **CELERY_BROKER_TRANSPORT_OPTIONS,  # noqa: F405
+        "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
+    }
+PARLEY_TOKEN_COALESCE_MS = 0
+PARLEY_RUN_HEARTBEAT_S = 0.5
+if not EMBEDDED:  # noqa: F405
+    # Worker threads in tests must not keep connections to the test database open.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405

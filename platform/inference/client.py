@@ -1,0 +1,177 @@
+"""One backend, spoken to as vLLM's OpenAI-compatible server.
+
+`/v1/chat/completions` with `stream: true` and `stream_options.include_usage`,
+`/v1/models` (with vLLM's `max_model_len`), `/health`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from inference.types import (
+    ChatRequest,
+    InferenceError,
+    StreamEvent,
+    StreamFinished,
+    StreamStarted,
+    TextDelta,
+    Usage,
+)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int | None
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect_s: float = 5.0
+    first_token_s: float = 120.0
+    idle_s: float = 60.0
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(body.get("detail"), str):
+            return body["detail"]
+    return json.dumps(body)[:500]
+
+
+class BackendClient:
+    def __init__(self, base_url: str, *, api_key: str = "", timeouts: Timeouts | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.timeouts = timeouts or Timeouts()
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = headers
+
+    def _client(self, read_timeout: float) -> httpx.Client:
+        timeout = httpx.Timeout(
+            connect=self.timeouts.connect_s, read=read_timeout, write=30.0, pool=30.0
+        )
+        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=self._headers)
+
+    def health(self) -> bool:
+        try:
+            with self._client(self.timeouts.connect_s) as client:
+                return client.get("/health").status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def models(self) -> list[ModelInfo]:
+        try:
+            with self._client(self.timeouts.connect_s) as client:
+                response = client.get("/v1/models")
+        except httpx.HTTPError as exc:
+            raise InferenceError("backend_unreachable", str(exc), retryable=True) from exc
+        if response.status_code != 200:
+            raise InferenceError(
+                "backend_error",
+                _error_message(response),
+                retryable=True,
+                status=response.status_code,
+            )
+        return [
+            ModelInfo(id=item["id"], max_model_len=item.get("max_model_len"))
+            for item in response.json().get("data", [])
+        ]
+
+    def chat_stream(self, request: ChatRequest, *, model: str) -> Iterator[StreamEvent]:
+        """Stream one chat completion. Errors before the first token are `retryable`."""
+        body: dict[str, Any] = {
+            "model": model,
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        if request.temperature is not None:
+            body["temperature"] = request.temperature
+        if request.tenant_id:
+            # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
+            body["cache_salt"] = request.tenant_id
+
+        read_timeout = max(self.timeouts.first_token_s, self.timeouts.idle_s)
+        started = False
+        finish_reason = ""
+        usage: Usage | None = None
+        completion_chars = 0
+        try:
+            with (
+                self._client(read_timeout) as client,
+                client.stream("POST", "/v1/chat/completions", json=body) as response,
+            ):
+                if response.status_code != 200:
+                    response.read()
+                    status = response.status_code
+                    raise InferenceError(
+                        "backend_rejected" if 400 <= status < 500 else "backend_error",
+                        _error_message(response),
+                        retryable=status >= 500 or status == 429,
+                        status=status,
+                    )
+                yield StreamStarted(backend=self.base_url, model=model)
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk and not chunk.get("choices"):
+                        raise InferenceError(
+                            "backend_error",
+                            str(chunk["error"].get("message", chunk["error"])),
+                            retryable=not started,
+                        )
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            started = True
+                            completion_chars += len(text)
+                            yield TextDelta(text)
+                        if choice.get("finish_reason"):
+                            finish_reason = choice["finish_reason"]
+                    if chunk.get("usage"):
+                        usage = Usage(
+                            prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
+                            completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
+                        )
+        except httpx.ConnectError as exc:
+            raise InferenceError(
+                "backend_unreachable", f"{self.base_url}: {exc}", retryable=True
+            ) from exc
+        except httpx.TimeoutException as exc:
+            code = "stream_timeout" if started else "first_token_timeout"
+            raise InferenceError(
+                code, f"{self.base_url}: {type(exc).__name__}", retryable=not started
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise InferenceError(
+                "backend_error", f"{self.base_url}: {exc}", retryable=not started
+            ) from exc
+        except json.JSONDecodeError as exc:
+            raise InferenceError(
+                "backend_error", f"malformed stream chunk: {exc}", retryable=not started
+            ) from exc
+        if not finish_reason:
+            raise InferenceError(
+                "stream_interrupted",
+                "the stream ended without a finish reason",
+                retryable=not started,
+            )
+        yield StreamFinished(finish_reason=finish_reason, usage=usage or Usage())

@@ -1,0 +1,170 @@
+"""Shared fixtures: people in two tenants, a real model server, a real Celery worker,
+and websocket connections authenticated like a browser."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.test import Client
+
+from inference import pool
+from inference.local_process import LocalModelServer
+from tenants.access import Actor
+from tenants.models import Role
+from tests.factories import MembershipFactory, TenantFactory
+
+
+@dataclass
+class Person:
+    membership: Any
+
+    @property
+    def user(self):
+        return self.membership.user
+
+    @property
+    def tenant(self):
+        return self.membership.tenant
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(tenant=self.tenant, user=self.user, role=self.membership.role)
+
+
+@pytest.fixture
+def alice(db) -> Person:
+    """Owner of tenant A."""
+    return Person(MembershipFactory(role=Role.OWNER, user__username="alice"))
+
+
+@pytest.fixture
+def bob(db, alice) -> Person:
+    """Member of tenant A."""
+    return Person(MembershipFactory(tenant=alice.tenant, user__username="bob"))
+
+
+@pytest.fixture
+def charlie(db) -> Person:
+    """Owner of tenant B: should have no access to anything of tenant A."""
+    return Person(
+        MembershipFactory(role=Role.OWNER, tenant=TenantFactory(), user__username="charlie")
+    )
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory) -> Iterator[LocalModelServer]:
+    """The real local CPU model server (SmolLM2-135M-Instruct), one per test session."""
+    server = LocalModelServer(log_path=tmp_path_factory.mktemp("model") / "server.log")
+    with server:
+        yield server
+
+
+@pytest.fixture
+def backend(model_server, settings) -> str:
+    """Make the local model server the pool's only backend for this test."""
+    settings.PARLEY_BACKENDS = [model_server.url]
+    pool.forget_cache()
+    yield model_server.url
+    pool.forget_cache()
+
+
+@pytest.fixture(scope="session")
+def celery_worker_session(django_db_setup, django_db_blocker):
+    """A real Celery worker (a thread of this process) consuming the `runs` queue
+    through the Redis broker."""
+    if settings.PARLEY_TASKS_IN_PROCESS:
+        pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
+    from celery.contrib.testing.worker import start_worker
+
+    from config.celery import app
+
+    with (
+        django_db_blocker.unblock(),
+        start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            perform_ping_check=False,
+            queues=["runs", "default"],
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker,
+    ):
+        yield worker
+
+
+@pytest.fixture
+def worker(celery_worker_session, transactional_db):
+    return celery_worker_session
+
+
+def session_cookie(user, tenant=None) -> str:
+    from tenants.access import SESSION_TENANT_KEY
+
+    client = Client()
+    client.force_login(user)
+    if tenant is not None:
+        session = client.session
+        session[SESSION_TENANT_KEY] = str(tenant.id)
+        session.save()
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+class Socket:
+    """A websocket client of the app, in-process, with JSON helpers."""
+
+    def __init__(self, communicator: WebsocketCommunicator) -> None:
+        self.communicator = communicator
+
+    async def send(self, frame: Any) -> None:
+        await self.communicator.send_to(
+            text_data=frame if isinstance(frame, str) else json.dumps(frame)
+        )
+
+    async def receive(self, timeout: float = 10) -> dict[str, Any]:
+        return json.loads(await self.communicator.receive_from(timeout=timeout))
+
+    async def receive_until(
+        self, types: tuple[str, ...], timeout: float = 120
+    ) -> list[dict[str, Any]]:
+        """Every frame up to and including the first whose type is in `types`."""
+        frames: list[dict[str, Any]] = []
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            remaining = deadline - asyncio.get_running_loop().time()
+            assert remaining > 0, f"no {types} frame within {timeout}s; got {frames}"
+            frame = await self.receive(timeout=remaining)
+            frames.append(frame)
+            if frame["type"] in types:
+                return frames
+
+    async def nothing_pending(self) -> bool:
+        return await self.communicator.receive_nothing(timeout=0.2)
+
+    async def close(self) -> None:
+        await self.communicator.disconnect()
+
+
+async def ws_connect(
+    user=None, *, tenant=None, origin: str | None = "http://testserver", cookie: str | None = None
+) -> tuple[bool, Any, Socket]:
+    from config.asgi import application
+
+    headers = [(b"host", b"testserver")]
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    if user is not None:
+        cookie = await sync_to_async(session_cookie)(user, tenant)
+    if cookie is not None:
+        headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
+    communicator = WebsocketCommunicator(application, "/ws/v1/", headers=headers)
+    connected, code = await communicator.connect(timeout=10)
+    return connected, code, Socket(communicator)

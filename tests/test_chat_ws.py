@@ -1,0 +1,181 @@
+"""The websocket API end to end: real Redis, a real Celery worker, the real SmolLM2."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from asgiref.sync import sync_to_async
+
+from chat.models import Conversation, Message, Run
+from tests.conftest import ws_connect
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.llm]
+
+PROMPT = "Count from 1 to 20, separated by spaces."
+
+
+def _run_frames(frames, run_id):
+    return [f for f in frames if f.get("run_id") == run_id and f["type"] != "run.started"]
+
+
+async def _turn(socket, content=PROMPT, conversation_id=None, client_id=None):
+    frame = {"type": "chat.send", "content": content}
+    if conversation_id:
+        frame["conversation_id"] = conversation_id
+    if client_id:
+        frame["client_id"] = client_id
+    await socket.send(frame)
+    started = await socket.receive(timeout=15)
+    assert started["type"] == "run.started", started
+    frames = await socket.receive_until(("run.done", "run.error"))
+    return started, _run_frames(frames, started["run_id"])
+
+
+async def test_turn_streams_smollm2_tokens_gaplessly_and_persists_them(alice, backend, worker):
+    connected, _, socket = await ws_connect(alice.user)
+    assert connected
+    started, frames = await _turn(socket, client_id="c-1")
+    assert started["client_id"] == "c-1"
+
+    tokens = [f for f in frames if f["type"] == "token"]
+    done = frames[-1]
+    assert done["type"] == "run.done", done
+    assert len(tokens) >= 10
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    assert done["usage"]["completion_tokens"] >= 10
+    assert done["usage"]["prompt_tokens"] > 0
+    assert done["usage"]["total_tokens"] == (
+        done["usage"]["prompt_tokens"] + done["usage"]["completion_tokens"]
+    )
+
+    streamed = "".join(f["delta"] for f in tokens)
+    run = await Run.objects.select_related("assistant_message").aget(id=started["run_id"])
+    assert run.state == Run.State.SUCCEEDED
+    assert run.assistant_message is not None
+    assert str(run.assistant_message.id) == done["message_id"]
+    assert run.assistant_message.content == streamed
+    assert run.completion_tokens == done["usage"]["completion_tokens"]
+    assert run.backend == backend
+    assert run.tenant_id == alice.tenant.id
+    await socket.close()
+
+
+async def test_follow_up_continues_the_conversation_thread(alice, backend, worker):
+    connected, _, socket = await ws_connect(alice.user)
+    assert connected
+    first, frames = await _turn(socket, "Say hello.")
+    assert frames[-1]["type"] == "run.done"
+    second, frames = await _turn(socket, "Now say goodbye.", first["conversation_id"])
+    assert frames[-1]["type"] == "run.done"
+    assert second["conversation_id"] == first["conversation_id"]
+
+    question = await Message.objects.aget(id=second["user_message_id"])
+    first_run = await Run.objects.aget(id=first["run_id"])
+    first_answer = await Message.objects.aget(id=first_run.assistant_message_id)
+    assert question.parent_id == first_answer.id
+    assert await Message.objects.filter(conversation_id=first["conversation_id"]).acount() == 4
+    await socket.close()
+
+
+async def test_outsider_cannot_post_to_a_conversation_and_gets_not_found(
+    alice, charlie, backend, worker
+):
+    connected, _, socket = await ws_connect(alice.user)
+    started, frames = await _turn(socket, "Say hello.")
+    assert frames[-1]["type"] == "run.done"
+    await socket.close()
+    conversation_id = started["conversation_id"]
+    before = await Message.objects.filter(conversation_id=conversation_id).acount()
+
+    connected, _, outsider = await ws_connect(charlie.user)
+    assert connected
+    await outsider.send(
+        {"type": "chat.send", "content": "hi", "conversation_id": conversation_id, "client_id": "x"}
+    )
+    foreign = await outsider.receive()
+    await outsider.send(
+        {
+            "type": "chat.send",
+            "content": "hi",
+            "conversation_id": str(uuid.uuid4()),
+            "client_id": "x",
+        }
+    )
+    missing = await outsider.receive()
+    assert (
+        foreign
+        == missing
+        == {
+            "type": "error",
+            "code": "not_found",
+            "message": "No such conversation.",
+            "client_id": "x",
+        }
+    )
+    assert await outsider.nothing_pending()
+    assert await Message.objects.filter(conversation_id=conversation_id).acount() == before
+    assert not await Conversation.objects.filter(tenant=charlie.tenant).aexists()
+    await outsider.close()
+
+
+async def test_bad_frames_get_error_frames_and_the_socket_still_completes_a_turn(
+    alice, backend, worker, settings
+):
+    connected, _, socket = await ws_connect(alice.user)
+    assert connected
+    oversized = (
+        '{"type": "chat.send", "content": "' + "x" * settings.PARLEY_WS_MAX_FRAME_BYTES + '"}'
+    )
+    cases = [
+        ("{not json", "invalid_json"),
+        ("[1, 2]", "invalid_frame"),
+        ({"content": "no type"}, "invalid_frame"),
+        ({"type": "chat.explode"}, "unknown_type"),
+        ({"type": "chat.send"}, "invalid_frame"),
+        ({"type": "chat.send", "content": "   "}, "invalid_frame"),
+        ({"type": "chat.send", "content": "hi", "conversation_id": 42}, "invalid_frame"),
+        ({"type": "chat.send", "content": "hi", "client_id": ""}, "invalid_frame"),
+        (oversized, "frame_too_large"),
+        ({"type": "chat.send", "content": "hi", "conversation_id": str(uuid.uuid4())}, "not_found"),
+        ({"type": "chat.send", "content": "hi", "conversation_id": "not-a-uuid"}, "not_found"),
+    ]
+    for frame, code in cases:
+        await socket.send(frame)
+        reply = await socket.receive()
+        assert reply["type"] == "error", (frame, reply)
+        assert reply["code"] == code, (frame, reply)
+        assert reply["message"]
+    await socket.communicator.send_to(bytes_data=b"\xff\xfe")
+    assert (await socket.receive())["code"] == "invalid_json"
+    assert await Run.objects.acount() == 0
+
+    await socket.send({"type": "ping", "client_id": "p"})
+    assert await socket.receive() == {"type": "pong", "client_id": "p"}
+    _, frames = await _turn(socket, "Say hello.")
+    assert frames[-1]["type"] == "run.done"
+    assert [f["seq"] for f in frames] == list(range(1, len(frames) + 1))
+    await socket.close()
+
+
+async def test_unauthenticated_sockets_are_refused(db):
+    connected, code, _ = await ws_connect()
+    assert (connected, code) == (False, 4401)
+    connected, code, _ = await ws_connect(cookie="forged-session-id")
+    assert (connected, code) == (False, 4401)
+
+
+async def test_user_without_a_tenant_is_refused(db):
+    from tests.factories import UserFactory
+
+    user = await sync_to_async(UserFactory)()
+    connected, _, _ = await ws_connect(user)
+    assert not connected
+
+
+async def test_cross_origin_browser_socket_is_refused(alice):
+    connected, _, _ = await ws_connect(alice.user, origin="http://evil.example.com")
+    assert not connected
+    connected, _, socket = await ws_connect(alice.user, origin="http://testserver")
+    assert connected
+    await socket.close()
