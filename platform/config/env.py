@@ -40,6 +40,9 @@ def present(name: str) -> bool:
 
 
 def string(name: str, default: Any = _MISSING) -> str:
+    """A string; without a default the variable is required and must not be empty."""
+    if default is _MISSING and not present(name):
+        raise ImproperlyConfigured(f"Set the {name} environment variable.")
     return _read(name, env.str, default)
 
 

@@ -579,6 +579,20 @@ def create_app(engine: Engine) -> Any:
     )
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """A model server outliving its platform would hold a port and a CPU: watch the
+    parent, and leave when it is gone (however it died)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:
+                logger.info("parent process %d is gone; exiting", parent_pid)
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -591,9 +605,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=int(os.environ.get("PARLEY_LOCAL_MODEL_THREADS", 0))
     )
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="exit when this process is gone (the platform that started us)")
     args = parser.parse_args(argv)
 
     import uvicorn
+
+    if args.parent_pid:
+        _exit_with_parent(args.parent_pid)
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -45,9 +45,11 @@ def actor_for_user(user: User | Any, *, tenant_id: str | uuid.UUID | None = None
     membership = None
     if tenant_id:
         try:
-            membership = memberships.filter(tenant_id=tenant_id).first()
-        except (ValueError, TypeError):  # a malformed id in the session
-            membership = None
+            chosen = uuid.UUID(str(tenant_id))
+        except ValueError:  # a malformed id in the session
+            chosen = None
+        if chosen is not None:
+            membership = memberships.filter(tenant_id=chosen).first()
     if membership is None:
         membership = memberships.order_by("created_at").first()
     if membership is None:

@@ -26,3 +26,5 @@ PARLEY_RUN_HEARTBEAT_S = 0.5
 if not EMBEDDED:  # noqa: F405
     # Worker threads in tests must not keep connections to the test database open.
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
+# Static files come from the finders; tests never collect them.
+STATIC_ROOT = None

@@ -9,6 +9,8 @@ process), and stops the model server on exit.
 from __future__ import annotations
 
 import atexit
+import signal
+import sys
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -63,6 +65,9 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"Parley ({settings.PARLEY_MODE} mode) at {url}"))
         if settings.EMBEDDED:
             self.stdout.write("Demo login: demo / parley-demo")
+        # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it
+        # found: make that one exit through `finally`, so the model server stops too.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             uvicorn.run(
                 application,
