@@ -11,7 +11,7 @@ PORT ?= 8000
 # "Illegal instruction" on CPUs that report AMX, so pin a portable instruction set.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: help install frontend run test lint format
+.PHONY: help install frontend chromium run test lint format
 
 help:
 	@echo "make run    install, migrate, seed the demo tenant, serve Parley on the embedded default"
@@ -36,6 +36,18 @@ frontend/dist/parley/chat.js: frontend/node_modules/.installed frontend/tsconfig
 
 frontend: frontend/dist/parley/chat.js
 
+# The browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+chromium:
+	@if [ -z "$$PARLEY_CHROMIUM" ] && ! command -v chromium >/dev/null; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Chromium for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "The browser tests need Chromium: install it (Debian/Ubuntu: apt-get install chromium)"; \
+	    echo "or set PARLEY_CHROMIUM to a Chromium or Chrome binary."; exit 1; \
+	  fi; \
+	fi
+
 run: install frontend
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
@@ -50,7 +62,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install frontend
+test: install frontend chromium
 	@eval "$$(bash tests/services.sh)" && \
 	  $(BIN)/ruff check . && \
 	  $(BIN)/ruff format --check . && \

@@ -5,10 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
@@ -16,7 +23,7 @@ from django.conf import settings
 from django.test import Client
 
 from inference import pool
-from inference.local_process import LocalModelServer
+from inference.local_process import LocalModelServer, free_port
 from tenants.access import Actor
 from tenants.models import Role
 from tests.factories import MembershipFactory, TenantFactory
@@ -168,3 +175,67 @@ async def ws_connect(
     communicator = WebsocketCommunicator(application, "/ws/v1/", headers=headers)
     connected, code = await communicator.connect(timeout=10)
     return connected, code, Socket(communicator)
+
+
+EMBEDDED_STRIP = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "DJANGO_SETTINGS_MODULE",
+    "DJANGO_SECRET_KEY",
+    "DJANGO_ALLOWED_HOSTS",
+    "PARLEY_BACKENDS",
+)
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Parley on its embedded default in a fresh process, as `make run` starts it:
+    migrate, seed_demo, serve (which starts the local model server). Yields the base
+    URL and the var/ folder; checks on the way out that the model server stopped too."""
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("embedded")
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_STRIP}
+    env["PARLEY_VAR_DIR"] = str(tmp / "var")
+    for command in (["migrate", "--noinput"], ["seed_demo"]):
+        result = subprocess.run(
+            [sys.executable, "manage.py", *command],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert result.returncode == 0, result.stderr
+    port = free_port()
+    log_path = tmp / "serve.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(port)],
+            cwd=root,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        yield base, tmp / "var"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    output = log_path.read_text()
+    assert "Parley (embedded mode)" in output
+    assert "Demo login: demo / parley-demo" in output
+    # The model server that `serve` started is gone with it.
+    match = re.search(r"Local model server healthy at (http://\S+)", output)
+    assert match, output
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{match.group(1)}/health", timeout=2)

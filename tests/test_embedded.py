@@ -10,71 +10,28 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import sqlite3
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from inference.local_process import free_port
-
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.embedded, pytest.mark.llm]
-
-STRIP = ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "DJANGO_SECRET_KEY",
-         "DJANGO_ALLOWED_HOSTS", "PARLEY_BACKENDS")
-
-
-@pytest.fixture
-def embedded(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in STRIP}
-    env["PARLEY_VAR_DIR"] = str(tmp_path / "var")
-    for command in (["migrate", "--noinput"], ["seed_demo"]):
-        result = subprocess.run([sys.executable, "manage.py", *command], cwd=ROOT, env=env,
-                                capture_output=True, text=True, timeout=180)
-        assert result.returncode == 0, result.stderr
-    port = free_port()
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen([sys.executable, "manage.py", "serve", "--port", str(port)],
-                               cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert process.poll() is None, (tmp_path / "serve.log").read_text()
-            assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        yield base, tmp_path / "var"
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-    output = (tmp_path / "serve.log").read_text()
-    assert "embedded mode" in output
-    assert "Demo login: demo / parley-demo" in output
-    # The model server the command started is gone with it.
-    url = re.search(r"Local model server healthy at (http://\S+)", output).group(1)
-    with pytest.raises(httpx.HTTPError):
-        httpx.get(f"{url}/health", timeout=2)
 
 
 def login(base: str) -> str:
     with httpx.Client(base_url=base, follow_redirects=False) as client:
         page = client.get("/accounts/login/")
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-        response = client.post("/accounts/login/", data={
-            "csrfmiddlewaretoken": token, "username": "demo", "password": "parley-demo",
-        })
+        response = client.post(
+            "/accounts/login/",
+            data={
+                "csrfmiddlewaretoken": token,
+                "username": "demo",
+                "password": "parley-demo",
+            },
+        )
         assert response.status_code == 302, response.text
         chat = client.get("/")
         assert chat.status_code == 200
@@ -82,15 +39,19 @@ def login(base: str) -> str:
         return client.cookies["sessionid"]
 
 
-def test_embedded_default_streams_a_chat_turn(embedded):
-    base, var = embedded
+def test_embedded_default_streams_a_chat_turn(embedded_server):
+    base, var = embedded_server
     session = login(base)
 
     async def turn() -> list[dict]:
         ws_url = base.replace("http", "ws") + "/ws/v1/"
-        async with connect(ws_url, origin=base, additional_headers={
-            "Cookie": f"sessionid={session}",
-        }) as socket:
+        async with connect(
+            ws_url,
+            origin=base,
+            additional_headers={
+                "Cookie": f"sessionid={session}",
+            },
+        ) as socket:
             await socket.send(json.dumps({"type": "chat.send", "content": "Say hello in French."}))
             frames = []
             while True:
