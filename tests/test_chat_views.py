@@ -22,7 +22,10 @@ def conversation(alice):
         tenant=alice.tenant, conversation=conversation, role="user", content="How did Q3 go?"
     )
     Message.objects.create(
-        tenant=alice.tenant, conversation=conversation, parent=question, role="assistant",
+        tenant=alice.tenant,
+        conversation=conversation,
+        parent=question,
+        role="assistant",
         content="Revenue grew <b>12%</b>.",
     )
     return conversation
@@ -70,6 +73,14 @@ def test_anonymous_users_are_sent_to_login(client, conversation):
 def test_user_without_a_tenant_gets_not_found(client):
     client.force_login(UserFactory())
     assert client.get(reverse("chat:home")).status_code == 404
+
+
+def test_pages_carry_a_strict_content_security_policy(client, alice):
+    client.force_login(alice.user)
+    policy = client.get(reverse("chat:home"))["Content-Security-Policy"]
+    assert "script-src 'self'" in policy
+    assert "default-src 'self'" in policy
+    assert "unsafe-inline" not in policy
 
 
 def test_health_endpoint(client):

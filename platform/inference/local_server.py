@@ -605,8 +605,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--threads", type=int, default=int(os.environ.get("PARLEY_LOCAL_MODEL_THREADS", 0))
     )
-    parser.add_argument("--parent-pid", type=int, default=0,
-                        help="exit when this process is gone (the platform that started us)")
+    parser.add_argument(
+        "--parent-pid",
+        type=int,
+        default=0,
+        help="exit when this process is gone (the platform that started us)",
+    )
     args = parser.parse_args(argv)
 
     import uvicorn

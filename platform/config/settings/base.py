@@ -79,6 +79,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "config.middleware.ContentSecurityPolicyMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -216,9 +217,10 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "/static/"
-STATIC_ROOT: Path | None = Path(env.string("PARLEY_STATIC_ROOT", default=str(VAR_DIR / "static")))
+_static_root = Path(env.string("PARLEY_STATIC_ROOT", default=str(VAR_DIR / "static")))
 if EMBEDDED:
-    STATIC_ROOT.mkdir(parents=True, exist_ok=True)
+    _static_root.mkdir(parents=True, exist_ok=True)
+STATIC_ROOT: Path | None = _static_root
 STATICFILES_DIRS = [FRONTEND_DIR / "static", FRONTEND_DIR / "dist"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
