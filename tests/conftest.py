@@ -27,6 +27,7 @@ from inference.local_process import LocalModelServer, free_port
 from tenants.access import Actor
 from tenants.models import Role
 from tests.factories import MembershipFactory, TenantFactory
+from tests.synthetic import synthetic_server  # noqa: F401 - a fixture for every test module
 
 
 @dataclass

@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PARLEY_VARS = ("DATABASE_URL", "REDIS_URL", "DJANGO_SETTINGS_MODULE", "DJANGO_SECRET_KEY",
-               "DJANGO_ALLOWED_HOSTS", "PARLEY_BACKENDS", "PARLEY_MAX_TOKENS", "DJANGO_DEBUG")
+PARLEY_VARS = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "DJANGO_SETTINGS_MODULE",
+    "DJANGO_SECRET_KEY",
+    "DJANGO_ALLOWED_HOSTS",
+    "PARLEY_BACKENDS",
+    "PARLEY_MAX_TOKENS",
+    "DJANGO_DEBUG",
+)
 PRODUCTION = {
     "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/parley",
     "REDIS_URL": "redis://127.0.0.1:6379/0",
@@ -27,8 +35,12 @@ def manage(*args: str, env: dict[str, str], tmp_path: Path) -> subprocess.Comple
     clean["PARLEY_VAR_DIR"] = str(tmp_path / "var")
     clean.update(env)
     return subprocess.run(
-        [sys.executable, "manage.py", *args], cwd=ROOT, env=clean, capture_output=True,
-        text=True, timeout=120,
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -48,8 +60,11 @@ def test_embedded_mode_uses_sqlite_and_in_memory_layers(tmp_path):
     result = manage("shell", "-c", code, env={}, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].split() == [
-        "embedded", "django.db.backends.sqlite3", "channels.layers.InMemoryChannelLayer",
-        "True", "None",
+        "embedded",
+        "django.db.backends.sqlite3",
+        "channels.layers.InMemoryChannelLayer",
+        "True",
+        "None",
     ]
 
 
@@ -62,8 +77,11 @@ def test_production_mode_uses_postgres_and_redis(tmp_path):
     result = manage("shell", "-c", code, env=PRODUCTION, tmp_path=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1].split() == [
-        "production", "django.db.backends.postgresql", "channels_redis.core.RedisChannelLayer",
-        "False", "redis://127.0.0.1:6379/0",
+        "production",
+        "django.db.backends.postgresql",
+        "channels_redis.core.RedisChannelLayer",
+        "False",
+        "redis://127.0.0.1:6379/0",
     ]
 
 
@@ -112,8 +130,9 @@ def test_import_platform_is_the_standard_library(tmp_path):
         "import config, django; import platform as p;"
         "print(p.__file__, callable(p.python_version))"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     path, has_version = result.stdout.split()
     assert not path.startswith(str(ROOT)) and path.endswith("platform.py")

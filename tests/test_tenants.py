@@ -41,9 +41,7 @@ def test_tenant_create_refuses_bad_input_and_changes_nothing():
 
 def test_existing_user_can_own_a_second_tenant():
     tenant_create(name="One", owner_username="ada", owner_password="a-long-unusual-pass")
-    tenant, owner = tenant_create(
-        name="Two", owner_username="ada", owner_password="a-long-unusual-pass"
-    )
+    _, owner = tenant_create(name="Two", owner_username="ada", owner_password="a-long-unusual-pass")
     assert owner.memberships.count() == 2
 
 

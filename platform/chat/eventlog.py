@@ -51,11 +51,24 @@ class EventLog(Protocol):
 
 
 class RedisEventLog:
+    # XADD alone refuses a duplicate or smaller id but accepts a gap (0-1, then 0-3):
+    # check in the server, atomically, that `seq` follows the last entry.
+    _APPEND = """
+    local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+    local top = 0
+    if #last > 0 then top = tonumber(string.match(last[1][1], '-(%d+)$')) end
+    if tonumber(ARGV[1]) ~= top + 1 then
+        return redis.error_reply('ERR out of sequence: the last event is ' .. top)
+    end
+    return redis.call('XADD', KEYS[1], '0-' .. ARGV[1], 'e', ARGV[2])
+    """
+
     def __init__(self, url: str) -> None:
         import redis
 
         self.url = url
         self._sync = redis.Redis.from_url(url)
+        self._append = self._sync.register_script(self._APPEND)
         # redis.asyncio clients belong to the event loop that created them.
         self._async: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
             weakref.WeakKeyDictionary()
@@ -75,7 +88,7 @@ class RedisEventLog:
         import redis
 
         try:
-            self._sync.xadd(key, {"e": json.dumps(event)}, id=f"0-{seq}")
+            self._append(keys=[key], args=[seq, json.dumps(event)])
         except redis.ResponseError as exc:
             raise EventLogError(f"cannot append event {seq} to {key}: {exc}") from exc
 
@@ -123,18 +136,23 @@ class MemoryEventLog:
         self._lock = threading.Lock()
         self._streams: dict[str, _MemoryStream] = {}
 
-    def _stream(self, key: str) -> _MemoryStream:
+    def _stream(self, key: str, *, reader: bool = False) -> _MemoryStream:
         stream = self._streams.get(key)
         if stream is not None and stream.expires_at is not None and stream.expires_at < time.time():
             del self._streams[key]
             stream = None
         if stream is None:
             stream = self._streams[key] = _MemoryStream()
+            if reader:
+                # A reader waiting on a log nobody writes must not keep it forever.
+                stream.expires_at = time.time() + _READER_STREAM_TTL_S
         return stream
 
     def append(self, key: str, seq: int, event: Mapping[str, Any]) -> None:
         with self._lock:
             stream = self._stream(key)
+            if not stream.events:
+                stream.expires_at = None  # a live run: kept until expire()
             if seq != len(stream.events) + 1:
                 raise EventLogError(
                     f"cannot append event {seq} to {key}: the last event is {len(stream.events)}"
@@ -155,13 +173,17 @@ class MemoryEventLog:
 
     def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
         with self._lock:
-            events = self._stream(key).events
-            return [(i + 1, e) for i, e in enumerate(events) if i + 1 > after]
+            stream = self._streams.get(key)
+            if stream is None or (
+                stream.expires_at is not None and stream.expires_at < time.time()
+            ):
+                return []
+            return [(i + 1, e) for i, e in enumerate(stream.events) if i + 1 > after]
 
     async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
         loop = asyncio.get_running_loop()
         with self._lock:
-            stream = self._stream(key)
+            stream = self._stream(key, reader=True)
             if len(stream.events) > after:
                 return [(i + 1, e) for i, e in enumerate(stream.events) if i + 1 > after]
             future: asyncio.Future[None] = loop.create_future()
@@ -179,6 +201,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
 
+
+_READER_STREAM_TTL_S = 3600.0
 
 _log: EventLog | None = None
 _log_lock = threading.Lock()

@@ -182,6 +182,7 @@ class Engine:
         pending_text = ""
         produced = 0
         finish = "length"
+        stopped = False
         hold = max((len(s) for s in sampling.stop), default=0)
         tokens = self.llama.generate(
             prompt,
@@ -215,7 +216,9 @@ class Engine:
                     break
         finally:
             tokens.close()
-        if finish != "stop" or not sampling.stop:
+        # Text held back for a possible stop string is part of the answer unless a stop
+        # string matched (end of generation, max_tokens and abort match none).
+        if not stopped:
             tail = pending_text + pending_bytes.decode("utf-8", errors="replace")
             if tail and finish != "abort":
                 yield tail, None, 0
