@@ -179,3 +179,28 @@ async def test_cross_origin_browser_socket_is_refused(alice):
     connected, _, socket = await ws_connect(alice.user, origin="http://testserver")
     assert connected
     await socket.close()
+
+
+async def test_a_broker_outage_gets_a_clear_error_and_keeps_the_message(alice, monkeypatch):
+    import config.celery
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("Error 111 connecting to redis")
+
+    monkeypatch.setattr(config.celery, "enqueue", broker_down)
+    connected, _, socket = await ws_connect(alice.user)
+    assert connected
+    await socket.send({"type": "chat.send", "content": "Are you there?", "client_id": "q"})
+    reply = await socket.receive()
+    assert reply["type"] == "error"
+    assert reply["code"] == "unavailable"
+    assert reply["client_id"] == "q"
+    run = await Run.objects.select_related("user_message").aget()
+    assert run.state == Run.State.FAILED
+    assert run.error_code == "queue_unavailable"
+    assert run.user_message.content == "Are you there?"
+
+    monkeypatch.undo()
+    await socket.send({"type": "ping"})
+    assert (await socket.receive())["type"] == "pong"
+    await socket.close()

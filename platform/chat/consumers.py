@@ -20,7 +20,7 @@ from chat import protocol
 from chat.eventlog import event_log, run_log_key
 from chat.models import Run
 from chat.runner import TERMINAL_EVENTS
-from chat.services import chat_send
+from chat.services import RunNotQueued, chat_send
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
 
 logger = logging.getLogger(__name__)
@@ -92,6 +92,13 @@ class ChatConsumer(AsyncWebsocketConsumer):
         except ValidationError as exc:
             raise protocol.FrameError(
                 protocol.INVALID_FRAME, " ".join(exc.messages), send.client_id
+            ) from None
+        except RunNotQueued:
+            raise protocol.FrameError(
+                protocol.UNAVAILABLE,
+                "Your message is saved, but no worker could take the run right now; "
+                "try again in a moment.",
+                send.client_id,
             ) from None
         frame: dict[str, Any] = {
             "type": "run.started",

@@ -18,6 +18,7 @@ UNKNOWN_TYPE = "unknown_type"
 FRAME_TOO_LARGE = "frame_too_large"
 NOT_FOUND = "not_found"
 INTERNAL_ERROR = "internal_error"
+UNAVAILABLE = "unavailable"
 
 CLIENT_TYPES = ("chat.send", "ping")
 

@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
+from django.utils import timezone
 
 from chat.models import Conversation, Message, Run
 from chat.selectors import conversation_get, message_thread
 from tenants.access import Actor
+
+logger = logging.getLogger(__name__)
+
+
+class RunNotQueued(Exception):
+    """The run was recorded but no worker could be handed it (the broker is down)."""
 
 
 def _title_from(content: str) -> str:
@@ -73,7 +81,19 @@ def chat_send(
 
 
 def run_enqueue(*, run_id: uuid.UUID) -> None:
+    """Hand the run to a worker. If that fails, the run is failed with a reason (the
+    user's message stays stored) and RunNotQueued tells the caller."""
     from chat.tasks import run_execute_task
     from config.celery import enqueue
 
-    enqueue(run_execute_task, str(run_id))
+    try:
+        enqueue(run_execute_task, str(run_id))
+    except Exception as exc:
+        logger.exception("could not enqueue run %s", run_id)
+        Run.objects.filter(id=run_id, state=Run.State.QUEUED).update(
+            state=Run.State.FAILED,
+            error_code="queue_unavailable",
+            error_message=f"The run could not be handed to a worker: {type(exc).__name__}",
+            finished_at=timezone.now(),
+        )
+        raise RunNotQueued(str(run_id)) from exc

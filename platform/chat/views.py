@@ -6,30 +6,37 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from chat.models import Conversation
 from chat.selectors import conversation_get, conversation_list, message_thread
-from tenants.access import NotFound, actor_for_request
+from tenants.access import Actor, NotFound, actor_for_request
 
 
-def _actor_or_404(request: HttpRequest):
+def _actor_or_404(request: HttpRequest) -> Actor:
     actor = actor_for_request(request)
     if actor is None:
         raise Http404("You are not a member of any tenant.")
     return actor
 
 
-@login_required
-def chat_home(request: HttpRequest) -> HttpResponse:
-    actor = _actor_or_404(request)
+def _chat_page(
+    request: HttpRequest, actor: Actor, conversation: Conversation | None
+) -> HttpResponse:
+    thread = message_thread(conversation=conversation) if conversation else []
     return render(
         request,
         "chat/chat.html",
         {
             "actor": actor,
             "conversations": conversation_list(actor=actor)[:50],
-            "conversation": None,
-            "thread": [],
+            "conversation": conversation,
+            "thread": [{"id": str(m.id), "role": m.role, "content": m.content} for m in thread],
         },
     )
+
+
+@login_required
+def chat_home(request: HttpRequest) -> HttpResponse:
+    return _chat_page(request, _actor_or_404(request), None)
 
 
 @login_required
@@ -39,17 +46,4 @@ def conversation_detail(request: HttpRequest, conversation_id: str) -> HttpRespo
         conversation = conversation_get(actor=actor, conversation_id=conversation_id)
     except NotFound:
         raise Http404("No such conversation.") from None
-    thread = [
-        {"id": str(m.id), "role": m.role, "content": m.content}
-        for m in message_thread(conversation=conversation)
-    ]
-    return render(
-        request,
-        "chat/chat.html",
-        {
-            "actor": actor,
-            "conversations": conversation_list(actor=actor)[:50],
-            "conversation": conversation,
-            "thread": thread,
-        },
-    )
+    return _chat_page(request, actor, conversation)
