@@ -12,7 +12,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from chat.models import Conversation, Message, Run
-from chat.selectors import conversation_get, message_thread
+from chat.selectors import conversation_get
 from tenants.access import Actor
 
 logger = logging.getLogger(__name__)
@@ -52,8 +52,8 @@ def chat_send(
         if conversation_id:
             conversation = conversation_get(actor=actor, conversation_id=conversation_id)
             conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
-            thread = message_thread(conversation=conversation)
-            parent = thread[-1] if thread else None
+            # Continue the newest branch: the new message answers the latest message.
+            parent = conversation.messages.order_by("-created_at", "-id").first()
         else:
             conversation = Conversation.objects.create(
                 tenant=actor.tenant, user=actor.user, title=_title_from(content), model=model
