@@ -26,8 +26,46 @@ from inference import pool
 from inference.local_process import LocalModelServer, free_port
 from tenants.access import Actor
 from tenants.models import Role
+from tenants.rls import operator_scope
 from tests.factories import MembershipFactory, TenantFactory
 from tests.synthetic import synthetic_server  # noqa: F401 - a fixture for every test module
+
+APP_ROLE = "parley_app"
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django created and migrated the test database as the owner (as `migrate`
+    does in production); the tests then run as the application role, which owns no
+    table and has no BYPASSRLS, so row level security applies to everything."""
+    from django.db import connections
+
+    from tenants.rls import grant_app_role
+
+    connection = connections["default"]
+    if connection.vendor != "postgresql":
+        yield
+        return
+    owner = connection.settings_dict["USER"]
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = %s) THEN "
+            f"CREATE ROLE {APP_ROLE} LOGIN NOSUPERUSER NOBYPASSRLS NOCREATEDB; END IF; END $$",
+            [APP_ROLE],
+        )
+        grant_app_role(APP_ROLE)
+        # Test-only: pytest-django empties tables between transactional tests.
+        cursor.execute(f"GRANT TRUNCATE ON ALL TABLES IN SCHEMA public TO {APP_ROLE}")
+    connection.close()
+    connection.settings_dict["USER"] = APP_ROLE
+    settings.DATABASES["default"]["USER"] = APP_ROLE
+    try:
+        yield
+    finally:
+        for conn in connections.all():
+            conn.close()
+        connection.settings_dict["USER"] = owner
+        settings.DATABASES["default"]["USER"] = owner
 
 
 @dataclass
@@ -240,3 +278,13 @@ def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     assert match, output
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"{match.group(1)}/health", timeout=2)
+
+
+async def as_operator(fn, *args, **kwargs):
+    """Call `fn` (ORM reads a test asserts on) past row level security, in a thread."""
+
+    def call():
+        with operator_scope():
+            return fn(*args, **kwargs)
+
+    return await sync_to_async(call)()

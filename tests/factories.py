@@ -2,11 +2,24 @@ import factory
 from factory.django import DjangoModelFactory
 
 from tenants.models import Membership, Role, Tenant, User
+from tenants.rls import operator_scope
 
 PASSWORD = "correct-horse-battery"
 
 
-class TenantFactory(DjangoModelFactory):
+class ScopedFactory(DjangoModelFactory):
+    """Creates rows as the platform would for a test's setup: past row level security."""
+
+    class Meta:
+        abstract = True
+
+    @classmethod
+    def _create(cls, model_class, *args, **kwargs):
+        with operator_scope():
+            return super()._create(model_class, *args, **kwargs)
+
+
+class TenantFactory(ScopedFactory):
     class Meta:
         model = Tenant
 
@@ -29,7 +42,7 @@ class UserFactory(DjangoModelFactory):
             obj.save()
 
 
-class MembershipFactory(DjangoModelFactory):
+class MembershipFactory(ScopedFactory):
     class Meta:
         model = Membership
 

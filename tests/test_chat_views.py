@@ -8,6 +8,7 @@ import pytest
 from django.urls import reverse
 
 from chat.models import Conversation, Message
+from tenants.rls import operator_scope
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -15,6 +16,11 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def conversation(alice):
+    with operator_scope():
+        return _conversation(alice)
+
+
+def _conversation(alice):
     conversation = Conversation.objects.create(
         tenant=alice.tenant, user=alice.user, title="Quarterly numbers"
     )

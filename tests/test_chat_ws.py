@@ -8,7 +8,7 @@ import pytest
 from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message, Run
-from tests.conftest import ws_connect
+from tests.conftest import as_operator, ws_connect
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.llm]
 
@@ -50,7 +50,9 @@ async def test_turn_streams_smollm2_tokens_gaplessly_and_persists_them(alice, ba
     )
 
     streamed = "".join(f["delta"] for f in tokens)
-    run = await Run.objects.select_related("assistant_message").aget(id=started["run_id"])
+    run = await as_operator(
+        lambda: Run.objects.select_related("assistant_message").get(id=started["run_id"])
+    )
     assert run.state == Run.State.SUCCEEDED
     assert run.assistant_message is not None
     assert str(run.assistant_message.id) == done["message_id"]
@@ -70,11 +72,16 @@ async def test_follow_up_continues_the_conversation_thread(alice, backend, worke
     assert frames[-1]["type"] == "run.done"
     assert second["conversation_id"] == first["conversation_id"]
 
-    question = await Message.objects.aget(id=second["user_message_id"])
-    first_run = await Run.objects.aget(id=first["run_id"])
-    first_answer = await Message.objects.aget(id=first_run.assistant_message_id)
+    question = await as_operator(lambda: Message.objects.get(id=second["user_message_id"]))
+    first_run = await as_operator(lambda: Run.objects.get(id=first["run_id"]))
+    first_answer = await as_operator(lambda: Message.objects.get(id=first_run.assistant_message_id))
     assert question.parent_id == first_answer.id
-    assert await Message.objects.filter(conversation_id=first["conversation_id"]).acount() == 4
+    assert (
+        await as_operator(
+            lambda: Message.objects.filter(conversation_id=first["conversation_id"]).count()
+        )
+        == 4
+    )
     await socket.close()
 
 
@@ -86,7 +93,9 @@ async def test_outsider_cannot_post_to_a_conversation_and_gets_not_found(
     assert frames[-1]["type"] == "run.done"
     await socket.close()
     conversation_id = started["conversation_id"]
-    before = await Message.objects.filter(conversation_id=conversation_id).acount()
+    before = await as_operator(
+        lambda: Message.objects.filter(conversation_id=conversation_id).count()
+    )
 
     connected, _, outsider = await ws_connect(charlie.user)
     assert connected
@@ -114,8 +123,13 @@ async def test_outsider_cannot_post_to_a_conversation_and_gets_not_found(
         }
     )
     assert await outsider.nothing_pending()
-    assert await Message.objects.filter(conversation_id=conversation_id).acount() == before
-    assert not await Conversation.objects.filter(tenant=charlie.tenant).aexists()
+    assert (
+        await as_operator(lambda: Message.objects.filter(conversation_id=conversation_id).count())
+        == before
+    )
+    assert not await as_operator(
+        lambda: Conversation.objects.filter(tenant=charlie.tenant).exists()
+    )
     await outsider.close()
 
 
@@ -148,7 +162,7 @@ async def test_bad_frames_get_error_frames_and_the_socket_still_completes_a_turn
         assert reply["message"]
     await socket.communicator.send_to(bytes_data=b"\xff\xfe")
     assert (await socket.receive())["code"] == "invalid_json"
-    assert await Run.objects.acount() == 0
+    assert await as_operator(lambda: Run.objects.count()) == 0
 
     await socket.send({"type": "ping", "client_id": "p"})
     assert await socket.receive() == {"type": "pong", "client_id": "p"}
@@ -195,7 +209,7 @@ async def test_a_broker_outage_gets_a_clear_error_and_keeps_the_message(alice, m
     assert reply["type"] == "error"
     assert reply["code"] == "unavailable"
     assert reply["client_id"] == "q"
-    run = await Run.objects.select_related("user_message").aget()
+    run = await as_operator(lambda: Run.objects.select_related("user_message").get())
     assert run.state == Run.State.FAILED
     assert run.error_code == "queue_unavailable"
     assert run.user_message.content == "Are you there?"

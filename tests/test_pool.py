@@ -21,6 +21,7 @@ from inference.types import (
     TextDelta,
     Usage,
 )
+from tenants.rls import operator_scope
 from tests.factories import MembershipFactory
 from tests.synthetic import DEFAULT_MODEL, SyntheticServer, refused_url
 
@@ -347,13 +348,17 @@ def test_the_pool_never_retries_once_a_token_was_yielded(settings, synthetic_ser
 def queued_run(db):
     membership = MembershipFactory()
     tenant, user = membership.tenant, membership.user
-    conversation = Conversation.objects.create(tenant=tenant, user=user, title="synthetic")
-    question = Message.objects.create(
-        tenant=tenant, conversation=conversation, role=Message.Role.USER, content="Say something."
-    )
-    run = Run.objects.create(
-        tenant=tenant, conversation=conversation, user=user, user_message=question
-    )
+    with operator_scope():
+        conversation = Conversation.objects.create(tenant=tenant, user=user, title="synthetic")
+        question = Message.objects.create(
+            tenant=tenant,
+            conversation=conversation,
+            role=Message.Role.USER,
+            content="Say something.",
+        )
+        run = Run.objects.create(
+            tenant=tenant, conversation=conversation, user=user, user_message=question
+        )
     assert run.state == Run.State.QUEUED
     key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
     yield run
@@ -380,9 +385,10 @@ def test_run_dropped_mid_stream_keeps_the_partial_answer(settings, synthetic_ser
     )
     settings.PARLEY_BACKENDS = [server.url]
 
-    run_execute(run_id=queued_run.id)
+    run_execute(run_id=queued_run.id, tenant_id=queued_run.tenant_id)
 
-    run = Run.objects.select_related("assistant_message").get(id=queued_run.id)
+    with operator_scope():
+        run = Run.objects.select_related("assistant_message").get(id=queued_run.id)
     events = logged(run)
     assert run.state == Run.State.FAILED
     assert run.error_code == "stream_interrupted"
@@ -411,9 +417,10 @@ def test_run_succeeds_and_persists_exactly_the_logged_deltas(
     settings.PARLEY_BACKENDS = [server.url]
     settings.PARLEY_MAX_TOKENS = 64
 
-    run_execute(run_id=queued_run.id)
+    run_execute(run_id=queued_run.id, tenant_id=queued_run.tenant_id)
 
-    run = Run.objects.select_related("assistant_message").get(id=queued_run.id)
+    with operator_scope():
+        run = Run.objects.select_related("assistant_message").get(id=queued_run.id)
     events = logged(run)
     assert run.state == Run.State.SUCCEEDED
     assert run.error_code == ""
@@ -446,15 +453,16 @@ def test_run_executed_twice_runs_once(settings, synthetic_server, queued_run):
     server = synthetic_server(tokens=3)
     settings.PARLEY_BACKENDS = [server.url]
 
-    run_execute(run_id=queued_run.id)
+    run_execute(run_id=queued_run.id, tenant_id=queued_run.tenant_id)
     first = logged(queued_run)
     assert first[-1][1]["type"] == "run.done"
 
-    run_execute(run_id=queued_run.id)
+    run_execute(run_id=queued_run.id, tenant_id=queued_run.tenant_id)
     assert logged(queued_run) == first
     assert server.request_count == 1
-    assert Message.objects.filter(role=Message.Role.ASSISTANT).count() == 1
-    assert Run.objects.get(id=queued_run.id).state == Run.State.SUCCEEDED
+    with operator_scope():
+        assert Message.objects.filter(role=Message.Role.ASSISTANT).count() == 1
+        assert Run.objects.get(id=queued_run.id).state == Run.State.SUCCEEDED
 
 
 def test_synthetic_server_context_manager_stops_cleanly():

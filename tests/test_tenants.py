@@ -9,6 +9,7 @@ from django.urls import reverse
 
 from tenants.access import SESSION_TENANT_KEY, actor_for_user
 from tenants.models import Membership, Role, Tenant, User
+from tenants.rls import operator_scope, tenant_scope
 from tenants.services import tenant_create
 from tests.factories import PASSWORD
 
@@ -21,7 +22,8 @@ def test_tenant_create_makes_the_owner():
     )
     assert tenant.slug == "acme-corp"
     assert owner.check_password("a-long-unusual-pass")
-    membership = Membership.objects.get(tenant=tenant, user=owner)
+    with operator_scope():
+        membership = Membership.objects.get(tenant=tenant, user=owner)
     assert membership.role == Role.OWNER
 
 
@@ -35,14 +37,16 @@ def test_tenant_create_refuses_bad_input_and_changes_nothing():
         tenant_create(name="Weak", owner_username="bea", owner_password="123")
     with pytest.raises(ValidationError, match="give their password"):
         tenant_create(name="Other", owner_username="ada", owner_password="wrong-password-1")
-    assert list(Tenant.objects.values_list("slug", flat=True)) == ["acme"]
+    with operator_scope():
+        assert list(Tenant.objects.values_list("slug", flat=True)) == ["acme"]
     assert list(User.objects.values_list("username", flat=True)) == ["ada"]
 
 
 def test_existing_user_can_own_a_second_tenant():
     tenant_create(name="One", owner_username="ada", owner_password="a-long-unusual-pass")
     _, owner = tenant_create(name="Two", owner_username="ada", owner_password="a-long-unusual-pass")
-    assert owner.memberships.count() == 2
+    with tenant_scope(user_id=owner.id):
+        assert owner.memberships.count() == 2
 
 
 def test_tenant_create_command(capsys):
@@ -55,10 +59,11 @@ def test_tenant_create_command(capsys):
 def test_seed_demo_is_idempotent(capsys):
     call_command("seed_demo")
     call_command("seed_demo")
-    assert Tenant.objects.filter(slug="demo").count() == 1
     demo = User.objects.get(username="demo")
     assert demo.check_password("parley-demo")
-    assert Membership.objects.get(user=demo).role == Role.OWNER
+    with operator_scope():
+        assert Tenant.objects.filter(slug="demo").count() == 1
+        assert Membership.objects.get(user=demo).role == Role.OWNER
 
 
 def test_login_and_logout(client, alice):
@@ -79,15 +84,18 @@ def test_login_and_logout(client, alice):
 
 
 def test_a_session_cannot_choose_a_foreign_tenant(alice, charlie):
-    actor = actor_for_user(alice.user, tenant_id=charlie.tenant.id)
-    assert actor is not None
-    assert actor.tenant == alice.tenant
-    assert actor_for_user(alice.user, tenant_id="garbage").tenant == alice.tenant
+    with tenant_scope(user_id=alice.user.id):
+        actor = actor_for_user(alice.user, tenant_id=charlie.tenant.id)
+        assert actor is not None
+        assert actor.tenant == alice.tenant
+        assert actor_for_user(alice.user, tenant_id="garbage").tenant == alice.tenant
 
 
 def test_a_session_chooses_among_own_tenants(client, alice, charlie):
-    Membership.objects.create(tenant=charlie.tenant, user=alice.user, role=Role.MEMBER)
-    assert actor_for_user(alice.user, tenant_id=charlie.tenant.id).tenant == charlie.tenant
+    with operator_scope():
+        Membership.objects.create(tenant=charlie.tenant, user=alice.user, role=Role.MEMBER)
+    with tenant_scope(user_id=alice.user.id):
+        assert actor_for_user(alice.user, tenant_id=charlie.tenant.id).tenant == charlie.tenant
     client.force_login(alice.user)
     session = client.session
     session[SESSION_TENANT_KEY] = str(charlie.tenant.id)

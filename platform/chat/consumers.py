@@ -22,6 +22,7 @@ from chat.models import Run
 from chat.runner import TERMINAL_EVENTS
 from chat.services import RunNotQueued, chat_send
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
+from tenants.rls import in_tenant, tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -35,16 +36,21 @@ class ChatConsumer(AsyncWebsocketConsumer):
     actor: Actor | None = None
 
     async def connect(self) -> None:
-        session = self.scope.get("session")
-        tenant_id = session.get(SESSION_TENANT_KEY) if session is not None else None
-        self.actor = await database_sync_to_async(actor_for_user)(
-            self.scope.get("user"), tenant_id=tenant_id
-        )
+        self.actor = await database_sync_to_async(self.find_actor)()
         if self.actor is None:
             await self.close(code=CLOSE_UNAUTHENTICATED)
             return
         self.relays: dict[str, asyncio.Task[None]] = {}
         await self.accept()
+
+    def find_actor(self) -> Actor | None:
+        user = self.scope.get("user")
+        if user is None or not user.is_authenticated:
+            return None
+        session = self.scope.get("session")
+        tenant_id = session.get(SESSION_TENANT_KEY) if session is not None else None
+        with tenant_scope(user_id=user.pk):
+            return actor_for_user(user, tenant_id=tenant_id)
 
     async def disconnect(self, code: int) -> None:
         for task in getattr(self, "relays", {}).values():
@@ -78,7 +84,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def on_chat_send(self, send: protocol.ChatSend) -> None:
         assert self.actor is not None
         try:
-            run = await database_sync_to_async(chat_send)(
+            run = await database_sync_to_async(in_tenant)(
+                self.actor.tenant_id,
+                chat_send,
                 actor=self.actor,
                 content=send.content,
                 conversation_id=send.conversation_id,

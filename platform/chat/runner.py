@@ -23,6 +23,7 @@ from chat.models import Message, Run
 from chat.selectors import message_thread
 from inference import pool
 from inference.types import ChatRequest, InferenceError, StreamFinished, StreamStarted, TextDelta
+from tenants.rls import tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -89,38 +90,65 @@ def prompt_build(*, run: Run) -> list[dict[str, str]]:
     return messages
 
 
-def run_execute(*, run_id: Any) -> None:
-    run = run_claim(run_id=run_id)
-    if run is None:
-        logger.info("run %s is not queued (already claimed or gone); skipping", run_id)
-        return
+def _heartbeat(run: Run, **fields: Any) -> bool:
+    """Record liveness (and any fields); False once the run is no longer running
+    (cancelled, e.g. because its tenant was suspended)."""
+    with tenant_scope(tenant_id=run.tenant_id):
+        return bool(
+            Run.objects.filter(id=run.id, state=Run.State.RUNNING).update(
+                heartbeat_at=timezone.now(), **fields
+            )
+        )
+
+
+def _cancellation(run: Run) -> InferenceError:
+    with tenant_scope(tenant_id=run.tenant_id):
+        reason = Run.objects.filter(id=run.id).values_list("error_message", flat=True).first()
+    return InferenceError("cancelled", reason or "The run was cancelled.")
+
+
+def run_execute(*, run_id: Any, tenant_id: Any) -> None:
+    with tenant_scope(tenant_id=tenant_id):
+        run = run_claim(run_id=run_id)
+        if run is None:
+            logger.info("run %s is not queued (already claimed or gone); skipping", run_id)
+            return
+        messages = prompt_build(run=run)
     writer = RunEventWriter(run)
     request = ChatRequest(
-        messages=prompt_build(run=run),
+        messages=messages,
         model=run.model,
         max_tokens=settings.PARLEY_MAX_TOKENS,
+        temperature=settings.PARLEY_TEMPERATURE,
         tenant_id=str(run.tenant_id),
     )
     finished: StreamFinished | None = None
     error: InferenceError | None = None
     last_beat = time.monotonic()
+    stream = pool.chat_stream(request)
     try:
-        for event in pool.chat_stream(request):
+        for event in stream:
+            alive = True
             if isinstance(event, StreamStarted):
                 run.backend, run.model = event.backend, event.model
-                Run.objects.filter(id=run.id).update(backend=run.backend, model=run.model)
+                alive = _heartbeat(run, backend=run.backend, model=run.model)
             elif isinstance(event, TextDelta):
                 writer.token(event.text)
             elif isinstance(event, StreamFinished):
                 finished = event
             if time.monotonic() - last_beat >= settings.PARLEY_RUN_HEARTBEAT_S:
                 last_beat = time.monotonic()
-                Run.objects.filter(id=run.id).update(heartbeat_at=timezone.now())
+                alive = _heartbeat(run)
+            if not alive:
+                error, finished = _cancellation(run), None
+                break
     except InferenceError as exc:
         error = exc
     except Exception as exc:
         logger.exception("run %s failed", run.id)
         error = InferenceError("internal_error", f"The run failed: {type(exc).__name__}")
+    finally:
+        stream.close()  # a cancelled run hangs up on the backend, which stops generating
 
     writer.flush()
     text = "".join(writer.text)
@@ -139,9 +167,8 @@ def run_execute(*, run_id: Any) -> None:
             )
         else:
             error = error or InferenceError("internal_error", "The stream ended unexpectedly.")
-            message = _persist(
-                run, text, state=Run.State.FAILED, error=error, last_seq=writer.seq + 1
-            )
+            state = Run.State.CANCELLED if error.code == "cancelled" else Run.State.FAILED
+            message = _persist(run, text, state=state, error=error, last_seq=writer.seq + 1)
             writer.finish(
                 {
                     "type": "run.error",
@@ -164,7 +191,7 @@ def _persist(
     error: InferenceError | None = None,
 ) -> Message | None:
     """Store the answer (partial text is kept on failure) and close the run."""
-    with transaction.atomic():
+    with tenant_scope(tenant_id=run.tenant_id), transaction.atomic():
         message = None
         if text or state == Run.State.SUCCEEDED:
             message = Message.objects.create(

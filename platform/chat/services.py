@@ -14,6 +14,7 @@ from django.utils import timezone
 from chat.models import Conversation, Message, Run
 from chat.selectors import conversation_get
 from tenants.access import Actor
+from tenants.rls import tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -75,25 +76,26 @@ def chat_send(
             client_id=client_id,
         )
         conversation.save(update_fields=["updated_at"])
-        run_id = run.id
-        transaction.on_commit(lambda: run_enqueue(run_id=run_id))
+        run_id, tenant_id = run.id, actor.tenant_id
+        transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id))
     return run
 
 
-def run_enqueue(*, run_id: uuid.UUID) -> None:
+def run_enqueue(*, run_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
     """Hand the run to a worker. If that fails, the run is failed with a reason (the
     user's message stays stored) and RunNotQueued tells the caller."""
     from chat.tasks import run_execute_task
     from config.celery import enqueue
 
     try:
-        enqueue(run_execute_task, str(run_id))
+        enqueue(run_execute_task, str(run_id), str(tenant_id))
     except Exception as exc:
         logger.exception("could not enqueue run %s", run_id)
-        Run.objects.filter(id=run_id, state=Run.State.QUEUED).update(
-            state=Run.State.FAILED,
-            error_code="queue_unavailable",
-            error_message=f"The run could not be handed to a worker: {type(exc).__name__}",
-            finished_at=timezone.now(),
-        )
+        with tenant_scope(tenant_id=tenant_id):
+            Run.objects.filter(id=run_id, state=Run.State.QUEUED).update(
+                state=Run.State.FAILED,
+                error_code="queue_unavailable",
+                error_message=f"The run could not be handed to a worker: {type(exc).__name__}",
+                finished_at=timezone.now(),
+            )
         raise RunNotQueued(str(run_id)) from exc

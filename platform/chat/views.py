@@ -8,11 +8,11 @@ from django.shortcuts import render
 
 from chat.models import Conversation
 from chat.selectors import conversation_get, conversation_list, message_thread
-from tenants.access import Actor, NotFound, actor_for_request
+from tenants.access import Actor, NotFound
 
 
 def _actor_or_404(request: HttpRequest) -> Actor:
-    actor = actor_for_request(request)
+    actor: Actor | None = getattr(request, "actor", None)
     if actor is None:
         raise Http404("You are not a member of any tenant.")
     return actor

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 
 from django.conf import settings
 
@@ -114,7 +114,7 @@ def _candidates(model: str) -> list[str]:
     return urls
 
 
-def chat_stream(request: ChatRequest) -> Iterator[StreamEvent]:
+def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
     """Stream a chat completion from a healthy backend serving `request.model`.
 
     Yields StreamStarted (which backend, which model), TextDelta..., StreamFinished.

@@ -5,3 +5,6 @@ class TenantsConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
     name = "tenants"
     verbose_name = "Tenants and identity"
+
+    def ready(self) -> None:
+        from tenants import checks  # noqa: F401 - registers the checks

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import uuid
+
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils.text import slugify
 
 from tenants.models import Membership, Role, Tenant, User
+from tenants.rls import operator_scope, tenant_scope
 
 
 def tenant_create(
@@ -27,13 +30,15 @@ def tenant_create(
     slug = slugify(slug or name)[:63]
     if not slug:
         raise ValidationError({"slug": "The tenant name must contain letters or digits."})
-    if Tenant.objects.filter(slug=slug).exists():
-        raise ValidationError({"slug": f"A tenant with the slug {slug!r} already exists."})
+    with operator_scope():  # slugs are unique across every tenant
+        if Tenant.objects.filter(slug=slug).exists():
+            raise ValidationError({"slug": f"A tenant with the slug {slug!r} already exists."})
     if not owner_username.strip():
         raise ValidationError({"owner_username": "The owner needs a username."})
 
-    with transaction.atomic():
-        tenant = Tenant.objects.create(name=name, slug=slug)
+    tenant_id = uuid.uuid4()
+    with tenant_scope(tenant_id=tenant_id), transaction.atomic():
+        tenant = Tenant.objects.create(id=tenant_id, name=name, slug=slug)
         owner = User.objects.filter(username=owner_username).first()
         if owner is None:
             owner = User(username=owner_username, email=owner_email)

@@ -85,6 +85,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "tenants.middleware.TenantScopeMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -129,6 +130,17 @@ else:
     DATABASES = {"default": env.database("DATABASE_URL")}
     DATABASES["default"]["CONN_MAX_AGE"] = env.integer("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# The application connects as DATABASE_URL's role, which must not own the tables
+# (row level security); `migrate` connects as DATABASE_OWNER_URL's role, the owner.
+PARLEY_DATABASE_OWNER: dict[str, Any] | None = None
+if not EMBEDDED and env.present("DATABASE_OWNER_URL"):
+    _owner = env.database("DATABASE_OWNER_URL")
+    for _key in ("NAME", "HOST", "PORT"):
+        if _owner.get(_key) != DATABASES["default"].get(_key):
+            raise ImproperlyConfigured(
+                f"DATABASE_OWNER_URL must name the same database as DATABASE_URL ({_key} differs)."
+            )
+    PARLEY_DATABASE_OWNER = {"USER": _owner["USER"], "PASSWORD": _owner.get("PASSWORD", "")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = None if EMBEDDED else env.redis_url("REDIS_URL")
@@ -178,6 +190,10 @@ PARLEY_SYSTEM_PROMPT = env.string(
     "PARLEY_SYSTEM_PROMPT", default="You are Parley, a helpful and concise assistant."
 )
 PARLEY_MAX_TOKENS = env.integer("PARLEY_MAX_TOKENS", default=512, minimum=1)
+# Sampling temperature sent with chat turns; unset: the model server's default.
+PARLEY_TEMPERATURE = (
+    env.floating("PARLEY_TEMPERATURE", minimum=0.0) if env.present("PARLEY_TEMPERATURE") else None
+)
 PARLEY_WS_MAX_FRAME_BYTES = env.integer("PARLEY_WS_MAX_FRAME_BYTES", default=65536, minimum=1024)
 PARLEY_MAX_MESSAGE_CHARS = env.integer("PARLEY_MAX_MESSAGE_CHARS", default=32000, minimum=1)
 

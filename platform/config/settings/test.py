@@ -22,6 +22,8 @@ if not EMBEDDED:  # noqa: F405
         "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
     }
 PARLEY_TOKEN_COALESCE_MS = 0
+# Greedy decoding: the real model's answers are the same on every run.
+PARLEY_TEMPERATURE = 0.0
 PARLEY_RUN_HEARTBEAT_S = 0.5
 if not EMBEDDED:  # noqa: F405
     # Worker threads in tests must not keep connections to the test database open.

@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand
 
 from tenants.models import Tenant
+from tenants.rls import operator_scope
 from tenants.services import tenant_create
 
 DEMO_TENANT = "demo"
@@ -12,7 +13,9 @@ class Command(BaseCommand):
     help = "Create the demo tenant and its owner (idempotent). For local use only."
 
     def handle(self, *args, **options):
-        if Tenant.objects.filter(slug=DEMO_TENANT).exists():
+        with operator_scope():
+            exists = Tenant.objects.filter(slug=DEMO_TENANT).exists()
+        if exists:
             self.stdout.write(f"Demo tenant exists; log in as {DEMO_USER} / {DEMO_PASSWORD}")
             return
         tenant_create(
