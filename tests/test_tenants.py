@@ -10,7 +10,7 @@ from django.urls import reverse
 from tenants.access import SESSION_TENANT_KEY, actor_for_user
 from tenants.models import Membership, Role, Tenant, User
 from tenants.rls import operator_scope, tenant_scope
-from tenants.services import tenant_create
+from tenants.services.tenants import tenant_create
 from tests.factories import PASSWORD
 
 pytestmark = pytest.mark.django_db

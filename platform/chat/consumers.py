@@ -22,39 +22,88 @@ from chat.models import Run
 from chat.runner import TERMINAL_EVENTS
 from chat.services import RunNotQueued, chat_send
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
+from tenants.notify import api_key_group, tenant_group, user_group
 from tenants.rls import in_tenant, tenant_scope
 
 logger = logging.getLogger(__name__)
 
-# Close codes for refused handshakes (the application range 4000-4999).
+# Close codes (the application range 4000-4999).
 CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
 
 RELAY_POLL_S = 15.0
+
+
+class AccessRefused(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _bearer_token(scope: dict[str, Any]) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin1").partition(" ")
+            if scheme.lower() == "bearer":
+                return token.strip()
+    return None
 
 
 class ChatConsumer(AsyncWebsocketConsumer):
     actor: Actor | None = None
 
     async def connect(self) -> None:
-        self.actor = await database_sync_to_async(self.find_actor)()
-        if self.actor is None:
-            await self.close(code=CLOSE_UNAUTHENTICATED)
-            return
         self.relays: dict[str, asyncio.Task[None]] = {}
+        self.groups: list[str] = []
+        refusal = None
+        try:
+            self.actor = await database_sync_to_async(self.find_actor)()
+        except AccessRefused as exc:
+            self.actor, refusal = None, exc
+        if self.actor is None:
+            # A refused handshake carries no frame; the close code says why.
+            await self.close(code=refusal.code if refusal else CLOSE_UNAUTHENTICATED)
+            return
+        self.groups = [tenant_group(self.actor.tenant_id)]
+        if self.actor.api_key is not None:
+            self.groups.append(api_key_group(self.actor.api_key.id))
+        elif self.actor.user is not None:
+            self.groups.append(user_group(self.actor.tenant_id, self.actor.user.pk))
+        for group in self.groups:
+            await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
 
     def find_actor(self) -> Actor | None:
+        """The API key of the `Authorization: Bearer` header, else the session's member."""
+        from tenants.services.api_keys import ApiKeyRefused, api_key_authenticate
+
+        token = _bearer_token(self.scope)
+        if token is not None:
+            try:
+                return api_key_authenticate(token)
+            except ApiKeyRefused as exc:
+                raise AccessRefused(CLOSE_UNAUTHENTICATED, exc.message) from None
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             return None
         session = self.scope.get("session")
         tenant_id = session.get(SESSION_TENANT_KEY) if session is not None else None
         with tenant_scope(user_id=user.pk):
-            return actor_for_user(user, tenant_id=tenant_id)
+            actor = actor_for_user(user, tenant_id=tenant_id)
+        if actor is not None and not actor.tenant.is_active:
+            raise AccessRefused(CLOSE_FORBIDDEN, f"{actor.tenant.name} is suspended.")
+        return actor
+
+    async def access_revoked(self, event: dict[str, Any]) -> None:
+        """The tenant was suspended, the key revoked or the member removed: say so, close."""
+        await self.send_frame(protocol.error_frame(event["code"], event["message"]))
+        await self.close(code=CLOSE_FORBIDDEN)
 
     async def disconnect(self, code: int) -> None:
         for task in getattr(self, "relays", {}).values():
             task.cancel()
+        for group in getattr(self, "groups", []):
+            await self.channel_layer.group_discard(group, self.channel_name)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(frame))

@@ -41,6 +41,8 @@ def chat_send(
     Writes the user Message and the Run in one transaction and hands the run to a
     worker once that transaction commits. Raises NotFound for a conversation the
     actor cannot see, ValidationError for bad input."""
+    if actor.user is None:
+        raise ValidationError("Chat needs a person: this API key was created by no member.")
     if not isinstance(content, str) or not content.strip():
         raise ValidationError("The message is empty.")
     if len(content) > settings.PARLEY_MAX_MESSAGE_CHARS:

@@ -1,7 +1,9 @@
 """The ASGI application: Django for HTTP, Channels for the websocket API.
 
-Browser sockets must come from an allowed origin (AllowedHostsOriginValidator);
-the session cookie authenticates them.
+Browser sockets are authenticated by the session cookie and must come from an
+allowed origin (AllowedHostsOriginValidator), so another site cannot ride a
+member's cookie. Integrators' sockets carry an API key in the Authorization
+header, which browsers cannot set, so their origin is not checked.
 """
 
 import os
@@ -17,11 +19,15 @@ from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E40
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
-    }
-)
+websocket_app = AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+browser_websocket_app = AllowedHostsOriginValidator(websocket_app)
+
+
+async def websocket_entry(scope, receive, send):
+    headers = dict(scope.get("headers", []))
+    has_key = headers.get(b"authorization", b"").lower().startswith(b"bearer ")
+    app = websocket_app if has_key else browser_websocket_app
+    return await app(scope, receive, send)
+
+
+application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_entry})

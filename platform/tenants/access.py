@@ -10,18 +10,25 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from tenants.models import Membership, Role, Tenant, User
+from tenants.models import ApiKey, Membership, Role, Tenant, User
 
 
 class NotFound(Exception):
     """The object does not exist *for this actor*: missing and foreign look the same."""
 
 
+ROLE_RANK: dict[str, int] = {Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
+
+
 @dataclass(frozen=True)
 class Actor:
+    """A member of a tenant acting as themselves, or an integrator's API key (then
+    `api_key` is set, `user` is the key's creator if any, and `scopes` limit it)."""
+
     tenant: Tenant
-    user: User
+    user: User | None
     role: str
+    api_key: ApiKey | None = None
 
     @property
     def tenant_id(self) -> uuid.UUID:
@@ -30,6 +37,21 @@ class Actor:
     @property
     def is_admin(self) -> bool:
         return self.role in (Role.OWNER, Role.ADMIN)
+
+    @property
+    def label(self) -> str:
+        if self.api_key is not None:
+            return f"key:{self.api_key.name}"
+        return self.user.get_username() if self.user is not None else "unknown"
+
+    def has_scope(self, scope: str) -> bool:
+        """Keys carry explicit scopes; members may do what their role allows."""
+        if self.api_key is not None:
+            return scope in self.api_key.scopes
+        return True
+
+    def outranks_or_equals(self, role: str) -> bool:
+        return ROLE_RANK.get(self.role, 0) >= ROLE_RANK.get(role, 99)
 
 
 SESSION_TENANT_KEY = "parley_tenant_id"
@@ -59,3 +81,14 @@ def actor_for_user(user: User | Any, *, tenant_id: str | uuid.UUID | None = None
 
 def actor_for_request(request: Any) -> Actor | None:
     return actor_for_user(request.user, tenant_id=request.session.get(SESSION_TENANT_KEY))
+
+
+def require_role(actor: Actor, role: str, *, scope: str = "admin") -> None:
+    """Refuse (PermissionDenied, a 403) unless the actor holds `role` or above; a key
+    must also carry `scope`."""
+    from django.core.exceptions import PermissionDenied
+
+    if not actor.outranks_or_equals(role):
+        raise PermissionDenied(f"This needs the {role} role in {actor.tenant.name}.")
+    if not actor.has_scope(scope):
+        raise PermissionDenied(f"This API key lacks the {scope!r} scope.")

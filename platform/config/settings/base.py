@@ -158,6 +158,35 @@ else:
         }
     }
 
+# --- cache (login throttling, rate counters) ---------------------------------
+CACHES: dict[str, dict[str, Any]]
+if EMBEDDED:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+else:
+    CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": f"{PARLEY_REDIS_PREFIX}:cache",
+        }
+    }
+
+# --- email (invitations, password reset) -----------------------------------------
+# Without EMAIL_URL, mail is written to the console (the embedded default).
+if env.present("EMAIL_URL"):
+    _email = env.env.email_url("EMAIL_URL")
+    EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+    EMAIL_HOST, EMAIL_PORT = _email.get("EMAIL_HOST", ""), _email.get("EMAIL_PORT", 25)
+    EMAIL_HOST_USER = _email.get("EMAIL_HOST_USER", "")
+    EMAIL_HOST_PASSWORD = _email.get("EMAIL_HOST_PASSWORD", "")
+    EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS", False))
+    EMAIL_USE_SSL = bool(_email.get("EMAIL_USE_SSL", False))
+else:
+    EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
+DEFAULT_FROM_EMAIL = env.string("DEFAULT_FROM_EMAIL", default="Parley <parley@localhost>")
+# The public base URL, for links in emails (invitations, password resets).
+PARLEY_PUBLIC_URL = env.string("PARLEY_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
+
 # --- tasks ------------------------------------------------------------------
 # Embedded mode runs tasks on threads of the web process (config.celery.enqueue);
 # production sends them to Celery workers through Redis.

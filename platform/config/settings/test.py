@@ -26,7 +26,13 @@ PARLEY_TOKEN_COALESCE_MS = 0
 PARLEY_TEMPERATURE = 0.0
 PARLEY_RUN_HEARTBEAT_S = 0.5
 if not EMBEDDED:  # noqa: F405
+    # Concurrent test sessions (several checkouts on one server) each get their own.
+    DATABASES["default"]["TEST"] = {  # noqa: F405
+        "NAME": os.environ.get("PARLEY_TEST_DB_NAME", "test_parley")
+    }
+    CACHES["default"]["KEY_PREFIX"] = f"{PARLEY_REDIS_PREFIX}:cache"  # noqa: F405
     # Worker threads in tests must not keep connections to the test database open.
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 # Static files come from the finders; tests never collect them.
 STATIC_ROOT = None
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

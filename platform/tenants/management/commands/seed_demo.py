@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 
 from tenants.models import Tenant
 from tenants.rls import operator_scope
-from tenants.services import tenant_create
+from tenants.services.tenants import tenant_create
 
 DEMO_TENANT = "demo"
 DEMO_USER = "demo"

@@ -1,0 +1,1 @@
+"""HTTP API of tenants and identity (django-ninja routers, wired in config.api)."""

@@ -1,0 +1,5 @@
+"""keys API."""
+
+from ninja import Router
+
+router = Router(tags=["keys"])

@@ -1,0 +1,5 @@
+"""Members, roles and invitations."""
+
+from ninja import Router
+
+router = Router(tags=["members"])

@@ -1,0 +1,5 @@
+"""tenant API."""
+
+from ninja import Router
+
+router = Router(tags=["tenant"])
