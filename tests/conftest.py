@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from asgiref.sync import sync_to_async
+from channels.db import database_sync_to_async as sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.test import Client
@@ -66,6 +66,15 @@ def django_db_setup(django_db_setup, django_db_blocker):
             conn.close()
         connection.settings_dict["USER"] = owner
         settings.DATABASES["default"]["USER"] = owner
+        # Worker and executor threads keep their own connections; end them so the
+        # test database can be dropped.
+        with django_db_blocker.unblock(), connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND usename = %s",
+                [APP_ROLE],
+            )
+        connection.close()
 
 
 @dataclass
@@ -200,11 +209,16 @@ class Socket:
 
 
 async def ws_connect(
-    user=None, *, tenant=None, origin: str | None = "http://testserver", cookie: str | None = None
+    user=None,
+    *,
+    tenant=None,
+    origin: str | None = "http://testserver",
+    cookie: str | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
 ) -> tuple[bool, Any, Socket]:
     from config.asgi import application
 
-    headers = [(b"host", b"testserver")]
+    headers = [(b"host", b"testserver"), *(headers or [])]
     if origin is not None:
         headers.append((b"origin", origin.encode()))
     if user is not None:

@@ -11,7 +11,7 @@ from django.apps import apps
 from django.db import connection
 
 from chat.models import Conversation, Message, Run
-from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant
+from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
 from tests.conftest import APP_ROLE
 
@@ -66,6 +66,9 @@ def two_tenants(alice, charlie):
                 tenant=person.tenant, name="ci", prefix=person.user.username, secret_hash="0" * 64
             )
             AuditEvent.objects.create(tenant=person.tenant, action="test.seeded")
+            TenantSSO.objects.create(
+                tenant=person.tenant, issuer="https://idp.example.com", client_id="parley"
+            )
     return alice, charlie
 
 

@@ -21,6 +21,9 @@ INTERNAL_ERROR = "internal_error"
 UNAVAILABLE = "unavailable"
 
 CLIENT_TYPES = ("chat.send", "ping")
+# The fields of each client frame that name a tenant's object: each is resolved through
+# the actor (another tenant's object answers `not_found`) and is tested with an outsider.
+ID_FIELDS: dict[str, tuple[str, ...]] = {"chat.send": ("conversation_id",), "ping": ()}
 
 
 class FrameError(Exception):

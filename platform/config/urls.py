@@ -4,6 +4,7 @@ from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 
 from config.api import api
+from tenants.auth_views import LoginView
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -14,7 +15,7 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("", include("tenants.urls_auth")),
     path("", include("tenants.urls")),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),

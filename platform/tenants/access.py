@@ -88,7 +88,7 @@ def require_role(actor: Actor, role: str, *, scope: str = "admin") -> None:
     must also carry `scope`."""
     from django.core.exceptions import PermissionDenied
 
-    if not actor.outranks_or_equals(role):
-        raise PermissionDenied(f"This needs the {role} role in {actor.tenant.name}.")
     if not actor.has_scope(scope):
         raise PermissionDenied(f"This API key lacks the {scope!r} scope.")
+    if not actor.outranks_or_equals(role):
+        raise PermissionDenied(f"This needs the {role} role in {actor.tenant.name}.")

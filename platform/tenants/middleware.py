@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import render
 
 from tenants.access import actor_for_request
 from tenants.rls import scope_set_tenant, tenant_scope
 
-OPERATOR_PATHS = ("/admin/",)
+OPERATOR_PATHS = ("/admin/", "/api/v1/operator/")
+# A member of a suspended tenant can still sign out, switch to or join another tenant.
+SUSPENDED_ALLOWED = ("/accounts/logout/", "/tenants/", "/invite/", "/static/", "/healthz")
 
 
 class TenantScopeMiddleware:
@@ -28,8 +31,22 @@ class TenantScopeMiddleware:
         )
         with tenant_scope(user_id=user_id, operator=operator):
             request.actor = actor_for_request(request)  # type: ignore[attr-defined]
-            if request.actor is not None:  # type: ignore[attr-defined]
-                scope_set_tenant(request.actor.tenant_id)  # type: ignore[attr-defined]
+            actor = request.actor  # type: ignore[attr-defined]
+            if actor is not None:
+                scope_set_tenant(actor.tenant_id)
+                if not actor.tenant.is_active and not request.path.startswith(
+                    SUSPENDED_ALLOWED + OPERATOR_PATHS
+                ):
+                    return _suspended(request, actor.tenant)
             # Streaming responses produce their body after this transaction: they scope
             # their own reads.
             return self.get_response(request)
+
+
+def _suspended(request: HttpRequest, tenant) -> HttpResponse:
+    message = f"{tenant.name} is suspended on this platform."
+    if tenant.suspended_reason:
+        message += f" Reason: {tenant.suspended_reason}"
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": message}, status=403)
+    return render(request, "tenants/suspended.html", {"message": message}, status=403)

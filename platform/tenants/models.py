@@ -221,3 +221,39 @@ class AuditEvent(models.Model):
 
     def delete(self, *args, **kwargs):
         raise ValueError("The audit log is append-only.")
+
+
+class TenantSSO(models.Model):
+    """A tenant's OpenID Connect single sign-on (tenants.services.sso). The client secret
+    is stored encrypted (tenants.crypto) and never leaves the server."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.OneToOneField(Tenant, on_delete=models.CASCADE, related_name="sso")
+    enabled = models.BooleanField(default=False)
+    # Discovery at `<issuer>/.well-known/openid-configuration`; ID tokens' `iss` must equal it.
+    issuer = models.CharField(max_length=500)
+    client_id = models.CharField(max_length=255)
+    client_secret_encrypted = models.TextField(blank=True)
+    # Lower-case domains whose addresses may sign in; empty: any (existing members only).
+    allowed_domains = models.JSONField(default=list, blank=True)
+    # Create the user and their membership on a first sign-in (needs allowed domains).
+    auto_provision = models.BooleanField(default=False)
+    provision_role = models.CharField(max_length=16, choices=Role.choices, default=Role.MEMBER)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [
+            # A tenant's identity provider never mints owners.
+            models.CheckConstraint(
+                condition=models.Q(provision_role__in=[Role.MEMBER, Role.ADMIN]),
+                name="tenantsso_provision_role_not_owner",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"SSO of {self.tenant_id} via {self.issuer}"
+
+    @property
+    def has_secret(self) -> bool:
+        return bool(self.client_secret_encrypted)

@@ -1,5 +1,14 @@
-"""Pages of tenants and identity (urls)."""
+"""Pages of tenants: a person's tenants, switching and leaving, invitation links."""
 
-from django.urls import path  # noqa: F401
+from django.urls import path
 
-urlpatterns: list = []
+from tenants import views
+
+app_name = "tenants"
+
+urlpatterns = [
+    path("tenants/", views.tenants_mine, name="mine"),
+    path("tenants/switch/", views.tenant_switch, name="switch"),
+    path("tenants/leave/", views.tenant_leave, name="leave"),
+    path("invite/<str:token>/", views.invitation_page, name="invitation"),
+]

@@ -11,6 +11,8 @@ Two modes, one code base:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import secrets
 from pathlib import Path
 from typing import Any
@@ -186,6 +188,7 @@ else:
 DEFAULT_FROM_EMAIL = env.string("DEFAULT_FROM_EMAIL", default="Parley <parley@localhost>")
 # The public base URL, for links in emails (invitations, password resets).
 PARLEY_PUBLIC_URL = env.string("PARLEY_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
+PARLEY_INVITATION_TTL_DAYS = env.integer("PARLEY_INVITATION_TTL_DAYS", default=7, minimum=1)
 
 # --- tasks ------------------------------------------------------------------
 # Embedded mode runs tasks on threads of the web process (config.celery.enqueue);
@@ -254,6 +257,32 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_SAMESITE = "Lax"
+# Password login throttling (tenants.services.login_throttle, counted in CACHES): after
+# this many failures within the window, further attempts for that username (or from that
+# address) are refused for a window without checking the password.
+PARLEY_LOGIN_MAX_FAILURES = env.integer("PARLEY_LOGIN_MAX_FAILURES", default=5, minimum=1)
+PARLEY_LOGIN_MAX_FAILURES_PER_IP = env.integer(
+    "PARLEY_LOGIN_MAX_FAILURES_PER_IP", default=20, minimum=1
+)
+PARLEY_LOGIN_WINDOW_S = env.integer("PARLEY_LOGIN_WINDOW_S", default=900, minimum=1)
+# Secrets kept in the database (SSO client secrets) are encrypted with Fernet
+# (tenants.crypto). Comma-separated keys: the first encrypts, all decrypt (rotation).
+# Unset: a key derived from SECRET_KEY (then changing SECRET_KEY loses those secrets).
+PARLEY_ENCRYPTION_KEY = env.strings("PARLEY_ENCRYPTION_KEY", default=[])
+for _fernet_key in PARLEY_ENCRYPTION_KEY:
+    try:
+        _fernet_ok = len(base64.urlsafe_b64decode(_fernet_key.encode())) == 32
+    except (ValueError, binascii.Error):
+        _fernet_ok = False
+    if not _fernet_ok:
+        raise ImproperlyConfigured(
+            "PARLEY_ENCRYPTION_KEY must be comma-separated Fernet keys (32 bytes, url-safe "
+            "base64); make one with: python -c 'from cryptography.fernet import Fernet; "
+            "print(Fernet.generate_key().decode())'"
+        )
+# OpenID Connect issuers must use https; http only where allowed (local providers, tests).
+PARLEY_SSO_ALLOW_HTTP = env.boolean("PARLEY_SSO_ALLOW_HTTP", default=False)
+PARLEY_SSO_TIMEOUT_S = env.floating("PARLEY_SSO_TIMEOUT_S", default=10.0, minimum=0.1)
 
 # --- i18n, static -------------------------------------------------------------
 LANGUAGE_CODE = "en-us"

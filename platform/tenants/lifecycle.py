@@ -1,0 +1,27 @@
+"""What the rest of the platform hears about a tenant's life, without `tenants`
+importing anything above it: signals for suspension and deletion, and a registry of
+the sections a tenant export gathers from other apps (chat adds conversations)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from django.dispatch import Signal
+
+from tenants.models import Tenant
+
+# sender=Tenant, tenant=..., reason=...: inside the suspending transaction.
+tenant_suspended = Signal()
+
+ExportSection = Callable[[Tenant], Any]
+_export_sections: dict[str, ExportSection] = {}
+
+
+def register_export_section(name: str, section: ExportSection) -> None:
+    """`section(tenant)` returns JSON-ready data; it runs inside the tenant's scope."""
+    _export_sections[name] = section
+
+
+def export_sections() -> dict[str, ExportSection]:
+    return dict(_export_sections)

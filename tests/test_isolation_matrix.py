@@ -1,0 +1,242 @@
+"""The isolation matrix: every route and websocket message that takes an object id,
+generated from the URL configuration and the protocol, tried by the object's owner, a
+member of the same tenant and an outsider (a member of another tenant).
+
+An outsider always gets 404 and sees nothing of the object. A route or message added
+without an entry here fails `test_every_route_with_an_id_has_an_entry`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from django.urls import URLResolver, get_resolver
+
+from chat import protocol
+from chat.models import Conversation, Message
+from tenants.models import ApiKey, Invitation, Role
+from tenants.rls import operator_scope
+from tests.conftest import ws_connect
+from tests.factories import MembershipFactory
+
+pytestmark = pytest.mark.django_db
+
+OK = "2xx"
+
+
+@dataclass
+class Entry:
+    make: Callable[[Any], tuple[Any, str]]  # (alice's world) -> (object id, a text of it)
+    calls: dict[str, dict[str, Any]]  # method -> {"owner": status, "member": status, "body": {}}
+    outsider: int = 404
+
+
+@dataclass
+class World:
+    alice: Any
+    bob: Any
+    charlie: Any
+    dave: Any = None
+    objects: dict[str, Any] = field(default_factory=dict)
+
+
+def _conversation(world: World) -> tuple[Any, str]:
+    with operator_scope():
+        conversation = Conversation.objects.create(
+            tenant=world.alice.tenant, user=world.alice.user, title="Merger plans"
+        )
+        Message.objects.create(
+            tenant=world.alice.tenant,
+            conversation=conversation,
+            role="user",
+            content="Merger plans, confidential",
+        )
+    return conversation.id, "Merger plans"
+
+
+def _api_key(world: World) -> tuple[Any, str]:
+    with operator_scope():
+        key = ApiKey.objects.create(
+            tenant=world.alice.tenant,
+            name=f"deploy-bot-{secrets.token_hex(2)}",
+            prefix=secrets.token_hex(6),
+            secret_hash="0" * 64,
+            scopes=["chat"],
+        )
+    return key.id, "deploy-bot"
+
+
+def _membership(world: World) -> tuple[Any, str]:
+    membership = MembershipFactory(tenant=world.alice.tenant)
+    return membership.id, membership.user.username
+
+
+def _invitation(world: World) -> tuple[Any, str]:
+    from django.utils import timezone
+
+    with operator_scope():
+        invitation = Invitation.objects.create(
+            tenant=world.alice.tenant,
+            email="erin@example.com",
+            role=Role.MEMBER,
+            token_hash=secrets.token_hex(32),
+            expires_at=timezone.now() + timezone.timedelta(days=1),
+        )
+    return invitation.id, "erin@example.com"
+
+
+def _tenant(world: World) -> tuple[Any, str]:
+    return world.alice.tenant.id, world.alice.tenant.name
+
+
+HTTP_MATRIX: dict[str, Entry] = {
+    "c/<uuid:conversation_id>/": Entry(
+        _conversation,
+        {"GET": {"owner": OK, "member": 404}},  # conversations are private
+    ),
+    "api/v1/keys/<key_id>": Entry(
+        _api_key,
+        {"GET": {"owner": OK, "member": 403}, "DELETE": {"owner": OK, "member": 403}},
+    ),
+    "api/v1/members/<membership_id>": Entry(
+        _membership,
+        {
+            "PATCH": {"owner": OK, "member": 403, "body": {"role": "member"}},
+            "DELETE": {"owner": OK, "member": 403},
+        },
+    ),
+    "api/v1/members/invitations/<invitation_id>": Entry(
+        _invitation, {"DELETE": {"owner": OK, "member": 403}}
+    ),
+    # Platform staff only: to everyone else these routes do not exist.
+    "api/v1/operator/tenants/<tenant_id>/suspend": Entry(
+        _tenant, {"POST": {"owner": 404, "member": 404, "body": {"reason": "x"}}}
+    ),
+    "api/v1/operator/tenants/<tenant_id>/plan": Entry(
+        _tenant, {"PUT": {"owner": 404, "member": 404, "body": {"plan": None}}}
+    ),
+    "api/v1/operator/tenants/<tenant_id>/resume": Entry(
+        _tenant, {"POST": {"owner": 404, "member": 404}}
+    ),
+    "api/v1/operator/tenants/<tenant_id>/audit": Entry(
+        _tenant, {"GET": {"owner": 404, "member": 404}}
+    ),
+}
+# Routes whose parameter is a secret or a public name, not a tenant's object id: they
+# are reached before anyone is a member, and are tested in their own modules.
+NOT_OBJECT_IDS = {
+    "invite/<str:token>/": "an invitation link's secret token (tests/test_invitations.py)",
+    "accounts/reset/<uidb64>/<token>/": "a password reset link's secret (tests/test_auth_reset.py)",
+    "sso/<slug:slug>/login/": "a tenant's public sign-in name; reveals no data (tests/test_sso.py)",
+}
+ADMIN_PREFIX = "admin/"  # Django's admin: staff only, everyone else is sent to its login
+
+WS_MATRIX: dict[str, dict[str, Callable[[World], tuple[Any, str]]]] = {
+    "chat.send": {"conversation_id": _conversation},
+    "ping": {},
+}
+
+
+def routes() -> list[str]:
+    found: list[str] = []
+
+    def walk(patterns: Any, prefix: str) -> None:
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                walk(pattern.url_patterns, prefix + str(pattern.pattern))
+            else:
+                found.append(prefix + str(pattern.pattern))
+
+    walk(get_resolver().url_patterns, "")
+    return sorted({r for r in found if "<" in r and not r.startswith(ADMIN_PREFIX)})
+
+
+def test_every_route_with_an_id_has_an_entry():
+    missing = [r for r in routes() if r not in HTTP_MATRIX and r not in NOT_OBJECT_IDS]
+    assert not missing, f"routes without an isolation matrix entry: {missing}"
+    stale = [r for r in [*HTTP_MATRIX, *NOT_OBJECT_IDS] if r not in routes()]
+    assert not stale, f"matrix entries for routes that no longer exist: {stale}"
+
+
+def test_every_websocket_message_has_an_entry():
+    assert set(WS_MATRIX) == set(protocol.CLIENT_TYPES)
+    for kind, fields in protocol.ID_FIELDS.items():
+        assert set(WS_MATRIX[kind]) == set(fields), kind
+
+
+def _url(route: str, object_id: Any) -> str:
+    import re
+
+    return "/" + re.sub(r"<[^>]+>", str(object_id), route)
+
+
+def _matches(status: int, expected: Any) -> bool:
+    return 200 <= status < 300 if expected == OK else status == expected
+
+
+@pytest.mark.parametrize("route", sorted(HTTP_MATRIX))
+def test_http_route_isolation(client, alice, bob, charlie, route):
+    entry = HTTP_MATRIX[route]
+    world = World(alice, bob, charlie)
+    for method, spec in entry.calls.items():
+        object_id, text = entry.make(world)
+        url = _url(route, object_id)
+        body = json.dumps(spec.get("body", {}))
+        # The outsider first (nothing they do may change the object), then a member,
+        # then the owner.
+        for who, person, expected in (
+            ("outsider", charlie, entry.outsider),
+            ("member", bob, spec["member"]),
+            ("owner", alice, spec["owner"]),
+        ):
+            client.force_login(person.user)
+            if method in ("GET", "DELETE"):
+                response = getattr(client, method.lower())(url)
+            else:
+                response = getattr(client, method.lower())(
+                    url, body, content_type="application/json"
+                )
+            assert _matches(response.status_code, expected), (
+                f"{method} {url} as {who}: {response.status_code}, expected {expected}"
+            )
+            if who == "outsider":
+                assert text not in response.content.decode(), f"{method} {url} leaks to outsider"
+
+
+def test_admin_routes_send_non_staff_to_the_admin_login(client, alice):
+    client.force_login(alice.user)
+    response = client.get(f"/admin/tenants/tenant/{alice.tenant.id}/change/")
+    assert response.status_code == 302 and "/admin/login/" in response["Location"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize(
+    ("kind", "field_name"),
+    [(kind, f) for kind, fields in sorted(WS_MATRIX.items()) for f in fields],
+)
+async def test_websocket_message_isolation(alice, bob, charlie, kind, field_name):
+    from channels.db import database_sync_to_async
+
+    world = World(alice, bob, charlie)
+    object_id, text = await database_sync_to_async(WS_MATRIX[kind][field_name])(world)
+    frame = {"type": kind, "content": "hello", field_name: str(object_id), "client_id": "m"}
+    for person in (charlie, bob):  # an outsider, and a member who is not its owner
+        connected, _, socket = await ws_connect(person.user)
+        assert connected
+        await socket.send(frame)
+        reply = await socket.receive()
+        assert reply["type"] == "error" and reply["code"] == "not_found", reply
+        assert text not in json.dumps(reply)
+        await socket.close()
+    count = await database_sync_to_async(_count_messages)(object_id)
+    assert count == 1  # nothing was added to the owner's conversation
+
+
+def _count_messages(conversation_id: Any) -> int:
+    with operator_scope():
+        return Message.objects.filter(conversation_id=conversation_id).count()
