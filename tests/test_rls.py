@@ -11,6 +11,7 @@ from django.apps import apps
 from django.db import connection
 
 from chat.models import Conversation, Message, Run
+from inference.models import UsageRecord
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
 from tests.conftest import APP_ROLE
@@ -68,6 +69,9 @@ def two_tenants(alice, charlie):
             AuditEvent.objects.create(tenant=person.tenant, action="test.seeded")
             TenantSSO.objects.create(
                 tenant=person.tenant, issuer="https://idp.example.com", client_id="parley"
+            )
+            UsageRecord.objects.create(
+                tenant=person.tenant, model="m", prompt_tokens=1, outcome="completed"
             )
     return alice, charlie
 
