@@ -90,6 +90,13 @@ def _invitation(world: World) -> tuple[Any, str]:
     return invitation.id, "erin@example.com"
 
 
+def _backend(world: World) -> tuple[Any, str]:
+    from inference.models import Backend
+
+    backend = Backend.objects.create(base_url=f"http://gpu-{secrets.token_hex(3)}:8000")
+    return backend.id, backend.base_url
+
+
 def _tenant(world: World) -> tuple[Any, str]:
     return world.alice.tenant.id, world.alice.tenant.name
 
@@ -119,6 +126,9 @@ HTTP_MATRIX: dict[str, Entry] = {
     ),
     "api/v1/operator/tenants/<tenant_id>/plan": Entry(
         _tenant, {"PUT": {"owner": 404, "member": 404, "body": {"plan": None}}}
+    ),
+    "api/v1/operator/pool/backends/<backend_id>/state": Entry(
+        _backend, {"PUT": {"owner": 404, "member": 404, "body": {"state": "draining"}}}
     ),
     "api/v1/operator/tenants/<tenant_id>/resume": Entry(
         _tenant, {"POST": {"owner": 404, "member": 404}}

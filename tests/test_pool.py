@@ -27,6 +27,34 @@ from tests.synthetic import DEFAULT_MODEL, SyntheticServer, refused_url
 
 HELLO = [{"role": "user", "content": "hello"}]
 
+pytestmark = pytest.mark.django_db
+
+
+ROUTING_POLICY = pool._policy
+
+
+class InListedOrder:
+    """A routing policy for failover tests: the first candidate in PARLEY_BACKENDS
+    order, so a test decides which backend a call tries first. Routing itself is
+    tested in tests/test_router.py."""
+
+    name = "listed"
+
+    def __init__(self, settings) -> None:
+        self.settings = settings
+
+    def choose(self, request, backends):
+        from inference.router import candidates
+
+        order = [url.rstrip("/") for url in self.settings.PARLEY_BACKENDS]
+        pool_ = candidates(request, backends)
+        return min(pool_, key=lambda b: order.index(b.id)) if pool_ else None
+
+
+@pytest.fixture(autouse=True)
+def _listed_order(settings, monkeypatch):
+    monkeypatch.setattr(pool, "_policy", lambda: InListedOrder(settings))
+
 
 @pytest.fixture(autouse=True)
 def _pool(settings):
@@ -256,7 +284,9 @@ def test_backend_that_stops_accepting_connections_is_retried_on_the_next(
     assert pool.backend_healthy(first.url) is False
 
 
-def test_http500_before_the_first_token_is_retried_on_the_next_backend(settings, synthetic_server):
+def test_http500_before_the_first_token_is_retried_on_the_next_backend(
+    settings, synthetic_server, monkeypatch
+):
     broken = synthetic_server(fail="http500")
     good = synthetic_server(tokens=3, prompt_tokens=8)
     settings.PARLEY_BACKENDS = [broken.url, good.url]
@@ -268,7 +298,9 @@ def test_http500_before_the_first_token_is_retried_on_the_next_backend(settings,
     assert events[-1].usage == Usage(prompt_tokens=8, completion_tokens=3)
     assert (broken.request_count, good.request_count) == (1, 1)
 
-    # The failed backend is marked unhealthy: the next call goes straight to the good one.
+    # The failed backend is marked degraded: the real router sends the next call straight
+    # to the good one.
+    monkeypatch.setattr(pool, "_policy", ROUTING_POLICY)
     assert text_of(pool.chat_stream(request)) == "tok0 tok1 tok2 "
     assert (broken.request_count, good.request_count) == (1, 2)
 

@@ -71,6 +71,17 @@ class BackendClient:
         except httpx.HTTPError:
             return False
 
+    def metrics_text(self) -> str:
+        """vLLM's Prometheus metrics, as text."""
+        try:
+            with self._client(self.timeouts.connect_s) as client:
+                response = client.get("/metrics")
+        except httpx.HTTPError as exc:
+            raise InferenceError("backend_unreachable", str(exc), retryable=True) from exc
+        if response.status_code != 200:
+            raise InferenceError("backend_error", f"/metrics answered {response.status_code}")
+        return response.text
+
     def models(self) -> list[ModelInfo]:
         try:
             with self._client(self.timeouts.connect_s) as client:

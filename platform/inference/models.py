@@ -27,6 +27,9 @@ class Backend(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.HEALTHY)
     # True when an operator set the state (draining, down): health checks leave it.
     state_pinned = models.BooleanField(default=False)
+    # Rows from PARLEY_BACKENDS follow the configuration (removed when dropped from it);
+    # rows an operator added stay until removed.
+    from_config = models.BooleanField(default=False)
     served_models = models.JSONField(default=list, blank=True)  # model ids
     max_model_len = models.PositiveIntegerField(null=True, blank=True)
     last_checked_at = models.DateTimeField(null=True, blank=True)

@@ -1,95 +1,97 @@
-"""The inference pool: which backends exist, which are healthy, where a call goes.
+"""The inference pool: every LLM call of the platform goes through `chat_stream`.
 
-Every LLM call of the platform goes through `chat_stream`. This is the
-foundation version: backends come from PARLEY_BACKENDS (plus the local CPU server
-that `manage.py serve` registers in embedded mode), health is checked before use
-and cached briefly, and a call that fails before its first token is retried on the
-next healthy backend serving the model.
+For each call: the backend rows (health and models refreshed when stale), the shared
+load (in-flight calls, scraped vLLM metrics) and the circuit breakers make the
+router's view; the routing policy (PARLEY_ROUTING_POLICY, prefix affinity with load
+awareness by default) picks a backend; the call streams from it. A failure before the
+first token is retried on another backend (up to PARLEY_FAILOVER_ATTEMPTS, with
+backoff and jitter) and counts against that backend's circuit breaker; a failure
+after it ends the call with the error (the caller keeps the partial text).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Generator
+from dataclasses import dataclass, replace
 
 from django.conf import settings
 
-from inference.client import BackendClient, ModelInfo, Timeouts
-from inference.types import ChatRequest, InferenceError, StreamEvent, StreamStarted
+from inference.backends import backend_rows, backend_views, client_for
+from inference.backends import forget_cache as forget_backends
+from inference.breaker import CircuitBreaker
+from inference.load import LEASE_S, load_store
+from inference.models import Backend
+from inference.router import Policy, PrefixIndex, RouteRequest, candidates, make_policy
+from inference.router import prefix_blocks as _prefix_blocks
+from inference.types import (
+    ChatRequest,
+    InferenceError,
+    StreamEvent,
+    StreamFinished,
+    StreamStarted,
+)
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["chat_stream", "client_for", "default_model", "forget_cache", "models_available"]
+
 _lock = threading.Lock()
-_health: dict[str, tuple[float, bool]] = {}
-_models: dict[str, tuple[float, list[ModelInfo]]] = {}
-_MODELS_TTL_S = 60.0
+_state: dict[str, object] = {}
 
 
-def backend_urls() -> list[str]:
-    return list(settings.PARLEY_BACKENDS)
-
-
-def client_for(url: str) -> BackendClient:
-    return BackendClient(
-        url,
-        api_key=settings.PARLEY_BACKEND_API_KEY,
-        timeouts=Timeouts(
-            connect_s=settings.PARLEY_CONNECT_TIMEOUT_S,
-            first_token_s=settings.PARLEY_FIRST_TOKEN_TIMEOUT_S,
-            idle_s=settings.PARLEY_STREAM_IDLE_TIMEOUT_S,
-        ),
-    )
-
-
-def backend_healthy(url: str) -> bool:
-    now = time.monotonic()
+def _policy() -> Policy:
     with _lock:
-        cached = _health.get(url)
-    if cached and now - cached[0] < settings.PARLEY_HEALTH_TTL_S:
-        return cached[1]
-    healthy = client_for(url).health()
-    with _lock:
-        _health[url] = (now, healthy)
-    return healthy
+        name = settings.PARLEY_ROUTING_POLICY
+        if _state.get("policy_name") != name:
+            _state["index"] = PrefixIndex()
+            _state["policy"] = make_policy(name, _state["index"])  # type: ignore[arg-type]
+            _state["policy_name"] = name
+        return _state["policy"]  # type: ignore[return-value]
 
 
-def backend_models(url: str) -> list[ModelInfo]:
-    now = time.monotonic()
+def breaker() -> CircuitBreaker:
     with _lock:
-        cached = _models.get(url)
-    if cached and now - cached[0] < _MODELS_TTL_S:
-        return cached[1]
-    models = client_for(url).models()
-    with _lock:
-        _models[url] = (now, models)
-    return models
-
-
-def _mark_unhealthy(url: str) -> None:
-    with _lock:
-        _health[url] = (time.monotonic(), False)
+        current = _state.get("breaker")
+        if current is None:
+            current = CircuitBreaker(
+                threshold=settings.PARLEY_BREAKER_THRESHOLD,
+                cooldown_s=settings.PARLEY_BREAKER_COOLDOWN_S,
+            )
+            _state["breaker"] = current
+        return current  # type: ignore[return-value]
 
 
 def forget_cache() -> None:
+    """Forget what this process learned (rows, affinity, circuits): for tests and
+    `serve`, which change the configured backends at run time."""
+    forget_backends()
     with _lock:
-        _health.clear()
-        _models.clear()
+        _state.clear()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str
+    max_model_len: int | None
 
 
 def models_available() -> list[ModelInfo]:
-    """Every model served by a healthy backend, once each."""
+    """Every model served by a routable backend, once each."""
     seen: dict[str, ModelInfo] = {}
-    for url in backend_urls():
-        if not backend_healthy(url):
-            continue
-        try:
-            for info in backend_models(url):
-                seen.setdefault(info.id, info)
-        except InferenceError:
-            _mark_unhealthy(url)
+    for row in backend_rows():
+        if row.state in (Backend.State.HEALTHY, Backend.State.DEGRADED):
+            for model in row.served_models:
+                seen.setdefault(model, ModelInfo(model, row.max_model_len))
     return list(seen.values())
+
+
+def backend_healthy(url: str) -> bool:
+    row = next((r for r in backend_rows() if r.base_url == url.rstrip("/")), None)
+    return row is not None and row.state == Backend.State.HEALTHY and not breaker().is_open(url)
 
 
 def default_model() -> str:
@@ -101,51 +103,82 @@ def default_model() -> str:
     return models[0].id
 
 
-def _candidates(model: str) -> list[str]:
-    urls = []
-    for url in backend_urls():
-        if not backend_healthy(url):
-            continue
-        try:
-            if any(info.id == model for info in backend_models(url)):
-                urls.append(url)
-        except InferenceError:
-            _mark_unhealthy(url)
-    return urls
+def _estimate_tokens(request: ChatRequest) -> int:
+    chars = sum(len(str(m.get("content", ""))) for m in request.messages)
+    return chars // 4 + 8 * len(request.messages)
+
+
+def _no_route_error(rows: list[Backend], model: str) -> InferenceError:
+    routable = [r for r in rows if r.state in (Backend.State.HEALTHY, Backend.State.DEGRADED)]
+    if not routable:
+        return InferenceError("no_backend", "No healthy inference backend is available.")
+    if not any(model in r.served_models for r in routable):
+        return InferenceError("model_not_found", f"No backend serves the model {model!r}.")
+    return InferenceError("no_backend", f"Every backend serving {model!r} is unavailable.")
 
 
 def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
-    """Stream a chat completion from a healthy backend serving `request.model`.
-
-    Yields StreamStarted (which backend, which model), TextDelta..., StreamFinished.
-    Raises InferenceError with a stable code."""
-    if not backend_urls():
+    """Stream a chat completion. Yields StreamStarted (backend, model) — again if a
+    retry moves the call — then TextDelta..., then StreamFinished. Raises InferenceError
+    with a stable code."""
+    if not settings.PARLEY_BACKENDS and not Backend.objects.exists():
         raise InferenceError(
             "no_backend", "No inference backend is configured (set PARLEY_BACKENDS)."
         )
+    rows = backend_rows()
     model = request.model or default_model()
-    candidates = _candidates(model)
-    if not candidates:
-        if not any(backend_healthy(url) for url in backend_urls()):
-            raise InferenceError("no_backend", "No healthy inference backend is available.")
-        raise InferenceError("model_not_found", f"No backend serves the model {model!r}.")
-
+    route = RouteRequest(
+        model=model,
+        prefix_blocks=_prefix_blocks(request.messages, salt=request.tenant_id),
+        tenant_id=request.tenant_id,
+        prompt_tokens=_estimate_tokens(request),
+    )
+    policy, circuits, store = _policy(), breaker(), load_store()
+    tried: set[str] = set()
     last_error: InferenceError | None = None
-    for attempt, url in enumerate(candidates):
+    for attempt in range(settings.PARLEY_FAILOVER_ATTEMPTS):
+        views = backend_views(rows, breaker=circuits)
+        attempt_route = replace(route, exclude=frozenset(tried))
+        if not candidates(attempt_route, views):
+            break
+        chosen = policy.choose(attempt_route, views)
+        if chosen is None:
+            break
         if attempt:
-            time.sleep(min(2.0, 0.1 * 2**attempt))
+            # Exponential backoff with full jitter between attempts.
+            time.sleep(random.uniform(0, min(1.0, 0.05 * 2**attempt)))  # noqa: S311
+        tried.add(chosen.id)
+        call = store.begin(chosen.id)
+        renewed = time.monotonic()
         produced = False
         try:
-            for event in client_for(url).chat_stream(request, model=model):
+            for event in client_for(chosen.id).chat_stream(request, model=model):
                 if not isinstance(event, StreamStarted):
                     produced = True
+                if time.monotonic() - renewed > LEASE_S / 3:
+                    store.renew(chosen.id, call)
+                    renewed = time.monotonic()
                 yield event
+                if isinstance(event, StreamFinished):
+                    circuits.record_success(chosen.id)
             return
         except InferenceError as exc:
             if produced or not exc.retryable:
                 raise
-            logger.warning("backend %s failed before the first token: %s", url, exc)
-            _mark_unhealthy(url)
+            logger.warning("backend %s failed before the first token: %s", chosen.id, exc)
+            circuits.record_failure(chosen.id)
+            _mark_degraded(chosen.id, exc)
             last_error = exc
-    assert last_error is not None
-    raise last_error
+        finally:
+            store.end(chosen.id, call)
+    if last_error is not None:
+        raise last_error
+    raise _no_route_error(rows, model)
+
+
+def _mark_degraded(url: str, exc: InferenceError) -> None:
+    """A failed call is evidence: used less until the next health check says otherwise."""
+    Backend.objects.filter(base_url=url, state=Backend.State.HEALTHY, state_pinned=False).update(
+        state=Backend.State.DEGRADED, last_error=str(exc)[:500]
+    )
+    forget_backends()

@@ -243,6 +243,45 @@ PARLEY_STREAM_IDLE_TIMEOUT_S = env.floating(
     "PARLEY_STREAM_IDLE_TIMEOUT_S", default=60.0, minimum=0.1
 )
 PARLEY_HEALTH_TTL_S = env.floating("PARLEY_HEALTH_TTL_S", default=5.0, minimum=0.0)
+# How the pool picks a backend: prefix_load (default), prefix, least_loaded, round_robin.
+PARLEY_ROUTING_POLICY = env.string("PARLEY_ROUTING_POLICY", default="prefix_load")
+if PARLEY_ROUTING_POLICY not in ("prefix_load", "prefix", "least_loaded", "round_robin"):
+    raise ImproperlyConfigured(
+        "PARLEY_ROUTING_POLICY must be prefix_load, prefix, least_loaded or round_robin."
+    )
+# Health checks and the /metrics scrape (beat task; `serve` runs it in a thread).
+PARLEY_SCRAPE_INTERVAL_S = env.floating("PARLEY_SCRAPE_INTERVAL_S", default=2.0, minimum=0.2)
+PARLEY_BACKEND_DOWN_AFTER = env.integer("PARLEY_BACKEND_DOWN_AFTER", default=2, minimum=1)
+# Calls per backend (times its weight) before the pool counts as saturated.
+PARLEY_BACKEND_MAX_INFLIGHT = env.integer("PARLEY_BACKEND_MAX_INFLIGHT", default=64, minimum=1)
+# Failover before the first token: attempts in all, and the circuit breaker.
+PARLEY_FAILOVER_ATTEMPTS = env.integer("PARLEY_FAILOVER_ATTEMPTS", default=3, minimum=1)
+PARLEY_BREAKER_THRESHOLD = env.integer("PARLEY_BREAKER_THRESHOLD", default=3, minimum=1)
+PARLEY_BREAKER_COOLDOWN_S = env.floating("PARLEY_BREAKER_COOLDOWN_S", default=15.0, minimum=0.1)
+CELERY_BEAT_SCHEDULE = {
+    "pool-refresh": {
+        "task": "inference.tasks.pool_refresh",
+        "schedule": PARLEY_SCRAPE_INTERVAL_S,
+        "options": {"expires": PARLEY_SCRAPE_INTERVAL_S},
+    },
+}
+# Limits per user (within a tenant) and per API key, on top of the tenant's plan
+# (inference.limits); unset is unlimited.
+def _optional_limit(name: str) -> int | None:
+    return env.integer(name, minimum=1) if env.present(name) else None
+
+
+PARLEY_USER_REQUESTS_PER_MINUTE = _optional_limit("PARLEY_USER_REQUESTS_PER_MINUTE")
+PARLEY_USER_TOKENS_PER_MINUTE = _optional_limit("PARLEY_USER_TOKENS_PER_MINUTE")
+PARLEY_USER_CONCURRENT_RUNS = _optional_limit("PARLEY_USER_CONCURRENT_RUNS")
+PARLEY_KEY_REQUESTS_PER_MINUTE = _optional_limit("PARLEY_KEY_REQUESTS_PER_MINUTE")
+PARLEY_KEY_TOKENS_PER_MINUTE = _optional_limit("PARLEY_KEY_TOKENS_PER_MINUTE")
+PARLEY_KEY_CONCURRENT_RUNS = _optional_limit("PARLEY_KEY_CONCURRENT_RUNS")
+# Concurrency slots, budget reservations and admission slots are leases renewed while a
+# call lives; a process that dies frees them after this long.
+PARLEY_LIMIT_LEASE_TTL_S = env.floating("PARLEY_LIMIT_LEASE_TTL_S", default=30.0, minimum=1.0)
+# How long a call waits for a slot of a saturated pool (fair admission) before failing.
+PARLEY_ADMISSION_TIMEOUT_S = env.floating("PARLEY_ADMISSION_TIMEOUT_S", default=120.0, minimum=0.0)
 # The local CPU model server (embedded mode and tests).
 PARLEY_LOCAL_MODEL_PATH = env.string("PARLEY_LOCAL_MODEL_PATH", default="")
 PARLEY_LOCAL_MODEL_CTX = env.integer("PARLEY_LOCAL_MODEL_CTX", default=8192, minimum=512)

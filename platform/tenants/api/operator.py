@@ -35,7 +35,7 @@ class OperatorSession(SessionAuth):
 router = Router(tags=["operator"], auth=OperatorSession())
 
 
-def _operator(request: HttpRequest) -> User:
+def operator_of(request: HttpRequest) -> User:
     user = request.auth  # type: ignore[attr-defined]
     if not getattr(user, "is_operator", False):
         raise NotFound
@@ -70,14 +70,14 @@ class TenantIn(Schema):
 
 @router.get("/tenants", response=list[TenantRow], url_name="operator_tenants")
 def tenants_list(request: HttpRequest):
-    _operator(request)
+    operator_of(request)
     with operator_scope():
         return list(Tenant.objects.annotate(members=Count("memberships")).order_by("name"))
 
 
 @router.post("/tenants", response={201: TenantRow}, url_name="operator_tenants")
 def tenants_create(request: HttpRequest, payload: TenantIn):
-    operator = _operator(request)
+    operator = operator_of(request)
     tenant, owner = tenant_create(
         name=payload.name,
         slug=payload.slug,
@@ -99,7 +99,7 @@ def tenants_create(request: HttpRequest, payload: TenantIn):
 @router.put("/tenants/{tenant_id}/plan", response=TenantRow, url_name="operator_plan")
 def tenants_plan(request: HttpRequest, tenant_id: str, payload: PlanIn):
     tenant = tenant_set_plan(
-        operator=_operator(request), tenant_id=tenant_id, plan_name=payload.plan
+        operator=operator_of(request), tenant_id=tenant_id, plan_name=payload.plan
     )
     tenant.members = 0  # type: ignore[attr-defined]
     return tenant
@@ -107,21 +107,23 @@ def tenants_plan(request: HttpRequest, tenant_id: str, payload: PlanIn):
 
 @router.post("/tenants/{tenant_id}/suspend", response=TenantRow, url_name="operator_suspend")
 def tenants_suspend(request: HttpRequest, tenant_id: str, payload: SuspendIn):
-    tenant = tenant_suspend(operator=_operator(request), tenant_id=tenant_id, reason=payload.reason)
+    tenant = tenant_suspend(
+        operator=operator_of(request), tenant_id=tenant_id, reason=payload.reason
+    )
     tenant.members = 0  # type: ignore[attr-defined]
     return tenant
 
 
 @router.post("/tenants/{tenant_id}/resume", response=TenantRow, url_name="operator_resume")
 def tenants_resume(request: HttpRequest, tenant_id: str):
-    tenant = tenant_resume(operator=_operator(request), tenant_id=tenant_id)
+    tenant = tenant_resume(operator=operator_of(request), tenant_id=tenant_id)
     tenant.members = 0  # type: ignore[attr-defined]
     return tenant
 
 
 @router.get("/tenants/{tenant_id}/audit", response=list[AuditOut], url_name="operator_audit")
 def tenants_audit(request: HttpRequest, tenant_id: str, filters: Query[AuditQuery]):
-    _operator(request)
+    operator_of(request)
     try:
         tenant_uuid = uuid.UUID(tenant_id)
     except ValueError:

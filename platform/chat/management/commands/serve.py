@@ -9,8 +9,11 @@ process), and stops the model server on exit.
 from __future__ import annotations
 
 import atexit
+import logging
 import signal
 import sys
+import threading
+import time
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -58,6 +61,9 @@ class Command(BaseCommand):
             settings.PARLEY_BACKENDS = [model_server.url]
             self.stdout.write(f"Local model server healthy at {model_server.url}")
         pool.forget_cache()
+        if settings.EMBEDDED:
+            # No Celery beat here: a thread keeps backend health and load fresh.
+            threading.Thread(target=_refresh_forever, name="pool-refresh", daemon=True).start()
 
         from config.asgi import application
 
@@ -80,3 +86,18 @@ class Command(BaseCommand):
         finally:
             if model_server is not None:
                 model_server.stop()
+
+
+def _refresh_forever() -> None:
+    from django.db import connections
+
+    from inference.backends import backends_refresh
+
+    while True:
+        try:
+            backends_refresh()
+        except Exception:
+            logging.getLogger(__name__).exception("refreshing the pool failed")
+        finally:
+            connections.close_all()
+        time.sleep(settings.PARLEY_SCRAPE_INTERVAL_S)
