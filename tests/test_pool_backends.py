@@ -167,3 +167,29 @@ def test_no_backend_reachable_at_all(settings):
     with pytest.raises(Exception) as info:
         list(pool.chat_stream(ChatRequest(messages=HELLO, model=DEFAULT_MODEL)))
     assert info.value.code == "no_backend"
+
+
+def test_first_token_timeout_fails_over_and_idle_timeout_ends_the_stream(
+    settings, synthetic_server
+):
+    from inference.client import Timeouts
+    from inference.types import InferenceError, TextDelta
+
+    slow = synthetic_server(tokens=3, delay_s=2.0)
+    client = pool.client_for(slow.url)
+    client.timeouts = Timeouts(connect_s=1, first_token_s=0.5, idle_s=30)
+    started = time.monotonic()
+    with pytest.raises(InferenceError) as info:
+        list(client.chat_stream(ChatRequest(messages=HELLO), model=DEFAULT_MODEL))
+    assert info.value.code == "first_token_timeout" and info.value.retryable
+    assert time.monotonic() - started < 1.8  # the watchdog, not the server, ended it
+
+    gappy = synthetic_server(tokens=5, delay_s=0.6)
+    client = pool.client_for(gappy.url)
+    client.timeouts = Timeouts(connect_s=1, first_token_s=5, idle_s=0.3)
+    events: list = []
+    with pytest.raises(InferenceError) as info:
+        for event in client.chat_stream(ChatRequest(messages=HELLO), model=DEFAULT_MODEL):
+            events.append(event)
+    assert info.value.code == "stream_timeout" and not info.value.retryable
+    assert [e.text for e in events if isinstance(e, TextDelta)] == ["tok0 "]

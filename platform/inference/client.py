@@ -6,7 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +120,10 @@ class BackendClient:
             # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
             body["cache_salt"] = request.tenant_id
 
-        read_timeout = max(self.timeouts.first_token_s, self.timeouts.idle_s)
+        # httpx's read timeout is a backstop; the watchdog enforces the two real ones:
+        # the first token within first_token_s, then no gap longer than idle_s.
+        read_timeout = max(self.timeouts.first_token_s, self.timeouts.idle_s) + 5.0
+        watch: _Watch | None = None
         started = False
         finish_reason = ""
         usage: Usage | None = None
@@ -135,8 +142,11 @@ class BackendClient:
                         retryable=status >= 500 or status == 429,
                         status=status,
                     )
+                watch = _watchdog().watch(response, self.timeouts.first_token_s)
                 yield StreamStarted(backend=self.base_url, model=model)
                 for line in response.iter_lines():
+                    if started:
+                        watch.extend(self.timeouts.idle_s)
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -162,23 +172,21 @@ class BackendClient:
                             prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
                             completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
                         )
-        except httpx.ConnectError as exc:
-            raise InferenceError(
-                "backend_unreachable", f"{self.base_url}: {exc}", retryable=True
-            ) from exc
-        except httpx.TimeoutException as exc:
-            code = "stream_timeout" if started else "first_token_timeout"
-            raise InferenceError(
-                code, f"{self.base_url}: {type(exc).__name__}", retryable=not started
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise InferenceError(
-                "backend_error", f"{self.base_url}: {exc}", retryable=not started
-            ) from exc
         except json.JSONDecodeError as exc:
             raise InferenceError(
                 "backend_error", f"malformed stream chunk: {exc}", retryable=not started
             ) from exc
+        except (httpx.HTTPError, OSError) as exc:
+            if watch is not None and watch.fired:
+                code = "stream_timeout" if started else "first_token_timeout"
+                limit = self.timeouts.idle_s if started else self.timeouts.first_token_s
+                raise InferenceError(
+                    code, f"{self.base_url}: no token for {limit:g}s", retryable=not started
+                ) from exc
+            raise _as_inference_error(exc, self.base_url, started) from exc
+        finally:
+            if watch is not None:
+                watch.done()
         if not finish_reason:
             raise InferenceError(
                 "stream_interrupted",
@@ -186,3 +194,78 @@ class BackendClient:
                 retryable=not started,
             )
         yield StreamFinished(finish_reason=finish_reason, usage=usage or Usage())
+
+
+def _as_inference_error(exc: Exception, base_url: str, started: bool) -> InferenceError:
+    if isinstance(exc, httpx.ConnectError):
+        return InferenceError("backend_unreachable", f"{base_url}: {exc}", retryable=True)
+    if isinstance(exc, httpx.TimeoutException):
+        code = "stream_timeout" if started else "first_token_timeout"
+        return InferenceError(code, f"{base_url}: {type(exc).__name__}", retryable=not started)
+    return InferenceError("backend_error", f"{base_url}: {exc}", retryable=not started)
+
+
+class _Watch:
+    def __init__(self, response: httpx.Response, deadline: float) -> None:
+        self.response = response
+        self.deadline = deadline
+        self.fired = False
+        self.finished = False
+
+    def extend(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def done(self) -> None:
+        self.finished = True
+
+    def fire(self) -> None:
+        """Unblock the reading thread: shut the socket down (closing alone may not
+        wake a blocked recv), then close the response."""
+        self.fired = True
+        stream = self.response.extensions.get("network_stream")
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(Exception):
+            self.response.close()
+
+
+class _Watchdog:
+    """One thread per process ends streams that stay silent past their deadline:
+    the first token within `first_token_s`, then no gap over `idle_s`."""
+
+    def __init__(self, period_s: float = 0.2) -> None:
+        self.period_s = period_s
+        self._watches: set[_Watch] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._run, name="stream-watchdog", daemon=True).start()
+
+    def watch(self, response: httpx.Response, first_token_s: float) -> _Watch:
+        watch = _Watch(response, time.monotonic() + first_token_s)
+        with self._lock:
+            self._watches.add(watch)
+        return watch
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.period_s)
+            now = time.monotonic()
+            with self._lock:
+                self._watches = {w for w in self._watches if not w.finished}
+                expired = [w for w in self._watches if w.deadline < now]
+                self._watches.difference_update(expired)
+            for watch in expired:
+                watch.fire()
+
+
+_watchdog_instance: _Watchdog | None = None
+_watchdog_lock = threading.Lock()
+
+
+def _watchdog() -> _Watchdog:
+    global _watchdog_instance
+    with _watchdog_lock:
+        if _watchdog_instance is None:
+            _watchdog_instance = _Watchdog()
+        return _watchdog_instance
