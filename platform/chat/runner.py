@@ -121,6 +121,9 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
         max_tokens=settings.PARLEY_MAX_TOKENS,
         temperature=settings.PARLEY_TEMPERATURE,
         tenant_id=str(run.tenant_id),
+        user_id=str(run.user_id),
+        purpose="chat.run",
+        reference=str(run.id),
     )
     finished: StreamFinished | None = None
     error: InferenceError | None = None

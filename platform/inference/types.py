@@ -16,6 +16,12 @@ class ChatRequest:
     max_tokens: int | None = None
     temperature: float | None = None
     tenant_id: str = ""
+    # Who the call is for and what it serves: limits are per tenant, user and key; the
+    # ledger records the purpose ("chat.run") and reference (the run's id).
+    user_id: str = ""
+    api_key_id: str = ""
+    purpose: str = ""
+    reference: str = ""
 
 
 @dataclass(frozen=True)
