@@ -302,3 +302,15 @@ async def as_operator(fn, *args, **kwargs):
             return fn(*args, **kwargs)
 
     return await sync_to_async(call)()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_channel_layer():
+    """Each test's event loop gets its own channel layer: a Redis layer's connection
+    pools belong to the loop that opened them, and pytest-asyncio makes a new loop for
+    every test (a recycled loop id could otherwise hand a test a dead pool)."""
+    from channels.layers import channel_layers
+
+    channel_layers.backends.clear()
+    yield
+    channel_layers.backends.clear()

@@ -218,3 +218,16 @@ async def test_a_broker_outage_gets_a_clear_error_and_keeps_the_message(alice, m
     await socket.send({"type": "ping"})
     assert (await socket.receive())["type"] == "pong"
     await socket.close()
+
+
+async def test_an_idle_socket_outlives_the_redis_client_timeout(alice):
+    """A consumer waits on the channel layer with 5-second blocking reads; redis-py's
+    default socket timeout is also 5 s. An idle socket must stay usable."""
+    import asyncio
+
+    connected, _, socket = await ws_connect(alice.user)
+    assert connected
+    await asyncio.sleep(12)
+    await socket.send({"type": "ping", "client_id": "still-here"})
+    assert await socket.receive() == {"type": "pong", "client_id": "still-here"}
+    await socket.close()

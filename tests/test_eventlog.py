@@ -167,3 +167,19 @@ def test_expire_drops_the_log_after_its_ttl(log, key, settings):
     # An expired log starts afresh from 1.
     log.append(key, 1, event(1))
     assert log.read_sync(key) == [(1, event(1))]
+
+
+async def test_a_redis_read_may_block_longer_than_the_client_socket_timeout(settings):
+    """redis-py's default socket timeout is 5 s; a reader waiting 7 s for the next event
+    (a long prefill, a busy pool) must get it, not a TimeoutError."""
+    if not settings.REDIS_URL:
+        pytest.skip("Redis only")
+    log = RedisEventLog(settings.REDIS_URL)
+    key = f"{settings.PARLEY_REDIS_PREFIX}:test:slow:{uuid.uuid4()}"
+    timer = threading.Timer(6.0, lambda: log.append(key, 1, {"type": "late"}))
+    timer.start()
+    try:
+        assert await log.read(key, 0, timeout_s=10) == [(1, {"type": "late"})]
+    finally:
+        timer.cancel()
+        log._sync.delete(key)

@@ -50,6 +50,9 @@ class EventLog(Protocol):
 # --- Redis Streams ------------------------------------------------------------
 
 
+MAX_BLOCK_S = 60.0  # the longest a reader blocks in one XREAD
+
+
 class RedisEventLog:
     # XADD alone refuses a duplicate or smaller id but accepts a gap (0-1, then 0-3):
     # check in the server, atomically, that `seq` follows the last entry.
@@ -80,7 +83,11 @@ class RedisEventLog:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            client = redis.asyncio.Redis.from_url(self.url)
+            # XREAD BLOCK waits longer than redis-py's default socket timeout (5 s):
+            # the blocking client must not time out before Redis answers.
+            client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=MAX_BLOCK_S + 30, health_check_interval=30
+            )
             self._async[loop] = client
         return client
 
@@ -110,7 +117,7 @@ class RedisEventLog:
 
     async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
         client = self._aclient()
-        block_ms = max(1, int(timeout_s * 1000))
+        block_ms = max(1, int(min(timeout_s, MAX_BLOCK_S) * 1000))
         result = await client.xread({key: f"0-{after}"}, block=block_ms, count=1000)
         if not result:
             return []

@@ -20,9 +20,11 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 
+from inference.admission import admitted
 from inference.backends import backend_rows, backend_views, client_for
 from inference.backends import forget_cache as forget_backends
 from inference.breaker import CircuitBreaker
+from inference.limits import CallIdentity, call_guard, estimate_tokens
 from inference.load import LEASE_S, load_store
 from inference.models import Backend
 from inference.router import Policy, PrefixIndex, RouteRequest, candidates, make_policy
@@ -34,6 +36,9 @@ from inference.types import (
     StreamFinished,
     StreamStarted,
 )
+from tenants.models import Tenant
+from tenants.quotas import Limits, limits_for
+from tenants.rls import tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -120,13 +125,92 @@ def _no_route_error(rows: list[Backend], model: str) -> InferenceError:
 def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
     """Stream a chat completion. Yields StreamStarted (backend, model) — again if a
     retry moves the call — then TextDelta..., then StreamFinished. Raises InferenceError
-    with a stable code."""
+    with a stable code (LimitExceeded: `rate_limited` or `budget_exhausted`, with when
+    to retry; `pool_busy` when the saturated pool did not admit the call in time).
+
+    A tenant's call is held under its limits (tenant, user, key) and its estimated
+    tokens reserved against the monthly budget; while the pool is saturated it waits
+    its turn (VTC across tenants); afterwards its usage is committed to the ledger (a
+    partial stream counts what it produced) and charged to the fairness counter."""
     if not settings.PARLEY_BACKENDS and not Backend.objects.exists():
         raise InferenceError(
             "no_backend", "No inference backend is configured (set PARLEY_BACKENDS)."
         )
     rows = backend_rows()
     model = request.model or default_model()
+    if not request.tenant_id:
+        yield from _route_and_stream(request, rows, model)
+        return
+
+    tenant_limits = _tenant_limits(request.tenant_id)
+    if not tenant_limits.allows_model(model):
+        raise InferenceError(
+            "model_not_allowed", f"Your plan does not include the model {model!r}."
+        )
+    identity = CallIdentity(
+        request.tenant_id, user_id=request.user_id or None, api_key_id=request.api_key_id or None
+    )
+    estimate = estimate_tokens(messages=request.messages, max_tokens=request.max_tokens or 0)
+    capacity = settings.PARLEY_BACKEND_MAX_INFLIGHT * max(
+        1, round(sum(r.weight for r in rows if r.state in ROUTABLE))
+    )
+    with (
+        call_guard(identity=identity, limits=tenant_limits, estimated_tokens=estimate) as guard,
+        admitted(
+            tenant_id=request.tenant_id,
+            weight=tenant_limits.fairness_weight,
+            capacity=capacity,
+            timeout_s=settings.PARLEY_ADMISSION_TIMEOUT_S,
+        ) as slot,
+    ):
+        backend, deltas, finished = "", 0, None
+        try:
+            for event in _route_and_stream(request, rows, model):
+                if isinstance(event, StreamStarted):
+                    backend = event.backend
+                elif isinstance(event, StreamFinished):
+                    finished = event
+                else:
+                    deltas += 1
+                yield event
+        finally:
+            if finished is not None:
+                prompt, completion, outcome = (
+                    finished.usage.prompt_tokens,
+                    finished.usage.completion_tokens,
+                    "completed",
+                )
+            else:
+                # No usage chunk: count the prompt as estimated and a token per delta.
+                prompt = estimate_tokens(messages=request.messages, max_tokens=0) if deltas else 0
+                completion, outcome = deltas, ("partial" if deltas else "failed")
+            slot.charge(prompt_tokens=prompt, completion_tokens=completion)
+            guard.commit(
+                prompt_tokens=prompt,
+                completion_tokens=completion,
+                model=model,
+                backend=backend,
+                outcome=outcome,
+                purpose=request.purpose,
+                reference=request.reference,
+            )
+
+
+ROUTABLE = (Backend.State.HEALTHY, Backend.State.DEGRADED)
+
+
+def _tenant_limits(tenant_id: str) -> Limits:
+    with tenant_scope(tenant_id=tenant_id):
+        tenant = Tenant.objects.select_related("plan").filter(id=tenant_id).first()
+    if tenant is None:
+        raise InferenceError("tenant_not_found", "The call's tenant does not exist.")
+    return limits_for(tenant)
+
+
+def _route_and_stream(
+    request: ChatRequest, rows: list[Backend], model: str
+) -> Generator[StreamEvent, None, None]:
+    """Pick a backend, stream from it, fail over before the first token."""
     route = RouteRequest(
         model=model,
         prefix_blocks=_prefix_blocks(request.messages, salt=request.tenant_id),

@@ -156,7 +156,12 @@ else:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{PARLEY_REDIS_PREFIX}:asgi"},
+            "CONFIG": {
+                # The layer's blocking reads wait up to 5 s, which is also redis-py's
+                # default socket timeout: give the socket room, or idle consumers die.
+                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                "prefix": f"{PARLEY_REDIS_PREFIX}:asgi",
+            },
         }
     }
 
@@ -265,6 +270,8 @@ CELERY_BEAT_SCHEDULE = {
         "options": {"expires": PARLEY_SCRAPE_INTERVAL_S},
     },
 }
+
+
 # Limits per user (within a tenant) and per API key, on top of the tenant's plan
 # (inference.limits); unset is unlimited.
 def _optional_limit(name: str) -> int | None:
