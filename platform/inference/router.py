@@ -258,5 +258,5 @@ def make_policy(name: str, index: PrefixIndex | None = None) -> Policy:
         raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}")
     cls = POLICIES[name]
     if cls in (PrefixOnly, PrefixAffinityLoadAware):
-        return cls(index=index or PrefixIndex())
+        return cls(index=index if index is not None else PrefixIndex())
     return cls()
