@@ -314,3 +314,19 @@ def _fresh_channel_layer():
     channel_layers.backends.clear()
     yield
     channel_layers.backends.clear()
+
+
+@pytest.fixture
+def prefix(settings):
+    """A Redis key prefix of this test's own; every key under it is dropped afterwards."""
+    import uuid
+
+    value = f"{settings.PARLEY_REDIS_PREFIX}-t{uuid.uuid4().hex[:8]}"
+    yield value
+    if settings.REDIS_URL:
+        import redis
+
+        admin = redis.Redis.from_url(settings.REDIS_URL)
+        for key in admin.scan_iter(match=f"{value}:*"):
+            admin.delete(key)
+        admin.close()

@@ -21,19 +21,6 @@ from inference.types import InferenceError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def prefix(settings):
-    value = f"{settings.PARLEY_REDIS_PREFIX}-adm{uuid.uuid4().hex[:8]}"
-    yield value
-    if settings.REDIS_URL:
-        import redis
-
-        admin = redis.Redis.from_url(settings.REDIS_URL)
-        for key in admin.scan_iter(match=f"{value}:*"):
-            admin.delete(key)
-        admin.close()
-
-
 @pytest.fixture(params=["memory", "redis"])
 def make_admission(request, settings, prefix):
     if request.param == "redis" and not settings.REDIS_URL:

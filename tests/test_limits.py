@@ -41,20 +41,6 @@ def redis_url(settings):
     return settings.REDIS_URL
 
 
-@pytest.fixture
-def prefix(settings):
-    """A prefix of this test's own, and every key under it dropped afterwards."""
-    value = f"{settings.PARLEY_REDIS_PREFIX}-lim{uuid.uuid4().hex[:8]}"
-    yield value
-    if settings.REDIS_URL:
-        import redis
-
-        admin = redis.Redis.from_url(settings.REDIS_URL)
-        for key in admin.scan_iter(match=f"{value}:*"):
-            admin.delete(key)
-        admin.close()
-
-
 @pytest.fixture(params=["memory", "redis"])
 def make_limiter(request, settings, prefix):
     if request.param == "redis" and not settings.REDIS_URL:
