@@ -66,7 +66,7 @@ sessions for every policy; a session's next turn comes a think time after its pr
 answer, so slow service slows the session down:
 
 - `chat`: multi-turn chat, 8 tenants with 3 shared system prompts each (300-2500
-  tokens), 1-12 turns per session; about half of what the pool can serve.
+  tokens), 1-12 turns per session; about 60% of what the pool can serve.
 - `longdoc`: long-document Q&A, 16 tenants with 3 documents each (20k-200k tokens,
   log-uniform), document popularity Zipf(1) across tenants; sessions of 1-16 questions
   (mean ~5.7) about one document, so many users and follow-ups per document. The
@@ -826,7 +826,7 @@ QUIET = ("quiet-0", "quiet-1", "quiet-2", "quiet-3")
 
 
 # Loads, per 16 backends (they scale with the pool). Sessions per second:
-CHAT_SESSIONS = 6.0  # per chat tenant (8 tenants): about half of what the pool serves
+CHAT_SESSIONS = 6.0  # per chat tenant (8 tenants): about 60% of what the pool serves
 QUIET_SESSIONS = 8.0  # per quiet tenant (4); the noisy tenant sends 10x that, which
 # alone is more than the pool serves
 LONGDOC_SESSIONS = 1.0  # all document tenants together; see docs/benchmarks.md
