@@ -4,9 +4,6 @@ address, counted in the Django cache (the real Redis under `make test`)."""
 from __future__ import annotations
 
 import html
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,6 +13,7 @@ from django.contrib.auth.backends import ModelBackend
 from tenants.services import login_throttle
 from tenants.services.login_throttle import login_throttle_reset
 from tests.factories import PASSWORD
+from tests.test_settings import manage
 
 pytestmark = pytest.mark.django_db
 
@@ -186,16 +184,6 @@ def test_login_page_links_to_password_reset(client):
 
 
 def test_bad_limit_stops_start_up(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(PARLEY_VAR_DIR=str(tmp_path / "var"), PARLEY_LOGIN_MAX_FAILURES="0")
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage("check", env={"PARLEY_LOGIN_MAX_FAILURES": "0"}, tmp_path=tmp_path)
     assert result.returncode != 0
     assert "PARLEY_LOGIN_MAX_FAILURES must be at least 1, not 0" in result.stderr

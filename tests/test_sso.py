@@ -10,10 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urljoin, urlparse
@@ -36,6 +33,7 @@ from tenants.services.sso import sso_configure
 from tests.conftest import Person
 from tests.factories import MembershipFactory, UserFactory
 from tests.oidc_provider.process import OIDCProvider
+from tests.test_settings import manage
 
 pytestmark = pytest.mark.django_db
 
@@ -652,17 +650,7 @@ def test_without_a_key_the_secret_key_derives_one(settings):
 
 
 def test_bad_encryption_key_stops_start_up(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(PARLEY_VAR_DIR=str(tmp_path / "var"), PARLEY_ENCRYPTION_KEY="not-a-fernet-key")
-    result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = manage("check", env={"PARLEY_ENCRYPTION_KEY": "not-a-fernet-key"}, tmp_path=tmp_path)
     assert result.returncode != 0
     assert "PARLEY_ENCRYPTION_KEY must be comma-separated Fernet keys" in result.stderr
     assert "not-a-fernet-key" not in result.stderr  # a secret is never echoed

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from tenants.models import Plan, Tenant
 
@@ -21,6 +21,10 @@ class Limits:
     max_upload_bytes: int | None = None
     enabled_models: tuple[str, ...] = field(default_factory=tuple)  # empty: every model
     fairness_weight: float = 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready: the API and the tenant export show limits this way."""
+        return {**asdict(self), "enabled_models": list(self.enabled_models)}
 
     def allows_model(self, model: str) -> bool:
         return not self.enabled_models or model in self.enabled_models

@@ -53,7 +53,7 @@ def _out(tenant: Tenant, role: str) -> dict:
         "slug": tenant.slug,
         "state": tenant.state,
         "role": role,
-        "limits": {**limits.__dict__, "enabled_models": list(limits.enabled_models)},
+        "limits": limits.as_dict(),
     }
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from dataclasses import asdict
 from datetime import timedelta
 from typing import Any
 
@@ -193,7 +192,7 @@ def tenant_export(*, actor: Actor) -> dict[str, Any]:
             "state": tenant.state,
             "created_at": _iso(tenant.created_at),
         },
-        "plan": {**asdict(limits), "enabled_models": list(limits.enabled_models)},
+        "plan": limits.as_dict(),
         "members": [
             {
                 "user_id": str(m.user_id),
