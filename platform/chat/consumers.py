@@ -19,8 +19,9 @@ from django.core.exceptions import ValidationError
 from chat import protocol
 from chat.eventlog import event_log, run_log_key
 from chat.models import Run
+from chat.notify import conversation_group
 from chat.runner import TERMINAL_EVENTS
-from chat.services import RunNotQueued, chat_send
+from chat.services.runs import RunNotQueued, chat_send
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
 from tenants.notify import api_key_group, tenant_group, user_group
 from tenants.rls import in_tenant, tenant_scope
@@ -69,6 +70,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.groups.append(api_key_group(self.actor.api_key.id))
         elif self.actor.user is not None:
             self.groups.append(user_group(self.actor.tenant_id, self.actor.user.pk))
+        if self.actor.user is not None:
+            self.groups.append(conversation_group(self.actor.tenant_id, self.actor.user.pk))
         for group in self.groups:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
@@ -98,6 +101,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         """The tenant was suspended, the key revoked or the member removed: say so, close."""
         await self.send_frame(protocol.error_frame(event["code"], event["message"]))
         await self.close(code=CLOSE_FORBIDDEN)
+
+    async def frame_forward(self, event: dict[str, Any]) -> None:
+        """A frame a service sent to this member's sockets (`chat.notify.frame_send`)."""
+        await self.send_frame(event["frame"])
 
     async def disconnect(self, code: int) -> None:
         for task in getattr(self, "relays", {}).values():

@@ -9,6 +9,8 @@ from __future__ import annotations
 import uuid
 
 from django.conf import settings
+from django.contrib.postgres.indexes import GinIndex
+from django.contrib.postgres.search import SearchVector
 from django.db import models
 
 from tenants.models import Tenant
@@ -21,7 +23,14 @@ class Conversation(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
     )
     title = models.CharField(max_length=200, blank=True)
+    # False once a person renamed the conversation: automatic titles never overwrite theirs.
+    title_auto = models.BooleanField(default=True)
     model = models.CharField(max_length=200, blank=True)
+    # The tip of the branch the client is on: a new message without an explicit parent
+    # answers it. Null for an empty conversation (or when that message was deleted).
+    current_leaf = models.ForeignKey(
+        "Message", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -53,7 +62,12 @@ class Message(models.Model):
 
     class Meta:
         ordering = ["created_at"]
-        indexes = [models.Index(fields=["conversation", "created_at"])]
+        indexes = [
+            models.Index(fields=["conversation", "created_at"]),
+            # Full-text search over messages (`chat.selectors.conversation_search` must
+            # build the same expression for PostgreSQL to use this index).
+            GinIndex(SearchVector("content", config="english"), name="chat_message_content_fts"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.role}: {self.content[:40]}"
@@ -91,10 +105,20 @@ class Run(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Set by `run.cancel`; the worker stops at its next check and ends the run `cancelled`.
+    cancel_requested_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["state", "heartbeat_at"])]
+        constraints = [
+            # A retried `chat.send` with the same client id finds the first run.
+            models.UniqueConstraint(
+                fields=["tenant", "user", "client_id"],
+                condition=~models.Q(client_id=""),
+                name="chat_run_unique_client_id",
+            )
+        ]
 
     def __str__(self) -> str:
         return f"run {self.id} ({self.state})"
