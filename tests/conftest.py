@@ -27,6 +27,7 @@ from inference.local_process import LocalModelServer, free_port
 from tenants.access import Actor
 from tenants.models import Role
 from tenants.rls import operator_scope
+from tests.asyncapi import check_server_frame
 from tests.factories import MembershipFactory, TenantFactory
 from tests.synthetic import synthetic_server  # noqa: F401 - a fixture for every test module
 
@@ -185,7 +186,9 @@ class Socket:
         )
 
     async def receive(self, timeout: float = 10) -> dict[str, Any]:
-        return json.loads(await self.communicator.receive_from(timeout=timeout))
+        frame = json.loads(await self.communicator.receive_from(timeout=timeout))
+        check_server_frame(frame)  # every frame the server sends is in docs/asyncapi.yaml
+        return frame
 
     async def receive_until(
         self, types: tuple[str, ...], timeout: float = 120
@@ -215,6 +218,7 @@ async def ws_connect(
     origin: str | None = "http://testserver",
     cookie: str | None = None,
     headers: list[tuple[bytes, bytes]] | None = None,
+    path: str = "/ws/v1/",
 ) -> tuple[bool, Any, Socket]:
     from config.asgi import application
 
@@ -225,7 +229,7 @@ async def ws_connect(
         cookie = await sync_to_async(session_cookie)(user, tenant)
     if cookie is not None:
         headers.append((b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()))
-    communicator = WebsocketCommunicator(application, "/ws/v1/", headers=headers)
+    communicator = WebsocketCommunicator(application, path, headers=headers)
     connected, code = await communicator.connect(timeout=10)
     return connected, code, Socket(communicator)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 from django.urls import URLResolver, get_resolver
 
 from chat import protocol
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Run
 from tenants.models import ApiKey, Invitation, Role
 from tenants.rls import operator_scope
 from tests.conftest import ws_connect
@@ -32,7 +33,8 @@ OK = "2xx"
 @dataclass
 class Entry:
     make: Callable[[Any], tuple[Any, str]]  # (alice's world) -> (object id, a text of it)
-    calls: dict[str, dict[str, Any]]  # method -> {"owner": status, "member": status, "body": {}}
+    # method -> {"owner": status, "member": status, "body": {} or (object id) -> {}}
+    calls: dict[str, dict[str, Any]]
     outsider: int = 404
 
 
@@ -146,8 +148,78 @@ NOT_OBJECT_IDS = {
 }
 ADMIN_PREFIX = "admin/"  # Django's admin: staff only, everyone else is sent to its login
 
+
+def _message(world: World) -> tuple[Any, str]:
+    conversation_id, text = _conversation(world)
+    with operator_scope():
+        return Message.objects.get(conversation_id=conversation_id).id, text
+
+
+def _run(world: World) -> tuple[Any, str]:
+    conversation_id, text = _conversation(world)
+    with operator_scope():
+        message = Message.objects.get(conversation_id=conversation_id)
+        run = Run.objects.create(
+            tenant=world.alice.tenant,
+            conversation_id=conversation_id,
+            user=world.alice.user,
+            user_message=message,
+            state=Run.State.QUEUED,
+        )
+    return run.id, text
+
+
+def _document(world: World) -> tuple[Any, str]:
+    # No document exists yet (documents come with their own issue): any id is foreign.
+    return uuid.uuid4(), "Merger plans"
+
+
+def _branch_body(conversation_id: Any) -> dict[str, Any]:
+    with operator_scope():
+        message = Message.objects.get(conversation_id=conversation_id)
+    return {"message_id": str(message.id)}
+
+
+# The chat API: a member's conversations, messages and runs are theirs alone.
+PRIVATE = {"owner": OK, "member": 404}
+HTTP_MATRIX.update(
+    {
+        "api/v1/conversations/<conversation_id>": Entry(
+            _conversation,
+            {
+                "GET": PRIVATE,
+                "PATCH": {**PRIVATE, "body": {"title": "Renamed"}},
+                "DELETE": PRIVATE,
+            },
+        ),
+        "api/v1/conversations/<conversation_id>/messages": Entry(
+            _conversation, {"GET": PRIVATE, "POST": {**PRIVATE, "body": {"content": "hello"}}}
+        ),
+        "api/v1/conversations/<conversation_id>/branch": Entry(
+            _conversation, {"PUT": {**PRIVATE, "body": _branch_body}}
+        ),
+        "api/v1/conversations/<conversation_id>/runs": Entry(_conversation, {"GET": PRIVATE}),
+        "api/v1/conversations/<conversation_id>/export": Entry(_conversation, {"GET": PRIVATE}),
+        "api/v1/messages/<message_id>/edit": Entry(
+            _message, {"POST": {**PRIVATE, "body": {"content": "edited"}}}
+        ),
+        "api/v1/messages/<message_id>/regenerate": Entry(_message, {"POST": PRIVATE}),
+        "api/v1/runs/<run_id>": Entry(_run, {"GET": PRIVATE}),
+        "api/v1/runs/<run_id>/cancel": Entry(_run, {"POST": PRIVATE}),
+        "api/v1/runs/<run_id>/events": Entry(_run, {"GET": PRIVATE}),
+    }
+)
+
+
 WS_MATRIX: dict[str, dict[str, Callable[[World], tuple[Any, str]]]] = {
-    "chat.send": {"conversation_id": _conversation},
+    "chat.send": {
+        "conversation_id": _conversation,
+        "parent_message_id": _message,
+        "document_ids": _document,
+    },
+    "chat.regenerate": {"message_id": _message},
+    "run.cancel": {"run_id": _run},
+    "run.attach": {"run_id": _run},
     "ping": {},
 }
 
@@ -196,7 +268,8 @@ def test_http_route_isolation(client, alice, bob, charlie, route):
     for method, spec in entry.calls.items():
         object_id, text = entry.make(world)
         url = _url(route, object_id)
-        body = json.dumps(spec.get("body", {}))
+        body = spec.get("body", {})
+        body = json.dumps(body(object_id) if callable(body) else body)
         # The outsider first (nothing they do may change the object), then a member,
         # then the owner.
         for who, person, expected in (
@@ -234,19 +307,39 @@ async def test_websocket_message_isolation(alice, bob, charlie, kind, field_name
 
     world = World(alice, bob, charlie)
     object_id, text = await database_sync_to_async(WS_MATRIX[kind][field_name])(world)
-    frame = {"type": kind, "content": "hello", field_name: str(object_id), "client_id": "m"}
+    before = await database_sync_to_async(_snapshot)(alice)
     for person in (charlie, bob):  # an outsider, and a member who is not its owner
+        frame: dict[str, Any] = {"type": kind, "content": "hello", "client_id": "m"}
+        if field_name == "document_ids":
+            frame[field_name] = [str(object_id)]
+        else:
+            frame[field_name] = str(object_id)
+        if field_name == "parent_message_id":
+            # Their own conversation, someone else's message as the parent.
+            frame["conversation_id"] = str(await database_sync_to_async(_own_conversation)(person))
         connected, _, socket = await ws_connect(person.user)
         assert connected
         await socket.send(frame)
         reply = await socket.receive()
         assert reply["type"] == "error" and reply["code"] == "not_found", reply
         assert text not in json.dumps(reply)
+        assert await socket.nothing_pending()  # no events of the owner's run follow
         await socket.close()
-    count = await database_sync_to_async(_count_messages)(object_id)
-    assert count == 1  # nothing was added to the owner's conversation
+    # Nothing of the owner's changed: no message added, no run cancelled or started.
+    assert await database_sync_to_async(_snapshot)(alice) == before
 
 
-def _count_messages(conversation_id: Any) -> int:
+def _own_conversation(person: Any) -> Any:
     with operator_scope():
-        return Message.objects.filter(conversation_id=conversation_id).count()
+        return Conversation.objects.create(tenant=person.tenant, user=person.user).id
+
+
+def _snapshot(person: Any) -> list[Any]:
+    with operator_scope():
+        messages = list(
+            Message.objects.filter(tenant=person.tenant).order_by("id").values_list("id", flat=True)
+        )
+        runs = list(
+            Run.objects.filter(tenant=person.tenant).order_by("id").values_list("id", "state")
+        )
+    return [messages, runs]

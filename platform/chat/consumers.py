@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from typing import Any
+from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -21,7 +23,9 @@ from chat.eventlog import event_log, run_log_key
 from chat.models import Run
 from chat.notify import conversation_group
 from chat.runner import TERMINAL_EVENTS
-from chat.services.runs import RunNotQueued, chat_send
+from chat.selectors import run_get
+from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
+from chat.tickets import TicketRefused, ticket_redeem
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
 from tenants.notify import api_key_group, tenant_group, user_group
 from tenants.rls import in_tenant, tenant_scope
@@ -50,11 +54,35 @@ def _bearer_token(scope: dict[str, Any]) -> str | None:
     return None
 
 
+def _ticket(scope: dict[str, Any]) -> str | None:
+    values = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
+    return values[0] if values else None
+
+
+class FrameBucket:
+    """Token bucket of one socket: `rate` frames per second, bursts up to `burst`."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, float(burst)
+        self.tokens, self.at = float(burst), time.monotonic()
+
+    def take(self) -> float:
+        """0 when the frame may pass, else the seconds until one would."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class ChatConsumer(AsyncWebsocketConsumer):
     actor: Actor | None = None
 
     async def connect(self) -> None:
         self.relays: dict[str, asyncio.Task[None]] = {}
+        self.bucket = FrameBucket(settings.PARLEY_WS_FRAMES_PER_S, settings.PARLEY_WS_FRAME_BURST)
         self.groups: list[str] = []
         refusal = None
         try:
@@ -77,9 +105,16 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.accept()
 
     def find_actor(self) -> Actor | None:
-        """The API key of the `Authorization: Bearer` header, else the session's member."""
+        """The ticket in the query string, else the API key of the `Authorization: Bearer`
+        header, else the session's member."""
         from tenants.services.api_keys import ApiKeyRefused, api_key_authenticate
 
+        ticket = _ticket(self.scope)
+        if ticket is not None:
+            try:
+                return ticket_redeem(ticket)
+            except TicketRefused as exc:
+                raise AccessRefused(CLOSE_UNAUTHENTICATED, exc.message) from None
         token = _bearer_token(self.scope)
         if token is not None:
             try:
@@ -119,14 +154,31 @@ class ChatConsumer(AsyncWebsocketConsumer):
         raw = text_data if text_data is not None else bytes_data
         client_id = None
         try:
+            wait = self.bucket.take()
+            if wait:
+                raise protocol.FrameError(
+                    protocol.RATE_LIMITED,
+                    f"Too many frames: at most {settings.PARLEY_WS_FRAMES_PER_S:g} per second "
+                    f"(bursts of {settings.PARLEY_WS_FRAME_BURST}); this one was dropped. "
+                    f"Retry in {wait:.1f} s.",
+                    _client_id_of(raw),
+                )
             frame = protocol.parse(raw, max_bytes=settings.PARLEY_WS_MAX_FRAME_BYTES)
             client_id = frame.get("client_id")
-            if frame["type"] == "ping":
+            kind = frame["type"]
+            value = protocol.PARSERS[kind](frame)
+            if kind == "ping":
                 await self.send_frame(
                     {"type": "pong", **({"client_id": client_id} if client_id else {})}
                 )
-            elif frame["type"] == "chat.send":
-                await self.on_chat_send(protocol.chat_send(frame))
+            elif kind == "chat.send":
+                await self.on_chat_send(value)
+            elif kind == "chat.regenerate":
+                await self.on_regenerate(value)
+            elif kind == "run.cancel":
+                await self.on_cancel(value)
+            elif kind == "run.attach":
+                await self.on_attach(value)
         except protocol.FrameError as exc:
             await self.send_frame(protocol.error_frame(exc.code, exc.message, exc.client_id))
         except Exception:
@@ -137,49 +189,102 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             )
 
-    async def on_chat_send(self, send: protocol.ChatSend) -> None:
+    async def call_service(
+        self, fn: Any, frame_client_id: str | None, not_found: str, /, **kwargs: Any
+    ) -> Any:
+        """Run a chat service in the actor's tenant; its refusals become `error` frames
+        (`not_found` says what was not found: another tenant's object is not found too)."""
         assert self.actor is not None
+        client_id = frame_client_id
         try:
-            run = await database_sync_to_async(in_tenant)(
-                self.actor.tenant_id,
-                chat_send,
-                actor=self.actor,
-                content=send.content,
-                conversation_id=send.conversation_id,
-                model=send.model,
-                client_id=send.client_id or "",
+            return await database_sync_to_async(in_tenant)(
+                self.actor.tenant_id, fn, actor=self.actor, **kwargs
             )
         except NotFound:
-            raise protocol.FrameError(
-                protocol.NOT_FOUND, "No such conversation.", send.client_id
-            ) from None
+            raise protocol.FrameError(protocol.NOT_FOUND, not_found, client_id) from None
         except ValidationError as exc:
             raise protocol.FrameError(
-                protocol.INVALID_FRAME, " ".join(exc.messages), send.client_id
+                protocol.INVALID_FRAME, " ".join(exc.messages), client_id
             ) from None
-        except RunNotQueued:
+        except RunNotQueued as exc:
+            raise protocol.FrameError(protocol.UNAVAILABLE, str(exc), client_id) from None
+
+    async def on_chat_send(self, send: protocol.ChatSend) -> None:
+        if send.agent:
+            # Agents are enabled per tenant by plugins; none is enabled here.
             raise protocol.FrameError(
-                protocol.UNAVAILABLE,
-                "Your message is saved, but no worker could take the run right now; "
-                "try again in a moment.",
-                send.client_id,
-            ) from None
+                protocol.NOT_FOUND, f"No agent named {send.agent!r} is enabled.", send.client_id
+            )
+        if send.document_ids:
+            raise protocol.FrameError(protocol.NOT_FOUND, "No such document.", send.client_id)
+        kwargs: dict[str, Any] = {}
+        if send.has_parent:
+            kwargs["parent_message_id"] = send.parent_message_id
+        run = await self.call_service(
+            chat_send,
+            send.client_id,
+            "No such conversation or parent message."
+            if send.has_parent
+            else "No such conversation.",
+            content=send.content,
+            conversation_id=send.conversation_id,
+            model=send.model,
+            client_id=send.client_id or "",
+            **kwargs,
+        )
+        await self.started(run, send.client_id)
+
+    async def on_regenerate(self, regenerate: protocol.Regenerate) -> None:
+        run = await self.call_service(
+            run_regenerate,
+            regenerate.client_id,
+            "No such message.",
+            message_id=regenerate.message_id,
+            model=regenerate.model,
+            client_id=regenerate.client_id or "",
+        )
+        await self.started(run, regenerate.client_id)
+
+    async def started(self, run: Run, client_id: str | None) -> None:
+        """`run.started`, then the run's events from the first (a retried send with the
+        same client id gets the first run's frames again, not a second run)."""
         frame: dict[str, Any] = {
             "type": "run.started",
             "run_id": str(run.id),
             "conversation_id": str(run.conversation_id),
             "user_message_id": str(run.user_message_id),
         }
-        if send.client_id:
-            frame["client_id"] = send.client_id
+        if client_id:
+            frame["client_id"] = client_id
         await self.send_frame(frame)
-        self.attach(run, after=0)
+        await self.attach(run, after=0)
 
-    def attach(self, run: Run, *, after: int) -> None:
+    async def on_cancel(self, ref: protocol.RunRef) -> None:
+        run = await self.call_service(run_cancel, ref.client_id, "No such run.", run_id=ref.run_id)
+        frame: dict[str, Any] = {
+            "type": "run.cancelling",
+            "run_id": str(run.id),
+            "state": run.state,
+        }
+        if ref.client_id:
+            frame["client_id"] = ref.client_id
+        await self.send_frame(frame)
+
+    async def on_attach(self, ref: protocol.RunRef) -> None:
+        run = await self.call_service(run_get, ref.client_id, "No such run.", run_id=ref.run_id)
+        await self.attach(run, after=ref.after)
+
+    async def attach(self, run: Run, *, after: int) -> None:
         run_id = str(run.id)
-        if run_id in self.relays and not self.relays[run_id].done():
-            return
+        task = self.relays.pop(run_id, None)
+        if task is not None:  # attach again: the new cursor replaces the old relay
+            task.cancel()
         key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
+        if run.is_terminal and run.last_seq and await _log_trimmed(key):
+            # Finished long ago: the log is gone, the answer is stored.
+            if after < run.last_seq:
+                await self.send_frame(_terminal_from_row(run))
+            return
         self.relays[run_id] = asyncio.ensure_future(self.relay(run_id, key, after))
 
     async def relay(self, run_id: str, key: str, after: int) -> None:
@@ -203,4 +308,40 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             )
         finally:
-            self.relays.pop(run_id, None)
+            if self.relays.get(run_id) is asyncio.current_task():
+                self.relays.pop(run_id, None)
+
+
+async def _log_trimmed(key: str) -> bool:
+    return await database_sync_to_async(event_log().last_seq)(key) == 0
+
+
+def _terminal_from_row(run: Run) -> dict[str, Any]:
+    """The terminal frame of a run whose event log was trimmed, rebuilt from its row;
+    `trimmed` says the earlier frames can no longer be replayed (read the message)."""
+    frame: dict[str, Any] = {
+        "run_id": str(run.id),
+        "seq": run.last_seq,
+        "message_id": str(run.assistant_message_id) if run.assistant_message_id else None,
+        "trimmed": True,
+    }
+    if run.state == Run.State.SUCCEEDED:
+        usage = {
+            "prompt_tokens": run.prompt_tokens,
+            "completion_tokens": run.completion_tokens,
+            "total_tokens": run.prompt_tokens + run.completion_tokens,
+        }
+        return {"type": "run.done", "finish_reason": run.finish_reason, "usage": usage, **frame}
+    return {"type": "run.error", "code": run.error_code, "message": run.error_message, **frame}
+
+
+def _client_id_of(raw: str | bytes | None) -> str | None:
+    """The client id of a frame that is dropped unparsed (rate limited), if cheaply found."""
+    if raw is None or len(raw) > 4096:
+        return None
+    try:
+        frame = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = frame.get("client_id") if isinstance(frame, dict) else None
+    return value if isinstance(value, str) and len(value) <= 100 else None

@@ -46,6 +46,15 @@ class EventLog(Protocol):
     async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
         """Events after `after`; waits up to `timeout_s` for the first one."""
 
+    def last_seq(self, key: str) -> int:
+        """The sequence number of the last event (0 for an empty or trimmed log)."""
+
+    def cancel_request(self, key: str, ttl_s: int) -> None:
+        """Flag the run of this log for cancellation (the writer polls the flag)."""
+
+    def cancel_requested(self, key: str) -> bool:
+        """Whether `cancel_request` was called for this log (cheap: polled while streaming)."""
+
 
 # --- Redis Streams ------------------------------------------------------------
 
@@ -101,6 +110,17 @@ class RedisEventLog:
 
     def expire(self, key: str, ttl_s: int) -> None:
         self._sync.expire(key, ttl_s)
+        self._sync.expire(f"{key}:cancel", ttl_s)
+
+    def last_seq(self, key: str) -> int:
+        last: Any = self._sync.xrevrange(key, "+", "-", count=1)
+        return self._decode(last)[0][0] if last else 0
+
+    def cancel_request(self, key: str, ttl_s: int) -> None:
+        self._sync.set(f"{key}:cancel", 1, ex=ttl_s)
+
+    def cancel_requested(self, key: str) -> bool:
+        return bool(self._sync.exists(f"{key}:cancel"))
 
     @staticmethod
     def _decode(entries: list[Any]) -> list[tuple[int, Event]]:
@@ -142,6 +162,7 @@ class MemoryEventLog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._streams: dict[str, _MemoryStream] = {}
+        self._cancels: dict[str, float] = {}  # key -> when the flag expires
 
     def _stream(self, key: str, *, reader: bool = False) -> _MemoryStream:
         stream = self._streams.get(key)
@@ -177,6 +198,25 @@ class MemoryEventLog:
                 k for k, s in self._streams.items() if s.expires_at and s.expires_at < now
             ]:
                 del self._streams[stale]
+
+    def last_seq(self, key: str) -> int:
+        with self._lock:
+            stream = self._streams.get(key)
+            if stream is None or (
+                stream.expires_at is not None and stream.expires_at < time.time()
+            ):
+                return 0
+            return len(stream.events)
+
+    def cancel_request(self, key: str, ttl_s: int) -> None:
+        with self._lock:
+            now = time.time()
+            self._cancels = {k: t for k, t in self._cancels.items() if t > now}
+            self._cancels[key] = now + ttl_s
+
+    def cancel_requested(self, key: str) -> bool:
+        with self._lock:
+            return self._cancels.get(key, 0.0) > time.time()
 
     def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
         with self._lock:

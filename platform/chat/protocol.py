@@ -1,7 +1,7 @@
 """Websocket protocol v1: validating client frames and shaping server frames.
 
-Client frames: `chat.send`, `ping`. Server frames: `run.started`, `token`,
-`run.done`, `run.error`, `error`, `pong`. Every frame of a run after
+Client frames: CLIENT_TYPES; server frames: SERVER_TYPES (docs/asyncapi.yaml describes
+each). Every frame of a run after
 `run.started` carries the run id and the event's sequence number.
 """
 
@@ -20,10 +20,32 @@ NOT_FOUND = "not_found"
 INTERNAL_ERROR = "internal_error"
 UNAVAILABLE = "unavailable"
 
-CLIENT_TYPES = ("chat.send", "ping")
+RATE_LIMITED = "rate_limited"
+
+CLIENT_TYPES = ("chat.send", "chat.regenerate", "run.cancel", "run.attach", "ping")
 # The fields of each client frame that name a tenant's object: each is resolved through
 # the actor (another tenant's object answers `not_found`) and is tested with an outsider.
-ID_FIELDS: dict[str, tuple[str, ...]] = {"chat.send": ("conversation_id",), "ping": ()}
+ID_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat.send": ("conversation_id", "parent_message_id", "document_ids"),
+    "chat.regenerate": ("message_id",),
+    "run.cancel": ("run_id",),
+    "run.attach": ("run_id",),
+    "ping": (),
+}
+# Frames the server sends (each is described in docs/asyncapi.yaml).
+SERVER_TYPES = (
+    "run.started",
+    "token",
+    "tool.start",
+    "tool.end",
+    "progress",
+    "run.done",
+    "run.error",
+    "run.cancelling",
+    "conversation.updated",
+    "error",
+    "pong",
+)
 
 
 class FrameError(Exception):
@@ -69,12 +91,38 @@ def parse(raw: str | bytes | None, *, max_bytes: int) -> dict[str, Any]:
     return frame
 
 
+def _string(frame: dict[str, Any], name: str, *, limit: int = 200) -> str:
+    value = frame.get(name)
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or len(value) > limit:
+        raise FrameError(
+            INVALID_FRAME,
+            f"{name!r} must be a string of at most {limit} characters.",
+            frame.get("client_id"),
+        )
+    return value
+
+
+def _required_id(frame: dict[str, Any], name: str) -> str:
+    value = _string(frame, name, limit=100)
+    if not value:
+        raise FrameError(INVALID_FRAME, f"{name!r} is required.", frame.get("client_id"))
+    return value
+
+
 @dataclass(frozen=True)
 class ChatSend:
     content: str
     conversation_id: str | None
     model: str
     client_id: str | None
+    # Absent: answer the conversation's current branch; None: a new root (an edited first
+    # message); an id: the new message goes under it (an edit is a sibling of the original).
+    parent_message_id: str | None = None
+    has_parent: bool = False
+    agent: str = ""
+    document_ids: tuple[str, ...] = ()
 
 
 def chat_send(frame: dict[str, Any]) -> ChatSend:
@@ -82,12 +130,76 @@ def chat_send(frame: dict[str, Any]) -> ChatSend:
     content = frame.get("content")
     if not isinstance(content, str) or not content.strip():
         raise FrameError(INVALID_FRAME, "'content' must be a non-empty string.", client_id)
-    conversation_id = frame.get("conversation_id")
-    if conversation_id is not None and not isinstance(conversation_id, str):
-        raise FrameError(INVALID_FRAME, "'conversation_id' must be a string.", client_id)
-    model = frame.get("model") or ""
-    if not isinstance(model, str) or len(model) > 200:
-        raise FrameError(INVALID_FRAME, "'model' must be a model name.", client_id)
+    conversation_id = _string(frame, "conversation_id", limit=100) or None
+    has_parent = "parent_message_id" in frame
+    parent = frame.get("parent_message_id")
+    if parent is not None and (not isinstance(parent, str) or not 0 < len(parent) <= 100):
+        raise FrameError(
+            INVALID_FRAME, "'parent_message_id' must be a message id or null.", client_id
+        )
+    if has_parent and conversation_id is None:
+        raise FrameError(
+            INVALID_FRAME, "'parent_message_id' needs the message's 'conversation_id'.", client_id
+        )
+    documents = frame.get("document_ids", [])
+    if not isinstance(documents, list) or not all(
+        isinstance(d, str) and 0 < len(d) <= 100 for d in documents
+    ):
+        raise FrameError(INVALID_FRAME, "'document_ids' must be a list of ids.", client_id)
+    if len(documents) > 100:
+        raise FrameError(INVALID_FRAME, "At most 100 documents per message.", client_id)
     return ChatSend(
-        content=content, conversation_id=conversation_id, model=model, client_id=client_id
+        content=content,
+        conversation_id=conversation_id,
+        model=_string(frame, "model"),
+        client_id=client_id,
+        parent_message_id=parent,
+        has_parent=has_parent,
+        agent=_string(frame, "agent"),
+        document_ids=tuple(documents),
     )
+
+
+@dataclass(frozen=True)
+class Regenerate:
+    message_id: str
+    model: str
+    client_id: str | None
+
+
+def chat_regenerate(frame: dict[str, Any]) -> Regenerate:
+    return Regenerate(
+        message_id=_required_id(frame, "message_id"),
+        model=_string(frame, "model"),
+        client_id=frame.get("client_id"),
+    )
+
+
+@dataclass(frozen=True)
+class RunRef:
+    run_id: str
+    after: int
+    client_id: str | None
+
+
+def run_ref(frame: dict[str, Any]) -> RunRef:
+    """`run.cancel` and `run.attach`: a run id, and for attach a cursor (the last
+    sequence number the client has; 0 or absent for everything)."""
+    after = frame.get("after", 0)
+    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+        raise FrameError(
+            INVALID_FRAME, "'after' must be a sequence number (0 or more).", frame.get("client_id")
+        )
+    return RunRef(
+        run_id=_required_id(frame, "run_id"), after=after, client_id=frame.get("client_id")
+    )
+
+
+# The validator of each client frame type (after `parse`): FrameError or a typed value.
+PARSERS: dict[str, Any] = {
+    "chat.send": chat_send,
+    "chat.regenerate": chat_regenerate,
+    "run.cancel": run_ref,
+    "run.attach": run_ref,
+    "ping": lambda frame: frame,
+}

@@ -10,7 +10,9 @@ a client that sees `run.done` can read the message back.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from typing import Any
 
@@ -18,9 +20,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from chat.eventlog import event_log, run_log_key
-from chat.models import Message, Run
+from chat.eventlog import EventLogError, event_log, run_log_key
+from chat.models import Conversation, Message, Run
 from chat.selectors import message_thread
+from chat.titles import title_after_run
 from inference import pool
 from inference.types import ChatRequest, InferenceError, StreamFinished, StreamStarted, TextDelta
 from tenants.rls import tenant_scope
@@ -28,6 +31,7 @@ from tenants.rls import tenant_scope
 logger = logging.getLogger(__name__)
 
 TERMINAL_EVENTS = ("run.done", "run.error")
+CANCEL_POLL_S = 0.2  # how often a streaming run looks for a `run.cancel`
 
 
 class RunEventWriter:
@@ -43,8 +47,10 @@ class RunEventWriter:
         self.text: list[str] = []
 
     def _append(self, event: dict[str, Any]) -> int:
+        # Counted once the log took it: after a refusal (the watchdog ended the run)
+        # every later append is refused too, never slotted in after the end.
+        self.log.append(self.key, self.seq + 1, event)
         self.seq += 1
-        self.log.append(self.key, self.seq, event)
         return self.seq
 
     def token(self, delta: str) -> None:
@@ -101,10 +107,58 @@ def _heartbeat(run: Run, **fields: Any) -> bool:
         )
 
 
+class RunClosed(Exception):
+    """The run was ended by someone else (the watchdog, after its heartbeat went stale):
+    its worker must not write an end of its own."""
+
+
+class _Keepalive:
+    """Heartbeats from a thread while the worker waits on the pool (admission to a
+    saturated pool, a long prefill) and no stream event comes for the loop to beat on:
+    the watchdog must see a stale heartbeat only when the worker is gone."""
+
+    def __init__(self, run: Run) -> None:
+        self._run = run
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run.id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        from django.db import connection
+
+        try:
+            while not self._stop.wait(settings.PARLEY_RUN_HEARTBEAT_S):
+                try:
+                    if not _heartbeat(self._run):
+                        return  # ended elsewhere: the loop notices at its own next beat
+                except Exception:
+                    logger.warning("heartbeat of run %s failed", self._run.id, exc_info=True)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 def _cancellation(run: Run) -> InferenceError:
     with tenant_scope(tenant_id=run.tenant_id):
         reason = Run.objects.filter(id=run.id).values_list("error_message", flat=True).first()
     return InferenceError("cancelled", reason or "The run was cancelled.")
+
+
+def _cancel_requested(run: Run, writer: RunEventWriter, *, ask_database: bool) -> bool:
+    """`run.cancel` sets a flag next to the event log (polled often, cheaply) and
+    `cancel_requested_at` on the row (read with each heartbeat, in case the flag was lost)."""
+    if writer.log.cancel_requested(writer.key):
+        return True
+    if not ask_database:
+        return False
+    with tenant_scope(tenant_id=run.tenant_id):
+        return Run.objects.filter(id=run.id, cancel_requested_at__isnull=False).exists()
+
+
+USER_CANCELLED = InferenceError("cancelled", "Cancelled by the user.")
 
 
 def run_execute(*, run_id: Any, tenant_id: Any) -> None:
@@ -127,10 +181,13 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
     )
     finished: StreamFinished | None = None
     error: InferenceError | None = None
-    last_beat = time.monotonic()
+    last_beat = last_cancel_check = time.monotonic()
+    keepalive = _Keepalive(run)
     stream = pool.chat_stream(request)
     try:
-        for event in stream:
+        if _cancel_requested(run, writer, ask_database=True):
+            error = USER_CANCELLED
+        for event in stream if error is None else ():
             alive = True
             if isinstance(event, StreamStarted):
                 run.backend, run.model = event.backend, event.model
@@ -139,27 +196,40 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
                 writer.token(event.text)
             elif isinstance(event, StreamFinished):
                 finished = event
-            if time.monotonic() - last_beat >= settings.PARLEY_RUN_HEARTBEAT_S:
-                last_beat = time.monotonic()
+            now = time.monotonic()
+            beat = now - last_beat >= settings.PARLEY_RUN_HEARTBEAT_S
+            if beat:
+                last_beat = now
                 alive = _heartbeat(run)
             if not alive:
                 error, finished = _cancellation(run), None
                 break
+            if beat or now - last_cancel_check >= CANCEL_POLL_S:
+                last_cancel_check = now
+                if _cancel_requested(run, writer, ask_database=beat):
+                    error, finished = USER_CANCELLED, None
+                    break
     except InferenceError as exc:
         error = exc
+    except EventLogError as exc:
+        # Someone else appended to the log: the watchdog ended this run (see RunClosed).
+        logger.warning("run %s: %s", run.id, exc)
+        error = InferenceError("worker_lost", str(exc))
     except Exception as exc:
         logger.exception("run %s failed", run.id)
         error = InferenceError("internal_error", f"The run failed: {type(exc).__name__}")
     finally:
+        keepalive.stop()
         stream.close()  # a cancelled run hangs up on the backend, which stops generating
 
-    writer.flush()
     text = "".join(writer.text)
     try:
+        writer.flush()
         if error is None and finished is not None:
             message = _persist(
                 run, text, state=Run.State.SUCCEEDED, finished=finished, last_seq=writer.seq + 1
             )
+            title_after_run(run=run)
             writer.finish(
                 {
                     "type": "run.done",
@@ -180,8 +250,34 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
                     "message_id": str(message.id) if message else None,
                 }
             )
+    except (RunClosed, EventLogError) as exc:
+        if _run_deleted(run):
+            # Its conversation was deleted mid-run: end the log for attached sockets.
+            _end_deleted(writer)
+        else:
+            # This worker stalled and the watchdog ended the run: that end stands.
+            logger.warning(
+                "run %s was ended by the watchdog; dropping this worker's end (%s)", run.id, exc
+            )
     finally:
         writer.expire()
+
+
+def _run_deleted(run: Run) -> bool:
+    with tenant_scope(tenant_id=run.tenant_id):
+        return not Run.objects.filter(id=run.id).exists()
+
+
+def _end_deleted(writer: RunEventWriter) -> None:
+    with contextlib.suppress(EventLogError):  # someone else ended the log already
+        writer.finish(
+            {
+                "type": "run.error",
+                "code": "cancelled",
+                "message": "The conversation was deleted.",
+                "message_id": None,
+            }
+        )
 
 
 def _persist(
@@ -193,17 +289,18 @@ def _persist(
     finished: StreamFinished | None = None,
     error: InferenceError | None = None,
 ) -> Message | None:
-    """Store the answer (partial text is kept on failure) and close the run."""
+    """Store the answer (partial text is kept on failure) and close the run; RunClosed
+    if it was closed already (the watchdog took it)."""
     with tenant_scope(tenant_id=run.tenant_id), transaction.atomic():
-        message = None
-        if text or state == Run.State.SUCCEEDED:
-            message = Message.objects.create(
-                tenant_id=run.tenant_id,
-                conversation_id=run.conversation_id,
-                parent_id=run.user_message_id,
-                role=Message.Role.ASSISTANT,
-                content=text,
-            )
+        # Open until an end is recorded (last_seq): running, or cancelled by a tenant
+        # suspension (its worker writes the end). The row lock orders this against the
+        # watchdog's take, which records last_seq.
+        still_open = Run.objects.select_for_update().filter(
+            id=run.id, state__in=(Run.State.RUNNING, Run.State.CANCELLED), last_seq=0
+        )
+        if not still_open.exists():
+            raise RunClosed(f"run {run.id} was closed already")
+        message = run_answer_store(run=run, text=text, succeeded=state == Run.State.SUCCEEDED)
         fields: dict[str, Any] = {
             "state": state,
             "finished_at": timezone.now(),
@@ -219,4 +316,23 @@ def _persist(
         if error is not None:
             fields.update(error_code=error.code, error_message=error.message[:2000])
         Run.objects.filter(id=run.id).update(**fields)
+    return message
+
+
+def run_answer_store(*, run: Run, text: str, succeeded: bool = False) -> Message | None:
+    """The assistant message of a run: its answer, or the partial text of a run that
+    did not succeed (none if that produced nothing). Call within the run's tenant scope."""
+    if not text and not succeeded:
+        return None
+    message = Message.objects.create(
+        tenant_id=run.tenant_id,
+        conversation_id=run.conversation_id,
+        parent_id=run.user_message_id,
+        role=Message.Role.ASSISTANT,
+        content=text,
+    )
+    # The answer extends the branch the client is on, unless it moved elsewhere.
+    Conversation.objects.filter(id=run.conversation_id, current_leaf_id=run.user_message_id).update(
+        current_leaf=message
+    )
     return message

@@ -3,7 +3,9 @@
 Browser sockets are authenticated by the session cookie and must come from an
 allowed origin (AllowedHostsOriginValidator), so another site cannot ride a
 member's cookie. Integrators' sockets carry an API key in the Authorization
-header, which browsers cannot set, so their origin is not checked.
+header, which browsers cannot set, or a single-use ticket their backend obtained
+with such a key (`?ticket=`, for pages on the integrator's own site): neither rides
+on ambient credentials, so their origin is not checked.
 """
 
 import os
@@ -26,7 +28,8 @@ browser_websocket_app = AllowedHostsOriginValidator(websocket_app)
 async def websocket_entry(scope, receive, send):
     headers = dict(scope.get("headers", []))
     has_key = headers.get(b"authorization", b"").lower().startswith(b"bearer ")
-    app = websocket_app if has_key else browser_websocket_app
+    has_ticket = b"ticket=" in scope.get("query_string", b"")
+    app = websocket_app if has_key or has_ticket else browser_websocket_app
     return await app(scope, receive, send)
 
 

@@ -17,6 +17,11 @@ class NotFound(Exception):
     """The object does not exist *for this actor*: missing and foreign look the same."""
 
 
+class Unavailable(Exception):
+    """The request's data was committed, but a hand-over after the commit failed (the
+    broker is down): the request answers 503 with this message, and nothing is lost."""
+
+
 ROLE_RANK: dict[str, int] = {Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
 
 

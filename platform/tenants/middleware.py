@@ -7,7 +7,7 @@ from collections.abc import Callable
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
 
-from tenants.access import actor_for_request
+from tenants.access import Unavailable, actor_for_request
 from tenants.rls import scope_set_tenant, tenant_scope
 
 OPERATOR_PATHS = ("/admin/", "/api/v1/operator/")
@@ -29,6 +29,15 @@ class TenantScopeMiddleware:
         operator = bool(getattr(user, "is_operator", False)) and request.path.startswith(
             OPERATOR_PATHS
         )
+        try:
+            return self._scoped(request, user_id=user_id, operator=operator)
+        except Unavailable as exc:
+            # Raised on commit (after the view answered): the data is stored.
+            if request.path.startswith("/api/"):
+                return JsonResponse({"detail": str(exc)}, status=503, headers={"Retry-After": "5"})
+            return HttpResponse(str(exc), status=503, content_type="text/plain; charset=utf-8")
+
+    def _scoped(self, request: HttpRequest, *, user_id: object, operator: bool) -> HttpResponse:
         with tenant_scope(user_id=user_id, operator=operator):
             request.actor = actor_for_request(request)  # type: ignore[attr-defined]
             actor = request.actor  # type: ignore[attr-defined]

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from django.db import connections, transaction
+from django.db import connections, migrations, transaction
 from django.db.migrations.operations.base import Operation
 
 T = TypeVar("T")
@@ -139,6 +139,19 @@ POLICIES = {
         f"id = {_CURRENT_TENANT}",
     ),
 }
+
+
+class AddIndexOnPostgres(migrations.AddIndex):
+    """An index only PostgreSQL can build (full-text GIN): skipped on the embedded
+    SQLite database, where the queries that would use it take a simpler path."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, *args: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, *args)
+
+    def database_backwards(self, app_label: str, schema_editor: Any, *args: Any) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_backwards(app_label, schema_editor, *args)
 
 
 class EnableRowLevelSecurity(Operation):

@@ -6,6 +6,8 @@ import django.db.models.deletion
 from django.conf import settings
 from django.db import migrations, models
 
+import tenants.rls
+
 
 class Migration(migrations.Migration):
     dependencies = [
@@ -36,7 +38,8 @@ class Migration(migrations.Migration):
             name="cancel_requested_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
-        migrations.AddIndex(
+        # Full-text search: PostgreSQL only (the embedded SQLite database has no GIN).
+        tenants.rls.AddIndexOnPostgres(
             model_name="message",
             index=django.contrib.postgres.indexes.GinIndex(
                 django.contrib.postgres.search.SearchVector("content", config="english"),

@@ -8,19 +8,28 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
-from chat.selectors import conversation_get
-from tenants.access import Actor
+from chat.selectors import _uuid, conversation_get, run_get
+from tenants.access import Actor, NotFound, Unavailable
+from tenants.models import User
 from tenants.rls import tenant_scope
 
 logger = logging.getLogger(__name__)
 
 
-class RunNotQueued(Exception):
+class RunNotQueued(Unavailable):
     """The run was recorded but no worker could be handed it (the broker is down)."""
+
+    def __init__(self, run_id: str) -> None:
+        super().__init__(
+            "Your message is saved, but no worker could take the run right now; "
+            "try again in a moment."
+        )
+        self.run_id = run_id
 
 
 def _title_from(content: str) -> str:
@@ -28,21 +37,21 @@ def _title_from(content: str) -> str:
     return line[:80] + ("…" if len(line) > 80 else "")
 
 
-def chat_send(
-    *,
-    actor: Actor,
-    content: str,
-    conversation_id: Any = None,
-    model: str = "",
-    client_id: str = "",
-) -> Run:
-    """Record the user's message and queue a run that answers it.
+class _Current:
+    """`parent_message_id` left out: answer the tip of the conversation's current branch."""
 
-    Writes the user Message and the Run in one transaction and hands the run to a
-    worker once that transaction commits. Raises NotFound for a conversation the
-    actor cannot see, ValidationError for bad input."""
-    if actor.user is None:
-        raise ValidationError("Chat needs a person: this API key was created by no member.")
+
+CURRENT = _Current()
+
+
+def _message_get(*, conversation: Conversation, message_id: Any) -> Message:
+    try:
+        return conversation.messages.get(id=_uuid(message_id))
+    except Message.DoesNotExist:
+        raise NotFound from None
+
+
+def _check_content(content: Any) -> None:
     if not isinstance(content, str) or not content.strip():
         raise ValidationError("The message is empty.")
     if len(content) > settings.PARLEY_MAX_MESSAGE_CHARS:
@@ -51,15 +60,91 @@ def chat_send(
             f"{settings.PARLEY_MAX_MESSAGE_CHARS}."
         )
 
-    with transaction.atomic():
+
+def _chat_user(actor: Actor) -> User:
+    if actor.user is None:
+        raise ValidationError("Chat needs a person: this API key was created by no member.")
+    return actor.user
+
+
+def _run_by_client_id(*, actor: Actor, client_id: str) -> Run | None:
+    if not client_id:
+        return None
+    return Run.objects.filter(tenant=actor.tenant, user=actor.user, client_id=client_id).first()
+
+
+def _run_create(
+    *, actor: Actor, conversation: Conversation, user_message: Message, model: str, client_id: str
+) -> Run:
+    """The run row (in the caller's transaction) and its hand-over to a worker on commit."""
+    run = Run.objects.create(
+        tenant=actor.tenant,
+        conversation=conversation,
+        user=_chat_user(actor),
+        user_message=user_message,
+        model=model or conversation.model,
+        client_id=client_id,
+    )
+    conversation.current_leaf = user_message
+    conversation.save(update_fields=["current_leaf", "updated_at"])
+    run_id, tenant_id = run.id, actor.tenant_id
+    transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id))
+    return run
+
+
+def _idempotent(create: Any, *, actor: Actor, client_id: str) -> Run:
+    """Create through `create()` unless a run with this client id exists: a retried
+    frame (or two racing ones) yields the first run, never a second generation."""
+    existing = _run_by_client_id(actor=actor, client_id=client_id)
+    if existing is not None:
+        return existing
+    try:
+        with transaction.atomic():
+            run: Run = create()
+            return run
+    except IntegrityError:
+        existing = _run_by_client_id(actor=actor, client_id=client_id)
+        if existing is None:
+            raise
+        return existing
+
+
+def chat_send(
+    *,
+    actor: Actor,
+    content: str,
+    conversation_id: Any = None,
+    parent_message_id: Any = CURRENT,
+    model: str = "",
+    client_id: str = "",
+) -> Run:
+    """Record the user's message and queue a run that answers it.
+
+    The message goes under `parent_message_id` (None: a new root, i.e. an edit of the
+    first message), by default under the tip of the conversation's current branch;
+    giving the parent of an existing user message makes an edited sibling. A
+    `client_id` seen before returns that first run. Raises NotFound for a conversation
+    or parent the actor cannot see, ValidationError for bad input."""
+    user = _chat_user(actor)
+    _check_content(content)
+
+    def create() -> Run:
         if conversation_id:
             conversation = conversation_get(actor=actor, conversation_id=conversation_id)
             conversation = Conversation.objects.select_for_update().get(pk=conversation.pk)
-            # Continue the newest branch: the new message answers the latest message.
-            parent = conversation.messages.order_by("-created_at", "-id").first()
+            if parent_message_id is CURRENT:
+                parent = conversation.current_leaf or (
+                    conversation.messages.order_by("-created_at", "-id").first()
+                )
+            elif parent_message_id is None:
+                parent = None
+            else:
+                parent = _message_get(conversation=conversation, message_id=parent_message_id)
         else:
+            if parent_message_id not in (CURRENT, None):
+                raise ValidationError("A parent message needs its conversation_id.")
             conversation = Conversation.objects.create(
-                tenant=actor.tenant, user=actor.user, title=_title_from(content), model=model
+                tenant=actor.tenant, user=user, title=_title_from(content), model=model
             )
             parent = None
         user_message = Message.objects.create(
@@ -69,17 +154,81 @@ def chat_send(
             role=Message.Role.USER,
             content=content,
         )
-        run = Run.objects.create(
-            tenant=actor.tenant,
+        return _run_create(
+            actor=actor,
             conversation=conversation,
-            user=actor.user,
             user_message=user_message,
-            model=model or conversation.model,
+            model=model,
             client_id=client_id,
         )
-        conversation.save(update_fields=["updated_at"])
-        run_id, tenant_id = run.id, actor.tenant_id
-        transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id))
+
+    return _idempotent(create, actor=actor, client_id=client_id)
+
+
+def run_regenerate(*, actor: Actor, message_id: Any, model: str = "", client_id: str = "") -> Run:
+    """Answer a user message again (given the message or an answer to it): the new
+    answer is a sibling of the earlier ones and becomes the current branch."""
+    _chat_user(actor)
+    message_uuid = _uuid(message_id)
+
+    def create() -> Run:
+        message = (
+            Message.objects.select_related("conversation")
+            .filter(tenant=actor.tenant, conversation__user=actor.user, id=message_uuid)
+            .first()
+        )
+        if message is None:
+            raise NotFound
+        if message.role == Message.Role.ASSISTANT:
+            if message.parent is None or message.parent.role != Message.Role.USER:
+                raise ValidationError("This answer has no question to regenerate.")
+            message = message.parent
+        elif message.role != Message.Role.USER:
+            raise ValidationError("Only a user message or an answer can be regenerated.")
+        conversation = Conversation.objects.select_for_update().get(pk=message.conversation_id)
+        return _run_create(
+            actor=actor,
+            conversation=conversation,
+            user_message=message,
+            model=model,
+            client_id=client_id,
+        )
+
+    return _idempotent(create, actor=actor, client_id=client_id)
+
+
+def run_cancel(*, actor: Actor, run_id: Any) -> Run:
+    """Stop a run. A queued run ends `cancelled` at once; a running one is flagged and
+    its worker stops at its next check (within a fraction of a second while tokens
+    flow), keeping the partial answer. A finished run is returned as it is."""
+    run = run_get(actor=actor, run_id=run_id)
+    key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
+    now = timezone.now()
+    cancelled_queued = Run.objects.filter(id=run.id, state=Run.State.QUEUED).update(
+        state=Run.State.CANCELLED,
+        cancel_requested_at=now,
+        finished_at=now,
+        error_code="cancelled",
+        error_message="Cancelled by the user.",
+        last_seq=1,
+    )
+    if cancelled_queued:
+        # No worker will claim it: this is its whole event log.
+        log = event_log()
+        log.append(
+            key,
+            1,
+            {
+                "type": "run.error",
+                "code": "cancelled",
+                "message": "Cancelled by the user.",
+                "message_id": None,
+            },
+        )
+        log.expire(key, settings.PARLEY_RUN_LOG_TTL_S)
+    elif Run.objects.filter(id=run.id, state=Run.State.RUNNING).update(cancel_requested_at=now):
+        event_log().cancel_request(key, settings.PARLEY_RUN_LOG_TTL_S)
+    run.refresh_from_db()
     return run
 
 

@@ -207,7 +207,11 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_DEFAULT_QUEUE = "default"
-CELERY_TASK_ROUTES = {"chat.tasks.*": {"queue": "runs"}}
+CELERY_TASK_ROUTES = {
+    # The watchdog must run when every run worker is gone: not on the runs queue.
+    "chat.tasks.runs_reap": {"queue": "default"},
+    "chat.tasks.*": {"queue": "runs"},
+}
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
     # A run that outlives this is redelivered; run_execute claims runs once.
@@ -221,6 +225,19 @@ PARLEY_RUN_LOG_TTL_S = env.integer("PARLEY_RUN_LOG_TTL_S", default=3600, minimum
 # Token deltas arriving closer together than this are coalesced into one event.
 PARLEY_TOKEN_COALESCE_MS = env.integer("PARLEY_TOKEN_COALESCE_MS", default=25, minimum=0)
 PARLEY_RUN_HEARTBEAT_S = env.floating("PARLEY_RUN_HEARTBEAT_S", default=5.0, minimum=0.1)
+# The watchdog (chat.watchdog, every PARLEY_RUN_WATCHDOG_INTERVAL_S) fails a running run
+# whose heartbeat is older than PARLEY_RUN_STALL_S (its worker died), and a queued run no
+# worker took within PARLEY_RUN_QUEUE_TIMEOUT_S (the broker lost it).
+PARLEY_RUN_STALL_S = env.floating("PARLEY_RUN_STALL_S", default=20.0, minimum=0.5)
+if PARLEY_RUN_STALL_S < 2 * PARLEY_RUN_HEARTBEAT_S:
+    raise ImproperlyConfigured(
+        f"PARLEY_RUN_STALL_S ({PARLEY_RUN_STALL_S:g}) must be at least twice "
+        f"PARLEY_RUN_HEARTBEAT_S ({PARLEY_RUN_HEARTBEAT_S:g}), or live runs are failed."
+    )
+PARLEY_RUN_QUEUE_TIMEOUT_S = env.floating("PARLEY_RUN_QUEUE_TIMEOUT_S", default=600.0, minimum=1.0)
+PARLEY_RUN_WATCHDOG_INTERVAL_S = env.floating(
+    "PARLEY_RUN_WATCHDOG_INTERVAL_S", default=10.0, minimum=0.1
+)
 
 # --- chat -------------------------------------------------------------------
 PARLEY_SYSTEM_PROMPT = env.string(
@@ -232,6 +249,12 @@ PARLEY_TEMPERATURE = (
     env.floating("PARLEY_TEMPERATURE", minimum=0.0) if env.present("PARLEY_TEMPERATURE") else None
 )
 PARLEY_WS_MAX_FRAME_BYTES = env.integer("PARLEY_WS_MAX_FRAME_BYTES", default=65536, minimum=1024)
+# Per socket: frames per second sustained, and the burst allowed above that; frames
+# over the rate get an `error` frame (`rate_limited`), the socket stays open.
+PARLEY_WS_FRAMES_PER_S = env.floating("PARLEY_WS_FRAMES_PER_S", default=10.0, minimum=0.1)
+PARLEY_WS_FRAME_BURST = env.integer("PARLEY_WS_FRAME_BURST", default=30, minimum=1)
+# Lifetime of a single-use websocket ticket (POST /api/v1/ws/tickets).
+PARLEY_WS_TICKET_TTL_S = env.integer("PARLEY_WS_TICKET_TTL_S", default=60, minimum=5)
 PARLEY_MAX_MESSAGE_CHARS = env.integer("PARLEY_MAX_MESSAGE_CHARS", default=32000, minimum=1)
 
 # --- inference --------------------------------------------------------------
@@ -268,6 +291,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "inference.tasks.pool_refresh",
         "schedule": PARLEY_SCRAPE_INTERVAL_S,
         "options": {"expires": PARLEY_SCRAPE_INTERVAL_S},
+    },
+    "runs-reap": {
+        "task": "chat.tasks.runs_reap",
+        "schedule": PARLEY_RUN_WATCHDOG_INTERVAL_S,
+        "options": {"expires": PARLEY_RUN_WATCHDOG_INTERVAL_S},
     },
 }
 

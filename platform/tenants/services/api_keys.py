@@ -118,6 +118,12 @@ def api_key_authenticate(raw: str) -> Actor:
         key = ApiKey.objects.select_related("tenant", "created_by").filter(prefix=prefix).first()
     if key is None or not hmac.compare_digest(key.secret_hash, _hash(secret)):
         raise ApiKeyRefused("Invalid API key.")
+    return api_key_actor(key)
+
+
+def api_key_actor(key: ApiKey) -> Actor:
+    """The actor of a key found by its secret (or named by a websocket ticket), or
+    ApiKeyRefused when it was revoked, expired or its tenant suspended."""
     now = timezone.now()
     if key.revoked_at is not None:
         raise ApiKeyRefused("This API key was revoked.")

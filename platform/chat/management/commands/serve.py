@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -62,8 +63,18 @@ class Command(BaseCommand):
             self.stdout.write(f"Local model server healthy at {model_server.url}")
         pool.forget_cache()
         if settings.EMBEDDED:
-            # No Celery beat here: a thread keeps backend health and load fresh.
-            threading.Thread(target=_refresh_forever, name="pool-refresh", daemon=True).start()
+            # No Celery beat here: threads keep backend health and load fresh, and end
+            # runs that no worker will finish, such as those a stopped server left running.
+            from chat.watchdog import runs_reap
+            from inference.backends import backends_refresh
+
+            for name, work, interval_s in (
+                ("pool-refresh", backends_refresh, settings.PARLEY_SCRAPE_INTERVAL_S),
+                ("run-watchdog", runs_reap, settings.PARLEY_RUN_WATCHDOG_INTERVAL_S),
+            ):
+                threading.Thread(
+                    target=_repeat, args=(name, work, interval_s), name=name, daemon=True
+                ).start()
 
         from config.asgi import application
 
@@ -88,16 +99,14 @@ class Command(BaseCommand):
                 model_server.stop()
 
 
-def _refresh_forever() -> None:
+def _repeat(name: str, work: Callable[[], object], interval_s: float) -> None:
     from django.db import connections
-
-    from inference.backends import backends_refresh
 
     while True:
         try:
-            backends_refresh()
+            work()
         except Exception:
-            logging.getLogger(__name__).exception("refreshing the pool failed")
+            logging.getLogger(__name__).exception("%s failed", name)
         finally:
             connections.close_all()
-        time.sleep(settings.PARLEY_SCRAPE_INTERVAL_S)
+        time.sleep(interval_s)

@@ -1,0 +1,154 @@
+"""Input and output schemas of the chat HTTP API (chat.api)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from ninja import Field, Schema
+
+from chat.selectors import BranchStep, MessageTree
+
+
+class ErrorOut(Schema):
+    detail: str
+
+
+class ConversationOut(Schema):
+    id: uuid.UUID
+    title: str
+    title_auto: bool = Field(description="False once a person renamed the conversation.")
+    model: str
+    current_leaf_id: uuid.UUID | None = Field(description="The tip of the branch the client is on.")
+    created_at: datetime
+    updated_at: datetime
+
+
+class ConversationPage(Schema):
+    items: list[ConversationOut]
+    next_cursor: str | None = Field(
+        description="Pass as ?cursor= for the next page; null on the last page."
+    )
+
+
+class ConversationIn(Schema):
+    content: str = Field(description="The first message.")
+    model: str = ""
+    client_id: str = Field("", max_length=100, description="Retries with it return the first run.")
+
+
+class RenameIn(Schema):
+    title: str
+
+
+class MessageIn(Schema):
+    content: str
+    parent_message_id: uuid.UUID | None = Field(
+        None,
+        description="The message this one answers; left out: the tip of the current branch.",
+    )
+    model: str = ""
+    client_id: str = Field("", max_length=100)
+
+
+class EditIn(Schema):
+    content: str = Field(description="The edited text: a new sibling of the message.")
+    model: str = ""
+    client_id: str = Field("", max_length=100)
+
+
+class RegenerateIn(Schema):
+    model: str = ""
+    client_id: str = Field("", max_length=100)
+
+
+class BranchIn(Schema):
+    message_id: uuid.UUID = Field(description="Any message of the branch to switch to.")
+
+
+class MessageOut(Schema):
+    id: uuid.UUID
+    parent_id: uuid.UUID | None
+    role: str
+    content: str
+    created_at: datetime
+
+
+class BranchStepOut(Schema):
+    message_id: uuid.UUID
+    role: str
+    sibling_ids: list[uuid.UUID] = Field(description="Messages with the same parent, oldest first.")
+    sibling_index: int = Field(description="This message's place among them, from 0.")
+    sibling_count: int
+
+    @staticmethod
+    def resolve_message_id(step: BranchStep) -> uuid.UUID:
+        return step.message.id
+
+    @staticmethod
+    def resolve_role(step: BranchStep) -> str:
+        return step.message.role
+
+
+class MessageTreeOut(Schema):
+    conversation_id: uuid.UUID
+    current_leaf_id: uuid.UUID | None = Field(description="The last message of `branch`.")
+    messages: list[MessageOut] = Field(description="Every message, oldest first.")
+    branch: list[BranchStepOut] = Field(description="The current branch, root first.")
+
+    @staticmethod
+    def resolve_conversation_id(tree: MessageTree) -> uuid.UUID:
+        return tree.conversation.id
+
+    @staticmethod
+    def resolve_current_leaf_id(tree: MessageTree) -> uuid.UUID | None:
+        return tree.leaf_id
+
+
+class SearchHitOut(Schema):
+    conversation: ConversationOut
+    rank: float
+    message_id: uuid.UUID | None = Field(description="The best matching message; null: the title.")
+    role: str | None
+    snippet: str = Field(description="Text around the matches, each marked **like this**.")
+
+
+class SearchOut(Schema):
+    query: str
+    items: list[SearchHitOut]
+
+
+class RunOut(Schema):
+    id: uuid.UUID
+    conversation_id: uuid.UUID
+    user_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID | None
+    state: str
+    model: str
+    backend: str
+    client_id: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    error_code: str
+    error_message: str
+    last_seq: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    cancel_requested_at: datetime | None
+
+
+class RunEventsOut(Schema):
+    run: RunOut
+    events: list[dict[str, Any]] = Field(
+        description="Events after `after`, each with its `seq` and `type`."
+    )
+    trimmed: bool = Field(
+        description="The run's log has been trimmed: `run` and `message` stand in for "
+        "the events not seen."
+    )
+    message: MessageOut | None = Field(
+        description="The run's stored answer, once the run has ended."
+    )
