@@ -11,6 +11,10 @@ from tenants.access import Unavailable, actor_for_request
 from tenants.rls import scope_set_tenant, tenant_scope
 
 OPERATOR_PATHS = ("/admin/", "/api/v1/operator/")
+# The OpenAI-compatible API authenticates by API key and scopes each of its reads itself,
+# off the request's thread (gateway.services): a request transaction would hold a
+# database connection for the whole length of a stream.
+SELF_SCOPED_PATHS = ("/v1/",)
 # A member of a suspended tenant can still sign out, switch to or join another tenant.
 SUSPENDED_ALLOWED = ("/accounts/logout/", "/tenants/", "/invite/", "/static/", "/healthz")
 
@@ -24,6 +28,8 @@ class TenantScopeMiddleware:
         self.get_response = get_response
 
     def __call__(self, request: HttpRequest) -> HttpResponse:
+        if request.path.startswith(SELF_SCOPED_PATHS):
+            return self.get_response(request)
         user = request.user
         user_id = user.pk if user.is_authenticated else None
         operator = bool(getattr(user, "is_operator", False)) and request.path.startswith(

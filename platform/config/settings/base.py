@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "tenants",
     "inference",
     "chat",
+    "gateway",
 ]
 
 MIDDLEWARE = [
