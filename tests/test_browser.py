@@ -1,11 +1,20 @@
 """The chat page in headless Chromium against the embedded default: log in, send a
-message, watch the answer stream, reload and find it stored."""
+message, watch the answer stream, reload and find it stored; resume an answer after a
+reload mid-stream; stop one; regenerate, edit and switch branches; rename, search and
+delete conversations from the sidebar.
+
+The page's Content Security Policy forbids eval, which Playwright's string predicates
+need (`wait_for_function`): waits poll `page.evaluate` instead."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import time
 from itertools import pairwise
+from typing import Any
 
 import pytest
 
@@ -20,6 +29,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
+# Greedy decoding (the embedded server's PARLEY_TEMPERATURE=0) makes SmolLM2 write a
+# long story here: several hundred tokens, time enough to interrupt it.
+LONG_PROMPT = "Write a long story about a brave knight and a dragon."
+ANSWER_TIMEOUT_MS = 180_000
 
 
 @pytest.fixture
@@ -42,6 +55,89 @@ def page():
         assert not errors, errors
 
 
+def log_in(page, base: str) -> None:
+    page.goto(f"{base}/")
+    page.fill("input[name=username]", "demo")
+    page.fill("input[name=password]", "parley-demo")
+    page.click("button[type=submit]")
+    page.wait_for_selector("#prompt")
+
+
+def wait_until(page, predicate: str, timeout: float = 120, arg: Any = None) -> Any:
+    """Poll a JavaScript function until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = page.evaluate(predicate, arg)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {predicate}"
+        page.wait_for_timeout(100)  # (not time.sleep: this lets Playwright handle events)
+
+
+def send(page, content: str) -> None:
+    page.fill("#prompt", content)
+    page.click("#send")
+
+
+def wait_for_answer(page) -> None:
+    """Until no answer streams and the thread shows the stored messages again."""
+    page.wait_for_selector("#messages li.assistant[data-id]", timeout=ANSWER_TIMEOUT_MS)
+    wait_until(
+        page,
+        "() => !document.querySelector('#messages li[data-run-id], #messages li.pending')",
+        timeout=ANSWER_TIMEOUT_MS / 1000,
+    )
+
+
+def streamed_at_least(page, chars: int) -> None:
+    wait_until(
+        page,
+        """(chars) => {
+            const body = document.querySelector('#messages li[data-run-id] .body');
+            return body && body.textContent.length >= chars;
+        }""",
+        arg=chars,
+    )
+
+
+def record_streamed_texts(page) -> None:
+    """From now on, note every text the streaming answer shows (window.__seen)."""
+    page.evaluate("""() => {
+        window.__seen = [];
+        const note = () => {
+            const body = document.querySelector('#messages li[data-run-id] .body');
+            if (body && body.textContent) window.__seen.push(body.textContent);
+        };
+        note();
+        new MutationObserver(note).observe(document.getElementById('messages'),
+                   {childList: true, subtree: true, characterData: true});
+    }""")
+
+
+def api(page, method: str, path: str) -> dict[str, Any]:
+    """Call the REST API with the page's session (GET needs no CSRF token)."""
+    return page.evaluate(
+        """async ([method, path]) => {
+            const response = await fetch('/api/v1/' + path, {method});
+            return {status: response.status,
+                    body: response.status === 200 ? await response.json() : null};
+        }""",
+        [method, path],
+    )
+
+
+def conversation_id(page) -> str:
+    assert "/c/" in page.url, page.url
+    return page.url.rstrip("/").rsplit("/", 1)[-1]
+
+
+def stored_branch(page) -> list[dict[str, Any]]:
+    """The current branch as the REST API has it: (role, content, id) root first."""
+    tree = api(page, "GET", f"conversations/{conversation_id(page)}/messages")["body"]
+    messages = {m["id"]: m for m in tree["messages"]}
+    return [messages[step["message_id"]] for step in tree["branch"]]
+
+
 def test_log_in_send_and_watch_the_answer_stream(embedded_server, page):
     base, _ = embedded_server
     page.goto(f"{base}/")
@@ -57,28 +153,277 @@ def test_log_in_send_and_watch_the_answer_stream(embedded_server, page):
     page.click("button[type=submit]")
     page.wait_for_selector("#prompt")
 
-    # Record every text the answer shows while it streams.
-    page.evaluate("""() => {
-        window.__seen = [];
-        new MutationObserver(() => {
-            const answer = document.querySelector('#messages li.assistant');
-            if (answer) window.__seen.push(answer.textContent);
-        }).observe(document.getElementById('messages'),
-                   {childList: true, subtree: true, characterData: true});
-    }""")
-    page.fill("#prompt", "Count from 1 to 20, separated by spaces.")
-    page.click("#send")
-    page.wait_for_selector("#status:has-text('tokens')", timeout=120_000)
+    record_streamed_texts(page)
+    send(page, "Count from 1 to 20, separated by spaces.")
+    page.wait_for_selector("#status:has-text('tokens')", timeout=ANSWER_TIMEOUT_MS)
+    wait_for_answer(page)
 
-    answer = page.inner_text("#messages li.assistant")
-    seen = [text for text in page.evaluate("window.__seen") if text]
+    answer = page.inner_text("#messages li.assistant .body")
+    seen = page.evaluate("window.__seen")
     assert answer.strip()
     # Streamed: the answer grew through several partial texts, each a prefix of the next.
     assert len(set(seen)) >= 5, seen
     assert all(b.startswith(a) for a, b in pairwise(seen))
+    assert seen[-1] == answer
     assert "/c/" in page.url
+    # The new conversation is in the sidebar, marked as the open one, titled.
+    current = page.locator(f"#conversation-list li[data-conversation-id='{conversation_id(page)}']")
+    assert "current" in (current.get_attribute("class") or "")
+    titles = page.evaluate(
+        "() => [document.title, document.querySelector('#conversation-list li.current a.title')"
+        ".textContent, document.getElementById('conversation-title').textContent]"
+    )
+    assert titles[0] == f"{titles[1]} · Parley" and titles[1] == titles[2] != ""
 
     page.reload()
     page.wait_for_selector("#messages li.assistant")
-    assert page.inner_text("#messages li.user") == "Count from 1 to 20, separated by spaces."
-    assert page.inner_text("#messages li.assistant") == answer
+    assert page.inner_text("#messages li.user .body") == "Count from 1 to 20, separated by spaces."
+    assert page.inner_text("#messages li.assistant .body") == answer
+
+
+def test_a_reload_mid_stream_resumes_the_answer(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    send(page, LONG_PROMPT)
+    streamed_at_least(page, 40)
+
+    page.reload()
+    page.wait_for_selector("#prompt")
+    live = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
+    assert len(live["runs"]) == 1, "the answer ended before the reload"
+    record_streamed_texts(page)
+    wait_for_answer(page)
+
+    stored = stored_branch(page)
+    assert [m["role"] for m in stored] == ["user", "assistant"]
+    answer = stored[-1]["content"]
+    assert page.inner_text("#messages li.assistant .body") == answer
+    seen = page.evaluate("window.__seen")
+    # It kept streaming after the reload (from the first event again, attached after 0),
+    # every text it showed a prefix of the stored answer: nothing doubled, nothing lost.
+    assert len(set(seen)) >= 5, seen
+    assert all(answer.startswith(text) for text in seen), seen
+    assert max(seen, key=len) == answer
+    assert page.is_hidden("#stop")
+
+
+def test_lost_connections_neither_repeat_a_send_nor_lose_or_double_text(embedded_server, page):
+    """The socket drops twice: right after the message went out (its answer not seen
+    yet), then mid-stream after frames were lost on the way. The page sends the message
+    again with the same client id (one run, not two) and re-attaches after the last
+    event it got."""
+    base, _ = embedded_server
+    sockets: list[tuple[Any, Any]] = []  # (the page's side, the server's side)
+    to_server: list[dict[str, Any]] = []
+    forwarded: list[int] = []  # seq of every run event the page was given
+    lose = {"frames": True}
+
+    def route(ws):
+        server = ws.connect_to_server()
+        sockets.append((ws, server))
+
+        def up(message):
+            to_server.append(json.loads(message))
+            server.send(message)
+
+        def down(message):
+            if lose["frames"] or sockets[-1][0] is not ws:
+                return
+            frame = json.loads(message)
+            if "seq" in frame:
+                forwarded.append(frame["seq"])
+            ws.send(message)
+
+        ws.on_message(up)
+        server.on_message(down)
+
+    def drop(pair):
+        for side in pair:
+            side.close(code=4000, reason="test: connection lost")
+
+    page.route_web_socket(re.compile(r"/ws/v1/"), route)
+    log_in(page, base)
+    wait_until(page, "() => !document.getElementById('send').disabled")
+    record_streamed_texts(page)
+    send(page, LONG_PROMPT)
+    # The send reaches the server; everything it answers is lost, then the socket drops.
+    deadline = time.monotonic() + 30
+    while not any(f["type"] == "chat.send" for f in to_server):
+        assert time.monotonic() < deadline, "the page sent no chat.send"
+        page.wait_for_timeout(100)
+    page.wait_for_timeout(1500)
+    drop(sockets[-1])
+    lose["frames"] = False
+    streamed_at_least(page, 40)
+    # The send went again with its client id and got the first run's events.
+    sends = [f for f in to_server if f["type"] == "chat.send"]
+    assert len(sends) == 2 and sends[0]["client_id"] == sends[1]["client_id"]
+
+    # Mid-stream: frames lost, then the socket drops again.
+    lose["frames"] = True
+    page.wait_for_timeout(1000)
+    got = max(forwarded)
+    shown = page.inner_text("#messages li[data-run-id] .body")
+    drop(sockets[-1])
+    lose["frames"] = False
+    wait_for_answer(page)
+
+    attaches = [f for f in to_server if f["type"] == "run.attach"]
+    assert attaches and attaches[-1]["after"] == got > 1
+    stored = stored_branch(page)
+    answer = stored[-1]["content"]
+    assert page.inner_text("#messages li.assistant .body") == answer
+    assert answer.startswith(shown) and len(answer) > len(shown)
+    seen = page.evaluate("window.__seen")
+    assert all(answer.startswith(text) for text in seen), seen
+    assert max(seen, key=len) == answer
+    runs = api(page, "GET", f"conversations/{conversation_id(page)}/runs")["body"]
+    assert len(runs) == 1 and runs[0]["state"] == "succeeded"
+
+
+def test_stop_keeps_the_partial_answer_and_says_why(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    send(page, LONG_PROMPT)
+    streamed_at_least(page, 20)
+    assert page.is_disabled("#send")
+    page.click("#stop")
+
+    page.wait_for_selector("#messages li.assistant.failed[data-id]", timeout=30_000)
+    partial = page.inner_text("#messages li.assistant .body")
+    assert page.inner_text("#messages li.assistant .note").startswith("Stopped")
+    stored = stored_branch(page)
+    assert stored[-1]["role"] == "assistant" and stored[-1]["content"] == partial
+    assert partial.strip()
+    runs = api(page, "GET", f"conversations/{conversation_id(page)}/runs")["body"]
+    assert (runs[0]["state"], runs[0]["error_code"]) == ("cancelled", "cancelled")
+    assert page.is_hidden("#stop") and page.is_enabled("#send")
+
+    page.reload()
+    page.wait_for_selector("#messages li.assistant.failed")
+    assert page.inner_text("#messages li.assistant .body") == partial
+    assert page.inner_text("#messages li.assistant .note").startswith("Stopped")
+
+
+def test_regenerate_edit_and_switch_branches(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    send(page, "Say hello in one short sentence.")
+    wait_for_answer(page)
+    answer = page.locator("#messages li.assistant")
+    first_id, first_text = answer.get_attribute("data-id"), answer.locator(".body").inner_text()
+    assert answer.locator(".switcher").count() == 0
+
+    # Regenerate: a second answer, shown as 2/2.
+    answer.locator("button[data-action=regenerate]").click()
+    page.wait_for_selector("#messages li.assistant .position:text-is('2/2')")
+    wait_for_answer(page)
+    second_id = answer.get_attribute("data-id")
+    assert second_id != first_id
+    assert [m["id"] for m in stored_branch(page)][-1] == second_id
+
+    # Back to the first answer with the switcher.
+    answer.locator("button[data-action=previous]").click()
+    page.wait_for_selector("#messages li.assistant .position:text-is('1/2')")
+    assert answer.get_attribute("data-id") == first_id
+    assert answer.locator(".body").inner_text() == first_text
+    assert answer.locator("button[data-action=previous]").is_disabled()
+    assert [m["id"] for m in stored_branch(page)][-1] == first_id
+
+    # Edit the question: a sibling question, answered in its own branch.
+    question = page.locator("#messages li.user")
+    question.locator("button[data-action=edit]").click()
+    page.fill("#messages li.user .editor textarea", "Say goodbye in one short sentence.")
+    page.click("#messages li.user .editor button[type=submit]")
+    page.wait_for_selector("#messages li.user .position:text-is('2/2')")
+    wait_for_answer(page)
+    assert question.locator(".body").inner_text() == "Say goodbye in one short sentence."
+    edited = stored_branch(page)
+    assert edited[0]["content"] == "Say goodbye in one short sentence."
+    assert edited[-1]["id"] not in (first_id, second_id)
+
+    # The branch the member is on survives a reload. Back on the first question, the
+    # newest answer under it shows.
+    page.reload()
+    page.wait_for_selector("#messages li.user .position:text-is('2/2')")
+    question.locator("button[data-action=previous]").click()
+    page.wait_for_selector("#messages li.user .position:text-is('1/2')")
+    assert question.locator(".body").inner_text() == "Say hello in one short sentence."
+    assert answer.get_attribute("data-id") == second_id
+    assert answer.locator(".position").inner_text() == "2/2"
+
+
+def test_rename_search_and_delete_from_the_sidebar(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    send(page, "Tell me one fact about llamas.")
+    wait_for_answer(page)
+    cid = conversation_id(page)
+    # A second tab (same session) on the same conversation follows what this one does.
+    browser = page.context.browser
+    other = browser.new_context(storage_state=page.context.storage_state()).new_page()
+    other.goto(page.url)
+    other.wait_for_selector("#messages li.assistant[data-id]")
+
+    entry = page.locator(f"#conversation-list li[data-conversation-id='{cid}']")
+    entry.locator("summary").click()
+    entry.locator("button[data-action=rename]").click()
+    entry.locator("form.rename input").fill("Camelid <b>notes</b>")
+    entry.locator("form.rename input").press("Enter")
+    page.wait_for_selector(f"#conversation-list li[data-conversation-id='{cid}'] a.title:visible")
+    assert entry.locator("a.title").inner_text() == "Camelid <b>notes</b>"  # text, not markup
+    # Both tabs hear of it (conversation.updated): sidebar, heading, window title.
+    renamed = "() => document.title === 'Camelid <b>notes</b> · Parley'"
+    wait_until(page, renamed, timeout=15)
+    assert page.inner_text("#conversation-title") == "Camelid <b>notes</b>"
+    wait_until(other, renamed, timeout=15)
+    other_entry = other.locator(f"#conversation-list li[data-conversation-id='{cid}'] a.title")
+    assert other_entry.inner_text() == "Camelid <b>notes</b>"
+    assert other.inner_text("#conversation-title") == "Camelid <b>notes</b>"
+    assert api(page, "GET", f"conversations/{cid}")["body"]["title"] == "Camelid <b>notes</b>"
+
+    # Writes need the CSRF token, which the page sends; without it the API refuses.
+    refused = page.evaluate(
+        """async (path) => (await fetch('/api/v1/' + path, {method: 'PATCH',
+            headers: {'Content-Type': 'application/json'},
+            body: JSON.stringify({title: 'No token'})})).status""",
+        f"conversations/{cid}",
+    )
+    assert refused == 403
+    for fmt, needle in (("markdown", "## Assistant"), ("json", '"parent_id"')):
+        href = entry.locator(f"a[data-export={fmt}]").get_attribute("href")
+        status, disposition, body = page.evaluate(
+            """async (href) => { const r = await fetch(href);
+                return [r.status, r.headers.get('content-disposition'), await r.text()]; }""",
+            href,
+        )
+        assert status == 200 and disposition.startswith("attachment"), (status, disposition)
+        assert needle in body and "llamas" in body
+
+    page.fill("#search-q", "llamas")
+    hit = page.locator(f"#search-hits li[data-conversation-id='{cid}']")
+    hit.wait_for()
+    assert hit.locator("a").inner_text() == "Camelid <b>notes</b>"
+    assert "llamas" in hit.locator(".snippet").inner_text().lower()
+    assert page.is_hidden("#conversation-list")
+    page.fill("#search-q", "zebrafish quasar")
+    page.wait_for_selector("#search-summary:text-is('No conversation matches.')")
+    page.fill("#search-q", "")
+    page.wait_for_selector("#conversation-list", state="visible")
+
+    # Delete asks first: declining keeps it.
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    entry.locator("summary").click()
+    entry.locator("button[data-action=delete]").click()
+    assert api(page, "GET", f"conversations/{cid}")["status"] == 200
+    page.once("dialog", lambda dialog: dialog.accept())
+    entry.locator("summary").click()
+    with page.expect_navigation():
+        entry.locator("button[data-action=delete]").click()
+    # It was the open conversation: back to a new chat, without it in the list.
+    assert page.url == f"{base}/"
+    assert page.locator(f"#conversation-list li[data-conversation-id='{cid}']").count() == 0
+    assert api(page, "GET", f"conversations/{cid}")["status"] == 404
+    # The other tab had it open too: it leaves it.
+    wait_until(other, "() => location.pathname === '/'", timeout=15)
+    other.close()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import re
 import uuid
 
 import pytest
 from django.urls import reverse
 
-from chat.models import Conversation, Message
+from chat.models import Conversation, Message, Run
 from tenants.rls import operator_scope
 from tests.factories import UserFactory
 
@@ -49,6 +51,131 @@ def test_owner_sees_the_conversation_with_its_thread(client, alice, conversation
     assert "Revenue grew \\u003Cb\\u003E12%\\u003C/b\\u003E." in page
 
 
+def _page_data(response) -> dict:
+    """The JSON the page carries for its client (`json_script`)."""
+    match = re.search(
+        r'<script id="parley-chat" type="application/json">(.*?)</script>',
+        response.content.decode(),
+        re.S,
+    )
+    assert match, "the page carries no chat data"
+    return json.loads(match.group(1))
+
+
+def _message(conversation, role, content, parent=None):
+    return Message.objects.create(
+        tenant=conversation.tenant,
+        conversation=conversation,
+        parent=parent,
+        role=role,
+        content=content,
+    )
+
+
+@pytest.fixture
+def branched(alice):
+    """Q1 answered three times (A1, A2, A3: regenerated), a follow-up Q2 under A2 whose
+    answer is being generated, and the current branch on A2's side."""
+    with operator_scope():
+        conversation = Conversation.objects.create(
+            tenant=alice.tenant, user=alice.user, title="Branches"
+        )
+        q1 = _message(conversation, "user", "First question")
+        a1 = _message(conversation, "assistant", "First answer", q1)
+        a2 = _message(conversation, "assistant", "Second answer, cut short", q1)
+        a3 = _message(conversation, "assistant", "Third answer", q1)
+        q2 = _message(conversation, "user", "Follow-up", a2)
+        conversation.current_leaf = q2
+        conversation.save()
+
+        def run(user_message, state, answer=None, **fields):
+            return Run.objects.create(
+                tenant=alice.tenant,
+                conversation=conversation,
+                user=alice.user,
+                user_message=user_message,
+                assistant_message=answer,
+                state=state,
+                **fields,
+            )
+
+        run(q1, Run.State.SUCCEEDED, a1)
+        run(
+            q1,
+            Run.State.CANCELLED,
+            a2,
+            error_code="cancelled",
+            error_message="Cancelled by the user.",
+        )
+        run(q1, Run.State.SUCCEEDED, a3)
+        live = run(q2, Run.State.RUNNING)
+        run(q2, Run.State.FAILED, error_code="no_backend", error_message="No backend.")
+    return conversation, {"q1": q1, "a1": a1, "a2": a2, "a3": a3, "q2": q2, "live": live}
+
+
+def test_the_page_carries_the_current_branch_with_siblings_and_live_runs(client, alice, branched):
+    conversation, m = branched
+    client.force_login(alice.user)
+    data = _page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
+
+    assert data["conversation"] == {
+        "id": str(conversation.id),
+        "title": "Branches",
+        "current_leaf_id": str(m["q2"].id),
+    }
+    branch = data["branch"]
+    assert [step["id"] for step in branch] == [str(m["q1"].id), str(m["a2"].id), str(m["q2"].id)]
+    assert [step["role"] for step in branch] == ["user", "assistant", "user"]
+    assert [step["content"] for step in branch] == [
+        "First question",
+        "Second answer, cut short",
+        "Follow-up",
+    ]
+    assert [step["parent_id"] for step in branch] == [None, str(m["q1"].id), str(m["a2"].id)]
+    answer = branch[1]
+    assert answer["sibling_ids"] == [str(m[k].id) for k in ("a1", "a2", "a3")]
+    assert (answer["sibling_index"], answer["sibling_count"]) == (1, 3)
+    assert (branch[0]["sibling_index"], branch[0]["sibling_count"]) == (0, 1)
+    # Why an answer ended early stays with it; finished answers carry no note.
+    assert answer["error"] == {"code": "cancelled", "message": "Cancelled by the user."}
+    assert branch[0]["error"] is None and branch[2]["error"] is None
+    # Only the run still going is listed, to attach to; ended ones are in the messages.
+    assert data["runs"] == [
+        {"id": str(m["live"].id), "user_message_id": str(m["q2"].id), "state": "running"}
+    ]
+
+
+def test_the_page_follows_a_switched_branch(client, alice, branched):
+    conversation, m = branched
+    with operator_scope():
+        conversation.current_leaf = m["a3"]
+        conversation.save()
+    client.force_login(alice.user)
+    data = _page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
+    assert [step["id"] for step in data["branch"]] == [str(m["q1"].id), str(m["a3"].id)]
+    assert (data["branch"][1]["sibling_index"], data["branch"][1]["sibling_count"]) == (2, 3)
+    assert data["branch"][1]["error"] is None
+
+
+def test_the_page_carries_what_the_client_needs_for_the_api(client, alice, conversation):
+    client.force_login(alice.user)
+    response = client.get(reverse("chat:conversation", args=[conversation.id]))
+    page = response.content.decode()
+    # Unsafe API calls need the CSRF token: the page holds it, whatever the cookie settings.
+    token = re.search(r'data-csrf-token="([^"]+)"', page)
+    assert token and len(token.group(1)) >= 32
+    assert 'data-api-url="/api/v1/"' in page
+    export = reverse("api:chat_conversation_export", kwargs={"conversation_id": conversation.id})
+    assert f'href="{export}?format=markdown"' in page
+    assert f'href="{export}?format=json"' in page
+
+
+def test_a_new_chat_carries_no_conversation(client, alice, conversation):
+    client.force_login(alice.user)
+    data = _page_data(client.get(reverse("chat:home")))
+    assert data == {"conversation": None, "branch": [], "runs": []}
+
+
 def test_chat_home_lists_only_own_conversations(client, alice, charlie, conversation):
     client.force_login(charlie.user)
     page = client.get(reverse("chat:home")).content.decode()
@@ -68,6 +195,19 @@ def test_others_get_not_found_exactly_like_a_missing_conversation(
     assert foreign.status_code == missing.status_code == 404
     assert foreign.content == missing.content
     assert "How did Q3 go?" not in foreign.content.decode()
+
+
+@pytest.mark.parametrize("who", ["charlie", "bob"])
+def test_others_see_nothing_of_the_branches_or_runs(client, who, request, branched):
+    conversation, m = branched
+    person = request.getfixturevalue(who)
+    client.force_login(person.user)
+    response = client.get(reverse("chat:conversation", args=[conversation.id]))
+    assert response.status_code == 404
+    page = response.content.decode()
+    assert str(m["live"].id) not in page and "First question" not in page
+    home = client.get(reverse("chat:home")).content.decode()
+    assert "Branches" not in home and str(conversation.id) not in home
 
 
 def test_anonymous_users_are_sent_to_login(client, conversation):

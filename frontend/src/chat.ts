@@ -1,137 +1,110 @@
-// The minimal chat page: send a message over /ws/v1/ and render the answer as it streams.
-// Model output is untrusted: it is only ever set as text, never as HTML.
+// The chat page: wires the conversation thread, the sidebar and the composer to the
+// websocket (/ws/v1/, protocol v1) and the REST API (/api/v1/).
 
-import type { ServerFrame } from "./protocol";
+import { Api } from "./api";
+import { required } from "./dom";
+import { Sidebar } from "./sidebar";
+import { ChatSocket } from "./socket";
+import { type PageData, Thread } from "./thread";
 
-interface ThreadMessage {
-  id: string;
-  role: string;
-  content: string;
+const script = required<HTMLScriptElement>("#parley-client");
+const homeUrl = script.dataset.homeUrl ?? "/";
+const conversationUrl = script.dataset.conversationUrl ?? "/c/";
+const api = new Api(script.dataset.apiUrl ?? "/api/v1/", script.dataset.csrfToken ?? "");
+const data = JSON.parse(required<HTMLScriptElement>("#parley-chat").textContent ?? "{}") as PageData;
+
+const form = required<HTMLFormElement>("#composer");
+const prompt = required<HTMLTextAreaElement>("#prompt");
+const sendButton = required<HTMLButtonElement>("#send");
+const stopButton = required<HTMLButtonElement>("#stop");
+const status = required<HTMLParagraphElement>("#status");
+const heading = required<HTMLHeadingElement>("#conversation-title");
+
+let connected = false;
+let busy = false;
+
+function say(message: string): void {
+  status.textContent = message;
 }
 
-const script = document.currentScript ?? document.querySelector<HTMLScriptElement>("script[data-conversation-url]");
-const conversationUrl = script?.getAttribute("data-conversation-url") ?? "/c/";
-let conversationId = script?.getAttribute("data-conversation-id") || null;
-
-const list = document.getElementById("messages") as HTMLOListElement;
-const form = document.getElementById("composer") as HTMLFormElement;
-const prompt = document.getElementById("prompt") as HTMLTextAreaElement;
-const sendButton = document.getElementById("send") as HTMLButtonElement;
-const status = document.getElementById("status") as HTMLParagraphElement;
-
-const answers = new Map<string, HTMLLIElement>();
-let socket: WebSocket | null = null;
-let pending: { content: string; clientId: string } | null = null;
-let retry = 0;
-
-function addMessage(role: string, content: string): HTMLLIElement {
-  const item = document.createElement("li");
-  item.className = role;
-  item.textContent = content;
-  list.appendChild(item);
-  list.scrollTop = list.scrollHeight;
-  return item;
+function updateControls(): void {
+  sendButton.disabled = busy || !connected;
+  stopButton.hidden = !thread.streaming;
 }
 
-function setBusy(busy: boolean, text = ""): void {
-  sendButton.disabled = busy;
-  status.textContent = text;
+function showTitle(title: string): void {
+  const shown = title || "Untitled";
+  heading.textContent = shown;
+  heading.closest("header")?.removeAttribute("hidden");
+  document.title = `${shown} · Parley`;
 }
 
-function handle(frame: ServerFrame): void {
-  switch (frame.type) {
-    case "run.started": {
-      pending = null;
-      if (!conversationId) {
-        conversationId = frame.conversation_id;
-        history.replaceState(null, "", `${conversationUrl}${conversationId}/`);
+const socket = new ChatSocket(`${location.protocol === "https:" ? "wss" : "ws"}://${location.host}/ws/v1/`, {
+  open() {
+    connected = true;
+    if (status.textContent?.startsWith("Disconnected")) say("");
+    thread.resume();
+    updateControls();
+  },
+  closed(final) {
+    connected = false;
+    say(final ? "Signed out or access ended: reload the page." : "Disconnected; reconnecting…");
+    updateControls();
+  },
+  frame(frame) {
+    if (frame.type === "conversation.updated") {
+      if (frame.deleted) sidebar.deleted(frame.conversation_id);
+      else if (frame.title !== undefined) {
+        sidebar.setTitle(frame.conversation_id, frame.title);
+        if (frame.conversation_id === thread.conversationId) showTitle(frame.title);
       }
-      const item = addMessage("assistant", "");
-      item.dataset.runId = frame.run_id;
-      answers.set(frame.run_id, item);
-      setBusy(true, "Generating…");
-      break;
     }
-    case "token": {
-      const item = answers.get(frame.run_id);
-      if (item) {
-        item.textContent = (item.textContent ?? "") + frame.delta;
-        list.scrollTop = list.scrollHeight;
-      }
-      break;
-    }
-    case "run.done":
-      answers.delete(frame.run_id);
-      setBusy(false, `${frame.usage.completion_tokens} tokens`);
-      break;
-    case "run.error": {
-      const item = answers.get(frame.run_id);
-      item?.classList.add("failed");
-      answers.delete(frame.run_id);
-      setBusy(false, `The answer failed: ${frame.message}`);
-      break;
-    }
-    case "error":
-      pending = null;
-      setBusy(false, `Error: ${frame.message}`);
-      break;
-    case "pong":
-      break;
-  }
-}
+    thread.handle(frame);
+  },
+});
 
-function connect(): void {
-  const scheme = location.protocol === "https:" ? "wss" : "ws";
-  socket = new WebSocket(`${scheme}://${location.host}/ws/v1/`);
-  socket.addEventListener("open", () => {
-    retry = 0;
-    if (!pending) setBusy(false, "");
-  });
-  socket.addEventListener("message", (event: MessageEvent<string>) => {
-    handle(JSON.parse(event.data) as ServerFrame);
-  });
-  socket.addEventListener("close", () => {
-    socket = null;
-    setBusy(true, "Disconnected; reconnecting…");
-    retry = Math.min(retry + 1, 6);
-    window.setTimeout(connect, 250 * 2 ** retry);
-  });
-}
+const thread = new Thread(required<HTMLOListElement>("#messages"), data, {
+  api,
+  send: (frame) => socket.send(frame),
+  say,
+  started(conversationId, title) {
+    history.replaceState(null, "", `${conversationUrl}${conversationId}/`);
+    sidebar.add(conversationId, title);
+    sidebar.markCurrent(conversationId);
+    showTitle(title);
+  },
+  busyChanged(value) {
+    busy = value;
+    updateControls();
+  },
+  restoreDraft(content) {
+    if (!prompt.value.trim()) prompt.value = content;
+  },
+});
 
-function send(content: string): void {
-  if (!socket || socket.readyState !== WebSocket.OPEN) {
-    setBusy(false, "Not connected yet; try again in a moment.");
-    return;
-  }
-  const clientId = crypto.randomUUID();
-  pending = { content, clientId };
-  addMessage("user", content);
-  socket.send(
-    JSON.stringify({
-      type: "chat.send",
-      client_id: clientId,
-      content,
-      ...(conversationId ? { conversation_id: conversationId } : {}),
-    }),
-  );
-  setBusy(true, "Sending…");
-}
-
-const initial = JSON.parse(document.getElementById("parley-thread")?.textContent ?? "[]") as ThreadMessage[];
-for (const message of initial) addMessage(message.role, message.content);
+const sidebar = new Sidebar({
+  api,
+  conversationUrl,
+  currentId: () => thread.conversationId,
+  openDeleted: () => location.assign(homeUrl),
+  say,
+});
 
 form.addEventListener("submit", (event) => {
   event.preventDefault();
   const content = prompt.value.trim();
-  if (!content) return;
+  if (!content || busy) return;
   prompt.value = "";
-  send(content);
+  thread.sendMessage(content);
 });
 prompt.addEventListener("keydown", (event) => {
-  if (event.key === "Enter" && !event.shiftKey) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
     event.preventDefault();
     form.requestSubmit();
   }
 });
+stopButton.addEventListener("click", () => thread.stop());
 
-connect();
+busy = thread.busy;
+updateControls();
+socket.connect();

@@ -7,6 +7,7 @@ events are relayed from its event log; closing the socket never stops a run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -302,11 +303,12 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise
         except Exception:
             logger.exception("relaying run %s failed", run_id)
-            await self.send_frame(
-                protocol.error_frame(
-                    protocol.INTERNAL_ERROR, f"Lost the event stream of run {run_id}."
+            with contextlib.suppress(Exception):  # the socket may be the thing that broke
+                await self.send_frame(
+                    protocol.error_frame(
+                        protocol.INTERNAL_ERROR, f"Lost the event stream of run {run_id}."
+                    )
                 )
-            )
         finally:
             if self.relays.get(run_id) is asyncio.current_task():
                 self.relays.pop(run_id, None)

@@ -373,6 +373,21 @@ def run_list(*, actor: Actor, conversation: Conversation, limit: int = 50) -> Qu
     ).order_by("-created_at")[:limit]
 
 
+def run_endings(
+    *, actor: Actor, conversation: Conversation, message_ids: list[Any]
+) -> dict[Any, dict[str, str]]:
+    """Why each of these answers ended early (cancelled, failed), by message id."""
+    return {
+        run.assistant_message_id: {"code": run.error_code, "message": run.error_message}
+        for run in Run.objects.filter(
+            tenant=actor.tenant,
+            user=actor.user,
+            conversation=conversation,
+            assistant_message_id__in=message_ids,
+        ).exclude(state=Run.State.SUCCEEDED)
+    }
+
+
 @dataclass
 class RunEvents:
     run: Run

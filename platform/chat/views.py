@@ -1,14 +1,26 @@
-"""The chat page: server-rendered shell, the TypeScript client streams over /ws/v1/."""
+"""The chat page: a server-rendered shell with the open conversation's current branch
+and its live runs as JSON data; the TypeScript client renders them, streams answers
+over /ws/v1/ and changes conversations through the REST API."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from chat.models import Conversation
-from chat.selectors import conversation_get, conversation_list, message_thread
+from chat.selectors import (
+    conversation_get,
+    conversation_list,
+    message_tree,
+    run_endings,
+    run_list,
+)
 from tenants.access import Actor, NotFound
+
+SIDEBAR_CONVERSATIONS = 50
 
 
 def _actor_or_404(request: HttpRequest) -> Actor:
@@ -18,18 +30,70 @@ def _actor_or_404(request: HttpRequest) -> Actor:
     return actor
 
 
+def _id(value: Any) -> str | None:
+    return str(value) if value is not None else None
+
+
+def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any]:
+    """What the client needs to show a conversation: its current branch (as the REST
+    messages endpoint gives it), each message's place among its siblings, why an answer
+    ended early, and the runs still queued or running (to attach to and stream).
+
+    `current_leaf_id` is the conversation's own current leaf: while an answer is being
+    regenerated it is the question, though the branch still runs on through the
+    previous answer."""
+    tree = message_tree(conversation=conversation)
+    # The latest runs suffice: a live run is always among the newest.
+    runs = list(run_list(actor=actor, conversation=conversation))
+    branch_ids = [step.message.id for step in tree.branch]
+    endings = run_endings(actor=actor, conversation=conversation, message_ids=branch_ids)
+    return {
+        "conversation": {
+            "id": str(conversation.id),
+            "title": conversation.title,
+            "current_leaf_id": _id(conversation.current_leaf_id),
+        },
+        "branch": [
+            {
+                "id": str(step.message.id),
+                "parent_id": _id(step.message.parent_id),
+                "role": step.message.role,
+                "content": step.message.content,
+                "sibling_ids": [str(s) for s in step.sibling_ids],
+                "sibling_index": step.sibling_index,
+                "sibling_count": step.sibling_count,
+                "error": endings.get(step.message.id),
+            }
+            for step in tree.branch
+        ],
+        "runs": [
+            {
+                "id": str(run.id),
+                "user_message_id": str(run.user_message_id),
+                "state": run.state,
+            }
+            for run in reversed(runs)  # oldest first, as they appear in the thread
+            if not run.is_terminal
+        ],
+    }
+
+
 def _chat_page(
     request: HttpRequest, actor: Actor, conversation: Conversation | None
 ) -> HttpResponse:
-    thread = message_thread(conversation=conversation) if conversation else []
+    data = (
+        chat_page_data(actor=actor, conversation=conversation)
+        if conversation
+        else {"conversation": None, "branch": [], "runs": []}
+    )
     return render(
         request,
         "chat/chat.html",
         {
             "actor": actor,
-            "conversations": conversation_list(actor=actor)[:50],
+            "conversations": conversation_list(actor=actor)[:SIDEBAR_CONVERSATIONS],
             "conversation": conversation,
-            "thread": [{"id": str(m.id), "role": m.role, "content": m.content} for m in thread],
+            "chat": data,
         },
     )
 

@@ -1,0 +1,529 @@
+// The open conversation: its current branch, the answers streaming into it, and the
+// sends on their way. Everything the server or the model wrote is set as text only.
+//
+// Runs are event logs (docs/protocol.md): each run remembers the last `seq` it applied,
+// ignores frames it has already seen and re-attaches after that seq when a gap shows or
+// the socket comes back, so the text is neither doubled nor lost across reloads and
+// reconnects. A send keeps its client id until the server answers it, so resending it
+// after a reconnect never starts a second generation.
+
+import type { Api, MessageTree } from "./api";
+import { button, el } from "./dom";
+import type { ClientFrame, RunEventFrame, SendFrame, ServerFrame } from "./protocol";
+import { isRunEvent } from "./protocol";
+
+export interface Ending {
+  code: string;
+  message: string;
+}
+
+export interface Step {
+  id: string;
+  parent_id: string | null;
+  role: string;
+  content: string;
+  sibling_ids: string[];
+  sibling_index: number;
+  sibling_count: number;
+  error?: Ending | null;
+}
+
+export interface PageData {
+  conversation: { id: string; title: string; current_leaf_id: string | null } | null;
+  branch: Step[];
+  runs: { id: string; user_message_id: string; state: string }[];
+}
+
+interface RunView {
+  id: string;
+  userMessageId: string;
+  lastSeq: number;
+  active: boolean;
+  // Ended, and the thread was fetched since: its answer (if any) is a message now.
+  settled: boolean;
+  messageId: string | null;
+  cancelRequested: boolean;
+  reattaching: boolean;
+  element: HTMLLIElement;
+  text: Text;
+  note: HTMLParagraphElement;
+}
+
+interface PendingSend {
+  frame: SendFrame;
+  // Where the new message goes: undefined after the branch's tip, else under this
+  // message (null: a new root).
+  parentId: string | null | undefined;
+  element: HTMLLIElement | null;
+  runId?: string;
+  userMessageId?: string;
+}
+
+export interface ThreadOptions {
+  api: Api;
+  send: (frame: ClientFrame) => boolean;
+  say: (message: string) => void;
+  // The run of a send started a new conversation.
+  started: (conversationId: string, title: string) => void;
+  busyChanged: (busy: boolean) => void;
+  // A message the server refused goes back into the composer.
+  restoreDraft: (content: string) => void;
+}
+
+function endingText(ending: Ending): string {
+  if (ending.code === "cancelled") return `Stopped: ${ending.message || "cancelled."}`;
+  return `The answer failed (${ending.code}): ${ending.message}`;
+}
+
+export class Thread {
+  private branch: Step[] = [];
+  private leafId: string | null = null; // the conversation's current leaf
+  private readonly runs = new Map<string, RunView>();
+  private readonly pending = new Map<string, PendingSend>();
+  private readonly endings = new Map<string, Ending>();
+  private editing: { id: string; draft: string } | null = null;
+  private fetchGeneration = 0;
+  conversationId: string | null;
+
+  constructor(
+    private readonly list: HTMLOListElement,
+    data: PageData,
+    private readonly options: ThreadOptions,
+  ) {
+    this.conversationId = data.conversation?.id ?? null;
+    this.leafId = data.conversation?.current_leaf_id ?? null;
+    this.branch = data.branch;
+    for (const step of data.branch) if (step.error) this.endings.set(step.id, step.error);
+    for (const run of data.runs) this.addRun(run.id, run.user_message_id);
+    list.addEventListener("click", (event) => this.onClick(event));
+    this.render();
+  }
+
+  // An answer is streaming (the Stop button's time).
+  get streaming(): boolean {
+    for (const run of this.runs.values()) if (run.active) return true;
+    return false;
+  }
+
+  // Streaming or sending: no new message, edit or branch switch meanwhile.
+  get busy(): boolean {
+    return this.streaming || this.pending.size > 0;
+  }
+
+  // --- sockets -----------------------------------------------------------------------
+
+  // On every (re)connection: resend unanswered sends with their client ids, re-attach
+  // every unfinished run after the last event it has, repeat requested cancels.
+  resume(): void {
+    for (const send of this.pending.values()) if (!send.runId) this.options.send(send.frame);
+    for (const run of this.runs.values()) {
+      if (!run.active) continue;
+      this.attach(run);
+      if (run.cancelRequested) this.options.send({ type: "run.cancel", run_id: run.id });
+    }
+  }
+
+  private attach(run: RunView): void {
+    this.options.send({ type: "run.attach", run_id: run.id, after: run.lastSeq, client_id: `attach:${run.id}` });
+  }
+
+  handle(frame: ServerFrame): void {
+    if (isRunEvent(frame)) {
+      this.onRunEvent(frame);
+      return;
+    }
+    switch (frame.type) {
+      case "run.started":
+        this.onStarted(frame.run_id, frame.conversation_id, frame.user_message_id, frame.client_id);
+        break;
+      case "conversation.updated":
+        if (frame.conversation_id === this.conversationId && frame.current_leaf_id !== undefined && !frame.deleted) {
+          if (frame.current_leaf_id !== this.leafId) {
+            this.leafId = frame.current_leaf_id;
+            if (!this.busy) void this.refresh(); // switched elsewhere (another tab)
+          }
+        }
+        break;
+      case "error":
+        this.onError(frame.code, frame.message, frame.client_id);
+        break;
+      default:
+        break;
+    }
+  }
+
+  private onError(code: string, message: string, clientId: string | undefined): void {
+    const send = clientId ? this.pending.get(clientId) : undefined;
+    if (send) {
+      this.pending.delete(send.frame.client_id);
+      if (send.frame.type === "chat.send") {
+        this.options.say(`Not sent: ${message}`);
+        if (send.parentId === undefined) this.options.restoreDraft(send.frame.content);
+      } else this.options.say(`Could not regenerate: ${message}`);
+      this.render();
+      this.changed();
+      // `unavailable`: the message was stored though no worker took its run.
+      if (code === "unavailable") void this.refresh();
+      return;
+    }
+    const runId = clientId?.startsWith("attach:") ? clientId.slice("attach:".length) : null;
+    const run = runId ? this.runs.get(runId) : undefined;
+    if (run && code === "not_found") {
+      // Gone with its conversation: nothing more will come.
+      this.runs.delete(run.id);
+      this.render();
+      this.changed();
+      return;
+    }
+    this.options.say(`Error: ${message}`);
+  }
+
+  private onStarted(runId: string, conversationId: string, userMessageId: string, clientId?: string): void {
+    const send = clientId ? this.pending.get(clientId) : undefined;
+    if (!send && !this.runs.has(runId)) return; // not ours
+    if (!this.conversationId) {
+      this.conversationId = conversationId;
+      this.options.started(conversationId, send?.frame.type === "chat.send" ? titleFrom(send.frame.content) : "");
+    }
+    if (send) {
+      if (send.frame.type === "chat.regenerate") this.pending.delete(send.frame.client_id);
+      else {
+        // Kept in view until the thread, fetched again, holds the new message.
+        send.runId = runId;
+        send.userMessageId = userMessageId;
+      }
+    }
+    if (!this.runs.has(runId)) {
+      this.addRun(runId, userMessageId);
+      this.leafId = userMessageId;
+      this.options.say("Generating an answer…");
+    }
+    this.render();
+    this.changed();
+    void this.refresh();
+  }
+
+  private addRun(id: string, userMessageId: string): RunView {
+    const text = document.createTextNode("");
+    const body = el("div", { class: "body" });
+    body.append(text);
+    const note = el("p", { class: "note", hidden: "" });
+    const element = el("li", { class: "message assistant streaming", "data-run-id": id, "aria-busy": "true" });
+    element.append(body, note);
+    const run: RunView = {
+      id,
+      userMessageId,
+      lastSeq: 0,
+      active: true,
+      settled: false,
+      messageId: null,
+      cancelRequested: false,
+      reattaching: false,
+      element,
+      text,
+      note,
+    };
+    this.runs.set(id, run);
+    return run;
+  }
+
+  private onRunEvent(frame: RunEventFrame): void {
+    const run = this.runs.get(frame.run_id);
+    if (!run || !run.active) return;
+    const trimmed = (frame.type === "run.done" || frame.type === "run.error") && frame.trimmed === true;
+    if (frame.seq <= run.lastSeq) return; // seen already (a replay after a resend or re-attach)
+    if (frame.seq > run.lastSeq + 1 && !trimmed) {
+      // A gap: ask again from what we have (the new cursor replaces the old relay).
+      if (!run.reattaching) {
+        run.reattaching = true;
+        this.attach(run);
+      }
+      return;
+    }
+    run.reattaching = false;
+    run.lastSeq = frame.seq;
+    switch (frame.type) {
+      case "token":
+        run.text.appendData(frame.delta);
+        break;
+      case "run.done":
+        this.ended(run, frame.message_id, null);
+        this.options.say(`Done · ${frame.usage.completion_tokens} tokens`);
+        break;
+      case "run.error": {
+        const ending = { code: frame.code, message: frame.message };
+        this.ended(run, frame.message_id, ending);
+        this.options.say(endingText(ending));
+        break;
+      }
+      default:
+        break;
+    }
+  }
+
+  private ended(run: RunView, messageId: string | null, ending: Ending | null): void {
+    run.active = false;
+    run.messageId = messageId;
+    run.element.classList.remove("streaming");
+    run.element.removeAttribute("aria-busy");
+    if (ending) {
+      run.element.classList.add("failed");
+      run.note.textContent = endingText(ending);
+      run.note.hidden = false;
+      if (messageId) this.endings.set(messageId, ending);
+    }
+    this.changed();
+    void this.refresh();
+  }
+
+  // --- actions -------------------------------------------------------------------------
+
+  sendMessage(content: string, parentId?: string | null): void {
+    const frame: SendFrame = { type: "chat.send", content, client_id: newClientId() };
+    if (this.conversationId) frame.conversation_id = this.conversationId;
+    if (parentId !== undefined) frame.parent_message_id = parentId;
+    const element = el("li", { class: "message user pending" });
+    element.append(el("div", { class: "body" }, content));
+    this.pending.set(frame.client_id, { frame, parentId, element });
+    this.editing = null;
+    this.options.say(this.options.send(frame) ? "Sending…" : "Waiting for the connection…");
+    this.render();
+    this.changed();
+  }
+
+  private regenerate(step: Step): void {
+    const frame: SendFrame = { type: "chat.regenerate", message_id: step.id, client_id: newClientId() };
+    const element = el("li", { class: "message assistant pending" });
+    element.append(el("div", { class: "body" }, "…"));
+    this.pending.set(frame.client_id, { frame, parentId: step.parent_id, element });
+    this.options.say(this.options.send(frame) ? "Regenerating…" : "Waiting for the connection…");
+    this.render();
+    this.changed();
+  }
+
+  stop(): void {
+    let any = false;
+    for (const run of this.runs.values()) {
+      if (!run.active) continue;
+      run.cancelRequested = true;
+      any = this.options.send({ type: "run.cancel", run_id: run.id, client_id: `cancel:${run.id}` }) || any;
+    }
+    this.options.say(any ? "Stopping…" : "Will stop once connected again…");
+  }
+
+  private async switchTo(messageId: string): Promise<void> {
+    if (!this.conversationId || this.busy) return;
+    try {
+      const tree = await this.options.api.switchBranch(this.conversationId, messageId);
+      this.fetchGeneration++; // newer than any fetch in flight
+      this.leafId = tree.current_leaf_id;
+      this.apply(tree, new Set());
+    } catch (error) {
+      this.options.say(`Could not switch: ${error instanceof Error ? error.message : String(error)}`);
+    }
+  }
+
+  // Fetch the thread again (after a run started or ended): stored answers replace the
+  // streamed ones, and sibling counts are current.
+  async refresh(): Promise<void> {
+    if (!this.conversationId) return;
+    const generation = ++this.fetchGeneration;
+    // Only runs ended before this request are surely stored in its answer.
+    const ended = new Set([...this.runs.values()].filter((r) => !r.active).map((r) => r.id));
+    let tree: MessageTree;
+    try {
+      tree = await this.options.api.messages(this.conversationId);
+    } catch (error) {
+      this.options.say(`Could not load the conversation: ${error instanceof Error ? error.message : String(error)}`);
+      return;
+    }
+    if (generation === this.fetchGeneration) this.apply(tree, ended);
+  }
+
+  private apply(tree: MessageTree, ended: Set<string>): void {
+    const stored = new Map(tree.messages.map((m) => [m.id, m]));
+    for (const id of ended) {
+      const run = this.runs.get(id);
+      if (!run) continue;
+      run.settled = true;
+      // The answer extends the branch when it was on the question (as the server does).
+      if (run.messageId && this.leafId === run.userMessageId) this.leafId = run.messageId;
+      // Stored: the message stands in for it. Without one it stays as a notice.
+      if (run.messageId && stored.has(run.messageId)) this.runs.delete(id);
+    }
+    for (const [clientId, send] of this.pending) {
+      if (send.userMessageId && stored.has(send.userMessageId)) this.pending.delete(clientId);
+    }
+    this.branch = tree.branch.flatMap((step) => {
+      const message = stored.get(step.message_id);
+      if (!message) return [];
+      return [
+        {
+          id: message.id,
+          parent_id: message.parent_id,
+          role: message.role,
+          content: message.content,
+          sibling_ids: step.sibling_ids,
+          sibling_index: step.sibling_index,
+          sibling_count: step.sibling_count,
+        },
+      ];
+    });
+    this.render();
+    this.changed();
+  }
+
+  private changed(): void {
+    this.options.busyChanged(this.busy);
+  }
+
+  // --- rendering ---------------------------------------------------------------------
+
+  private render(): void {
+    const busy = this.busy;
+    const items: HTMLElement[] = [];
+    // A send with its own parent (an edit) or a regenerate replaces what follows that
+    // parent on screen.
+    let end = this.branch.length;
+    for (const send of this.pending.values()) {
+      if (send.parentId === undefined) continue;
+      const at = send.parentId === null ? 0 : this.branch.findIndex((s) => s.id === send.parentId) + 1;
+      if (at > 0 || send.parentId === null) end = Math.min(end, at);
+    }
+    for (let i = 0; i < end; i++) {
+      const step = this.branch[i];
+      items.push(this.messageElement(step, busy));
+      const last = i === end - 1;
+      // An answer on its way follows its question, in place of earlier answers while
+      // the question is the conversation's current leaf (a regenerate).
+      const live = [...this.runs.values()].filter(
+        (r) => r.userMessageId === step.id && !r.settled && (last || this.leafId === step.id),
+      );
+      if (live.length) {
+        items.push(...live.map((r) => r.element));
+        break;
+      }
+      if (last) {
+        // Ended without an answer to store (stopped at once, failed before any text).
+        for (const r of this.runs.values()) if (r.userMessageId === step.id && r.settled) items.push(r.element);
+      }
+    }
+    for (const send of this.pending.values()) {
+      const run = send.runId ? this.runs.get(send.runId) : undefined;
+      if (send.element) items.push(send.element);
+      if (run && !items.includes(run.element)) items.push(run.element);
+    }
+    this.list.replaceChildren(...items);
+    this.list.scrollTop = this.list.scrollHeight;
+  }
+
+  private messageElement(step: Step, busy: boolean): HTMLLIElement {
+    const item = el("li", { class: `message ${step.role}`, "data-id": step.id });
+    const editing = this.editing?.id === step.id ? this.editing : null;
+    if (editing) {
+      item.append(this.editor(step, editing));
+      return item;
+    }
+    item.append(el("div", { class: "body" }, step.content));
+    const ending = step.error ?? this.endings.get(step.id);
+    if (ending) {
+      item.classList.add("failed");
+      item.append(el("p", { class: "note" }, endingText(ending)));
+    }
+    const actions = el("div", { class: "actions" });
+    if (step.sibling_count > 1) actions.append(this.switcher(step, busy));
+    if (step.role === "user") {
+      const edit = button("edit", "Edit", "Edit this message");
+      edit.disabled = busy;
+      actions.append(edit);
+    } else if (step.role === "assistant") {
+      const again = button("regenerate", "Regenerate", "Regenerate this answer");
+      again.disabled = busy;
+      actions.append(again);
+    }
+    item.append(actions);
+    return item;
+  }
+
+  private switcher(step: Step, busy: boolean): HTMLElement {
+    const what = step.role === "user" ? "message" : "answer";
+    const nav = el("span", { class: "switcher", role: "group", "aria-label": `Versions of this ${what}` });
+    const previous = button("previous", "‹", `Previous version`);
+    const next = button("next", "›", `Next version`);
+    previous.disabled = busy || step.sibling_index === 0;
+    next.disabled = busy || step.sibling_index === step.sibling_count - 1;
+    const position = el(
+      "span",
+      { class: "position", "aria-label": `Version ${step.sibling_index + 1} of ${step.sibling_count}` },
+      `${step.sibling_index + 1}/${step.sibling_count}`,
+    );
+    nav.append(previous, position, next);
+    return nav;
+  }
+
+  private editor(step: Step, editing: { draft: string }): HTMLFormElement {
+    const form = el("form", { class: "editor" });
+    const area = el("textarea", { rows: "3", "aria-label": "Edit your message" });
+    area.value = editing.draft;
+    area.addEventListener("input", () => {
+      editing.draft = area.value;
+    });
+    const save = el("button", { type: "submit" }, "Send");
+    const cancel = button("cancel-edit", "Cancel");
+    form.append(area, save, cancel);
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      const content = area.value.trim();
+      if (!content || this.busy) return;
+      this.sendMessage(content, step.parent_id);
+    });
+    area.addEventListener("keydown", (event) => {
+      if (event.key === "Escape") {
+        this.editing = null;
+        this.render();
+      }
+    });
+    queueMicrotask(() => area.focus());
+    return form;
+  }
+
+  private onClick(event: Event): void {
+    const target = (event.target as HTMLElement).closest<HTMLButtonElement>("button[data-action]");
+    const item = target?.closest<HTMLLIElement>("li[data-id]");
+    const step = this.branch.find((s) => s.id === item?.dataset.id);
+    if (!target || !step || target.disabled) return;
+    switch (target.dataset.action) {
+      case "edit":
+        this.editing = { id: step.id, draft: step.content };
+        this.render();
+        break;
+      case "cancel-edit":
+        this.editing = null;
+        this.render();
+        break;
+      case "regenerate":
+        this.regenerate(step);
+        break;
+      case "previous":
+        void this.switchTo(step.sibling_ids[step.sibling_index - 1]);
+        break;
+      case "next":
+        void this.switchTo(step.sibling_ids[step.sibling_index + 1]);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// The first-line title the server gives a new conversation (until a better one comes).
+export function titleFrom(content: string): string {
+  const line = content.split(/\s+/).filter(Boolean).join(" ");
+  return line.length > 80 ? `${line.slice(0, 80)}…` : line;
+}
+
+// A fresh client id (crypto.randomUUID exists in secure contexts only).
+function newClientId(): string {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+}
