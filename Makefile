@@ -17,11 +17,13 @@ help:
 	@echo "make run    install, migrate, seed the demo tenant, serve Parley on the embedded default"
 	@echo "make test   install, make sure PostgreSQL and Redis answer, run the whole suite"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml tests/plugins/parley-example-lookup/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Parley needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# A third-party plugin, installed as its own distribution (tests/test_plugins.py).
+	$(PY) -m pip install --quiet -e tests/plugins/parley-example-lookup
 	touch $@
 
 install: $(VENV)/.installed

@@ -78,6 +78,7 @@ INSTALLED_APPS = [
     "inference",
     "chat",
     "gateway",
+    "agents",
 ]
 
 MIDDLEWARE = [
@@ -322,6 +323,13 @@ PARLEY_ADMISSION_TIMEOUT_S = env.floating("PARLEY_ADMISSION_TIMEOUT_S", default=
 PARLEY_LOCAL_MODEL_PATH = env.string("PARLEY_LOCAL_MODEL_PATH", default="")
 PARLEY_LOCAL_MODEL_CTX = env.integer("PARLEY_LOCAL_MODEL_CTX", default=8192, minimum=512)
 PARLEY_LOCAL_MODEL_THREADS = env.integer("PARLEY_LOCAL_MODEL_THREADS", default=0, minimum=0)
+
+# --- plugins ------------------------------------------------------------------
+# Which installed plugins (entry points of `parley.plugins`) load: comma-separated
+# names; unset, all of them (agents.registry).
+PARLEY_PLUGINS: list[str] | None = (
+    env.strings("PARLEY_PLUGINS") if env.present("PARLEY_PLUGINS") else None
+)
 
 # --- auth -------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
