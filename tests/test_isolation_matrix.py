@@ -35,7 +35,9 @@ class Entry:
     make: Callable[[Any], tuple[Any, str]]  # (alice's world) -> (object id, a text of it)
     # method -> {"owner": status, "member": status, "body": {} or (object id) -> {}}
     calls: dict[str, dict[str, Any]]
-    outsider: int = 404
+    # 404, or OK where the id is a public name and the outsider gets their own tenant's
+    # state of it (never the owner's: the object's text must not appear).
+    outsider: int | str = 404
 
 
 @dataclass
@@ -208,6 +210,36 @@ HTTP_MATRIX.update(
         "api/v1/runs/<run_id>/cancel": Entry(_run, {"POST": PRIVATE}),
         "api/v1/runs/<run_id>/events": Entry(_run, {"GET": PRIVATE}),
     }
+)
+
+
+def _tenant_plugin(world: World) -> tuple[Any, str]:
+    from agents.registry import registry_reset
+    from agents.services import plugin_update
+    from tenants.rls import tenant_scope
+
+    registry_reset()  # every installed plugin (PARLEY_PLUGINS unset in tests)
+    endpoint = f"https://alice-{secrets.token_hex(3)}.example.org/v1"
+    with tenant_scope(tenant_id=world.alice.tenant.id):
+        plugin_update(
+            actor=world.alice.actor,
+            name="example_lookup",
+            enabled=True,
+            granted_scopes=["network.fetch"],
+            settings={"endpoint": endpoint, "api_key": "sk-alice-0123456789"},
+        )
+    return "example_lookup", endpoint
+
+
+# A plugin's name is public; its state (enabled, grants, settings) is per tenant. An
+# outsider reaches their own tenant's state of the plugin, never the owner's.
+HTTP_MATRIX["api/v1/plugins/<name>"] = Entry(
+    _tenant_plugin,
+    {
+        "GET": {"owner": OK, "member": OK},
+        "PUT": {"owner": OK, "member": 403, "body": {"granted_scopes": []}},
+    },
+    outsider=OK,
 )
 
 

@@ -10,6 +10,7 @@ import pytest
 from django.apps import apps
 from django.db import connection
 
+from agents.models import TenantPlugin
 from chat.models import Conversation, Message, Run
 from inference.models import UsageRecord
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
@@ -73,6 +74,7 @@ def two_tenants(alice, charlie):
             UsageRecord.objects.create(
                 tenant=person.tenant, model="m", prompt_tokens=1, outcome="completed"
             )
+            TenantPlugin.objects.create(tenant=person.tenant, plugin="calculator")
     return alice, charlie
 
 

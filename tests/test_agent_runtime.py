@@ -1,0 +1,507 @@
+"""The agent runtime (agents.runtime) with scripted LangChain chat models and the real
+calculator plugin's tools, and PoolChatModel against a synthetic inference server."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from langchain_core.callbacks import CallbackManagerForLLMRun
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
+from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.runnables import RunnableConfig
+from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import Field
+
+from agents.manifest import AgentSpec, PluginManifest, manifest_validate
+from agents.pool_model import PoolChatModel
+from agents.registry import plugin_get
+from agents.runtime import AgentLimits, AgentResult, agent_run
+from inference import pool
+from inference.models import UsageRecord
+from tenants.rls import tenant_scope
+
+ROOT = Path(__file__).resolve().parents[1]
+QUESTION = [{"role": "user", "content": "What is 6 times 7?"}]
+
+
+# --- a scripted chat model that calls tools ---------------------------------------
+
+
+class ScriptedChatModel(BaseChatModel):
+    """Answers each call with the next scripted AIMessage, streamed word by word and
+    with its tool calls as tool-call chunks (GenericFakeChatModel's stream drops them).
+    Records what it was sent and which tools it was offered."""
+
+    script: Iterator[AIMessage]
+    seen: list[list[BaseMessage]] = Field(default_factory=list)
+    offered: list[list[str]] = Field(default_factory=list)
+
+    @property
+    def _llm_type(self) -> str:
+        return "scripted"
+
+    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
+        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
+
+    def _stream(
+        self,
+        messages: list[BaseMessage],
+        stop: list[str] | None = None,
+        run_manager: CallbackManagerForLLMRun | None = None,
+        **kwargs: Any,
+    ) -> Iterator[ChatGenerationChunk]:
+        self.seen.append(list(messages))
+        self.offered.append([t["function"]["name"] for t in kwargs.get("tools", [])])
+        reply = next(self.script)
+        text = reply.content if isinstance(reply.content, str) else ""
+        for piece in re.split(r"(?<= )", text) if text else []:
+            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
+        chunks = [
+            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
+            for i, c in enumerate(reply.tool_calls)
+        ]
+        yield ChatGenerationChunk(
+            message=AIMessageChunk(
+                content="", tool_call_chunks=chunks, usage_metadata=reply.usage_metadata
+            )
+        )
+
+    def _generate(self, messages: list[BaseMessage], **kwargs: Any) -> ChatResult:
+        raise AssertionError("the runtime streams")
+
+
+def calls(*pairs: tuple[str, dict[str, Any]], text: str = "", usage: int = 0) -> AIMessage:
+    message = AIMessage(
+        content=text,
+        tool_calls=[
+            {"name": name, "args": args, "id": f"call_{name}_{i}"}
+            for i, (name, args) in enumerate(pairs)
+        ],
+    )
+    if usage:
+        message.usage_metadata = {
+            "input_tokens": usage - 10,
+            "output_tokens": 10,
+            "total_tokens": usage,
+        }
+    return message
+
+
+def scripted(*replies: AIMessage) -> ScriptedChatModel:
+    return ScriptedChatModel(script=iter(replies))
+
+
+def looping(reply: AIMessage) -> ScriptedChatModel:
+    return ScriptedChatModel(script=itertools.repeat(reply))
+
+
+# --- a plugin: the calculator's real tools plus a few for the tests ---------------
+
+executed: list[str] = []
+
+
+@tool
+def explode(reason: str) -> str:
+    """Fail on purpose.
+
+    Args:
+        reason: Why.
+    """
+    raise RuntimeError(f"boom: {reason}")
+
+
+@tool
+def fetch_page(url: str) -> str:
+    """Fetch a web page.
+
+    Args:
+        url: The page.
+    """
+    executed.append(f"fetch_page {url}")
+    return "<html>secret</html>"
+
+
+@tool
+def wait(seconds: float, config: RunnableConfig) -> str:
+    """Wait, checking the run's cancel.
+
+    Args:
+        seconds: How long.
+    """
+    cancelled = config["configurable"]["parley_cancelled"]
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cancelled():
+            executed.append("wait stopped early")
+            return "stopped early"
+        time.sleep(0.01)
+    return "waited"
+
+
+@tool
+def stubborn(seconds: float) -> str:
+    """Sleep, ignoring any cancel.
+
+    Args:
+        seconds: How long.
+    """
+    time.sleep(seconds)
+    executed.append("stubborn finished")
+    return "slept"
+
+
+@tool
+def shout(text: str) -> str:
+    """Repeat the text many times.
+
+    Args:
+        text: The text.
+    """
+    return text * 10_000
+
+
+@pytest.fixture
+def manifest() -> PluginManifest:
+    executed.clear()
+    calculator = plugin_get("calculator").manifest
+    extra = [explode, fetch_page, wait, stubborn, shout]
+    tools = [*calculator.tools, *extra]
+    scopes: dict[str, tuple[str, ...]] = {t.name: () for t in tools}
+    scopes["fetch_page"] = ("network.fetch",)
+    spec = AgentSpec(
+        name="helper",
+        title="Helper",
+        description="Tests the runtime.",
+        instructions="Use the tools.",
+        tools=tuple(t.name for t in tools if t.name != "shout"),
+    )
+    return manifest_validate(
+        PluginManifest(
+            name="testkit",
+            version="1",
+            description="Tools for the runtime tests.",
+            tools=tools,
+            scopes=scopes,
+            agents=[spec, AgentSpec("shouter", "Shouter", "", "Shout.", ("shout",))],
+        )
+    )
+
+
+def run(
+    manifest: PluginManifest,
+    model: BaseChatModel,
+    *,
+    agent: str = "helper",
+    granted: tuple[str, ...] = (),
+    cancelled: Any = lambda: False,
+    limits: AgentLimits | None = None,
+) -> tuple[AgentResult, list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+    spec = next(a for a in manifest.agents if a.name == agent)
+    result = agent_run(
+        spec=spec,
+        manifest=manifest,
+        granted_scopes=granted,
+        model=model,
+        messages=QUESTION,
+        emit=events.append,
+        cancelled=cancelled,
+        limits=limits,
+    )
+    return result, events
+
+
+def frames_valid(events: list[dict[str, Any]]) -> None:
+    """Every event fits its frame in docs/asyncapi.yaml once the writer adds run_id, seq."""
+    spec = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text())
+    by_type = {m["name"]: m["payload"] for m in spec["components"]["messages"].values()}
+    schemas = spec["components"]["schemas"]
+    for seq, event in enumerate(events, start=1):
+        framed = {**event, "run_id": "8d0f3e0a-8b0e-4f7e-9a57-0d1f1c2b3a4d", "seq": seq}
+        schema = {**by_type[event["type"]], "components": {"schemas": schemas}}
+        jsonschema.validate(framed, schema)
+
+
+def kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events]
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["delta"] for e in events if e["type"] == "token")
+
+
+# --- the loop ---------------------------------------------------------------------
+
+
+def test_the_event_log_shows_each_step_in_order(manifest):
+    model = scripted(
+        calls(("calculate", {"expression": "6*7"}), text="Let me compute."),
+        calls(("convert_units", {"value": 1, "from_unit": "km", "to_unit": "m"})),
+        AIMessage(content="It is 42."),
+    )
+    result, events = run(manifest, model)
+
+    assert kinds(events) == [
+        *["token"] * 3,
+        "tool.start",
+        "tool.end",
+        "tool.start",
+        "tool.end",
+        *["token"] * 3,
+    ]
+    assert text_of(events[:3]) == "Let me compute."
+    assert events[3] == {
+        "type": "tool.start",
+        "call_id": "call_calculate_0",
+        "name": "calculate",
+        "arguments": {"expression": "6*7"},
+    }
+    assert events[4] == {
+        "type": "tool.end",
+        "call_id": "call_calculate_0",
+        "name": "calculate",
+        "result": "42",
+        "error": None,
+        "truncated": False,
+    }
+    assert events[6]["result"] == "1000 m"
+    assert text_of(events[7:]) == "It is 42."
+    frames_valid(events)
+
+    assert (result.stop_reason, result.text, result.steps) == ("done", "It is 42.", 3)
+    assert result.succeeded
+    # The model was given the instructions first and each tool's result by its call id.
+    first, _, last = model.seen
+    assert first[0].content == "Use the tools." and first[1].content == QUESTION[0]["content"]
+    results = [m for m in last if isinstance(m, ToolMessage)]
+    assert [(m.tool_call_id, m.content) for m in results] == [
+        ("call_calculate_0", "42"),
+        ("call_convert_units_0", "1000 m"),
+    ]
+    # Offered: the agent's tools whose scopes are granted, not fetch_page.
+    assert model.offered[0] == [
+        "calculate",
+        "convert_units",
+        "days_between",
+        "date_shift",
+        "explode",
+        "wait",
+        "stubborn",
+    ]
+
+
+def test_a_tool_that_raises_returns_the_error_to_the_model(manifest):
+    model = scripted(
+        calls(("explode", {"reason": "testing"}), ("calculate", {"expr": "1+1"})),
+        AIMessage(content="Sorry."),
+    )
+    result, events = run(manifest, model)
+
+    ends = [e for e in events if e["type"] == "tool.end"]
+    assert ends[0]["error"] == "RuntimeError: boom: testing"
+    assert ends[0]["result"] == "Error: RuntimeError: boom: testing"
+    assert "expression" in ends[1]["error"] and "ValidationError" in ends[1]["error"]
+    frames_valid(events)
+    assert result.stop_reason == "done" and result.text == "Sorry."
+    tool_messages = [m for m in model.seen[1] if isinstance(m, ToolMessage)]
+    assert [m.status for m in tool_messages] == ["error", "error"]
+    assert "boom: testing" in tool_messages[0].content
+
+
+def test_a_long_tool_result_is_bounded(manifest):
+    model = scripted(calls(("shout", {"text": "ab"})), AIMessage(content="Done."))
+    result, events = run(manifest, model, agent="shouter", limits=AgentLimits(tool_result_chars=50))
+    end = next(e for e in events if e["type"] == "tool.end")
+    assert end["result"] == "ab" * 25 and end["truncated"] is True
+    assert model.seen[1][-1].content == "ab" * 25
+    assert result.succeeded
+
+
+def test_the_step_limit_stops_a_looping_agent(manifest):
+    model = looping(calls(("calculate", {"expression": "1+1"})))
+    result, events = run(manifest, model, limits=AgentLimits(max_steps=3))
+
+    assert result.stop_reason == "step_limit"
+    assert "step limit (3 model calls)" in result.detail
+    assert result.steps == 3 and len(model.seen) == 3
+    assert kinds(events) == ["tool.start", "tool.end"] * 3
+    assert not result.succeeded
+
+
+def test_the_time_limit_stops_a_looping_agent(manifest):
+    model = looping(calls(("wait", {"seconds": 0.15})))
+    started = time.monotonic()
+    result, events = run(manifest, model, limits=AgentLimits(max_steps=100, max_seconds=0.5))
+
+    assert time.monotonic() - started < 2.0
+    assert result.stop_reason == "time_limit"
+    assert "ran out of time (0.5 s per run)" in result.detail
+    assert 2 <= result.steps <= 5
+    # Every tool that started has ended, the last one possibly cut short.
+    assert kinds(events).count("tool.start") == kinds(events).count("tool.end")
+    frames_valid(events)
+
+
+def test_the_token_limit_stops_a_looping_agent(manifest):
+    model = looping(calls(("calculate", {"expression": "2+2"}), usage=400))
+    result, _ = run(manifest, model, limits=AgentLimits(max_steps=50, max_tokens=1000))
+    assert result.stop_reason == "token_limit"
+    assert result.steps == 3 and result.total_tokens == 1200
+    assert "token limit (1000 tokens)" in result.detail
+
+
+def test_cancel_between_steps(manifest):
+    model = looping(calls(("calculate", {"expression": "3*3"})))
+    events: list[dict[str, Any]] = []
+
+    def emit(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    spec = manifest.agents[0]
+    result = agent_run(
+        spec=spec,
+        manifest=manifest,
+        granted_scopes=(),
+        model=model,
+        messages=QUESTION,
+        emit=emit,
+        # Cancelled as soon as the first tool has ended.
+        cancelled=lambda: any(e["type"] == "tool.end" for e in events),
+    )
+    assert result.stop_reason == "cancelled" and result.detail == "The run was cancelled."
+    assert len(model.seen) == 1
+    assert kinds(events) == ["tool.start", "tool.end"]
+
+
+def test_cancel_stops_a_long_tool_that_checks_it(manifest):
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    model = looping(calls(("wait", {"seconds": 10})))
+    started = time.monotonic()
+    result, events = run(manifest, model, cancelled=cancel.is_set)
+
+    assert time.monotonic() - started < 2.0
+    assert result.stop_reason == "cancelled"
+    assert "The tool 'wait' was stopped." in result.detail
+    assert executed == ["wait stopped early"]
+    assert kinds(events) == ["tool.start", "tool.end"]
+    assert events[1]["error"] == "cancelled: the tool was stopped"
+    frames_valid(events)
+
+
+def test_cancel_abandons_a_long_tool_that_ignores_it(manifest):
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    model = looping(calls(("stubborn", {"seconds": 3})))
+    started = time.monotonic()
+    result, events = run(
+        manifest, model, cancelled=cancel.is_set, limits=AgentLimits(tool_grace_s=0.2)
+    )
+
+    assert time.monotonic() - started < 1.5
+    assert result.stop_reason == "cancelled"
+    assert "abandoned: it did not stop within 0.2 s" in result.detail
+    assert events[-1]["type"] == "tool.end" and "abandoned" in events[-1]["error"]
+    assert executed == []  # still sleeping: its result will never be used
+
+
+def test_a_tool_needing_an_ungranted_scope_is_neither_offered_nor_run(manifest):
+    model = scripted(
+        calls(("fetch_page", {"url": "https://example.com"}), ("shout", {"text": "x"})),
+        calls(("rm_rf", {"path": "/"})),
+        AIMessage(content="I cannot."),
+    )
+    result, events = run(manifest, model)
+
+    assert "fetch_page" not in model.offered[0]
+    assert executed == []
+    ends = [e for e in events if e["type"] == "tool.end"]
+    assert "needs scopes not granted to it: network.fetch" in ends[0]["error"]
+    assert "not one of the agent 'helper'" in ends[1]["error"]  # another agent's tool
+    assert "has no tool 'rm_rf'" in ends[2]["error"]
+    assert all(e["result"].startswith("Error: ") for e in ends)
+    frames_valid(events)
+    assert result.stop_reason == "done"
+
+    # Granted, the same call is offered and runs.
+    model = scripted(calls(("fetch_page", {"url": "https://example.com"})), AIMessage(content="ok"))
+    _, events = run(manifest, model, granted=("network.fetch",))
+    assert "fetch_page" in model.offered[0]
+    assert executed == ["fetch_page https://example.com"]
+    assert [e.get("error") for e in events if e["type"] == "tool.end"] == [None]
+
+
+def test_bad_input_is_refused(manifest):
+    other = AgentSpec("other", "Other", "", "x")
+    with pytest.raises(ValueError, match="not one of plugin 'testkit'"):
+        agent_run(
+            spec=other,
+            manifest=manifest,
+            granted_scopes=(),
+            model=scripted(),
+            messages=QUESTION,
+            emit=print,
+        )
+    with pytest.raises(ValueError, match="max_steps"):
+        AgentLimits(max_steps=0)
+
+
+# --- PoolChatModel ----------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_pool_chat_model_streams_text_through_the_pool_and_ledger(
+    alice, synthetic_server, settings
+):
+    server = synthetic_server(pieces=["Forty", "-two", "."], prompt_tokens=11)
+    # The pool carries no tools yet: binding them is refused, not silently dropped.
+    with pytest.raises(NotImplementedError, match="not available yet"):
+        PoolChatModel(tenant_id=str(alice.tenant.id)).bind_tools([shout])
+
+    spec = AgentSpec("talker", "Talker", "", "Be brief.")
+    talker = PluginManifest(name="talk", version="1", description="d", agents=[spec])
+    settings.PARLEY_BACKENDS = [server.url]
+    pool.forget_cache()
+    events = []
+    try:
+        result = agent_run(
+            spec=spec,
+            manifest=talker,
+            granted_scopes=(),
+            model=PoolChatModel(
+                tenant_id=str(alice.tenant.id), user_id=str(alice.user.id), reference="run-7"
+            ),
+            messages=QUESTION,
+            emit=events.append,
+        )
+    finally:
+        pool.forget_cache()
+
+    assert [e["delta"] for e in events] == ["Forty", "-two", "."]
+    assert (result.stop_reason, result.text, result.steps) == ("done", "Forty-two.", 1)
+    assert (result.prompt_tokens, result.completion_tokens) == (11, 3)
+    (body,) = server.bodies
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": QUESTION[0]["content"]},
+    ]
+    with tenant_scope(tenant_id=alice.tenant.id):
+        (record,) = UsageRecord.objects.all()
+    assert (record.purpose, record.reference, record.user_id) == (
+        "agent.step",
+        "run-7",
+        alice.user.id,
+    )
+    assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (11, 3, "completed")
