@@ -67,6 +67,8 @@ CLIENT_FRAMES: list[Any] = [
     {"type": "run.attach", "run_id": "r", "after": -1},
     {"type": "run.attach", "run_id": "r", "after": True},
     {"type": "run.attach", "run_id": "r", "after": "3"},
+    {"type": "run.attach", "run_id": "r", "after": 3, "coalesce": True},
+    {"type": "run.attach", "run_id": "r", "coalesce": "yes"},
     {"type": "nope"},
     {"content": "no type"},
 ]
@@ -193,6 +195,38 @@ async def test_attach_replays_from_the_cursor_then_follows_live_events(alice):
     assert (await socket.receive())["delta"] == "d"
     assert (await socket.receive())["type"] == "run.done"
     assert await socket.nothing_pending()
+    await socket.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_coalescing_attach_joins_consecutive_tokens_and_keeps_the_cursor(alice):
+    run = await sync_to_async(_queued_run)(alice)
+    log, key = event_log(), run_log_key(tenant_id=alice.tenant.id, run_id=run.id)
+    events = [{"type": "token", "delta": d} for d in ("He", "llo", ",", " you")]
+    events.insert(2, {"type": "progress", "stage": "thinking"})
+    events.append(
+        {
+            "type": "run.done",
+            "message_id": None,
+            "finish_reason": "stop",
+            "usage": {"prompt_tokens": 1, "completion_tokens": 4, "total_tokens": 5},
+        }
+    )
+    for seq, event in enumerate(events, start=1):
+        await sync_to_async(log.append)(key, seq, event)
+    _, _, socket = await ws_connect(alice.user)
+    await socket.send({"type": "run.attach", "run_id": str(run.id), "coalesce": True})
+    frames = await socket.receive_until(("run.done",))
+    assert [(f["type"], f.get("first_seq"), f["seq"], f.get("delta")) for f in frames] == [
+        ("token", 1, 2, "Hello"),
+        ("progress", None, 3, None),
+        ("token", 4, 5, ", you"),
+        ("run.done", None, 6, None),
+    ]
+    # Resuming from a coalesced frame's seq misses nothing and repeats nothing.
+    await socket.send({"type": "run.attach", "run_id": str(run.id), "after": 2, "coalesce": True})
+    frames = await socket.receive_until(("run.done",))
+    assert [f["seq"] for f in frames] == [3, 5, 6]
     await socket.close()
 
 

@@ -273,9 +273,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def on_attach(self, ref: protocol.RunRef) -> None:
         run = await self.call_service(run_get, ref.client_id, "No such run.", run_id=ref.run_id)
-        await self.attach(run, after=ref.after)
+        await self.attach(run, after=ref.after, coalesce=ref.coalesce)
 
-    async def attach(self, run: Run, *, after: int) -> None:
+    async def attach(self, run: Run, *, after: int, coalesce: bool = False) -> None:
         run_id = str(run.id)
         task = self.relays.pop(run_id, None)
         if task is not None:  # attach again: the new cursor replaces the old relay
@@ -286,18 +286,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if after < run.last_seq:
                 await self.send_frame(_terminal_from_row(run))
             return
-        self.relays[run_id] = asyncio.ensure_future(self.relay(run_id, key, after))
+        self.relays[run_id] = asyncio.ensure_future(self.relay(run_id, key, after, coalesce))
 
-    async def relay(self, run_id: str, key: str, after: int) -> None:
-        """Send every event of the run after `after`, live, until its terminal event."""
+    async def relay(self, run_id: str, key: str, after: int, coalesce: bool = False) -> None:
+        """Send every event of the run after `after`, live, until its terminal event.
+        With `coalesce`, consecutive token events read together share one frame."""
         log = event_log()
         try:
             while True:
                 events = await log.read(key, after, RELAY_POLL_S)
-                for seq, event in events:
-                    await self.send_frame({**event, "run_id": run_id, "seq": seq})
-                    after = seq
-                    if event.get("type") in TERMINAL_EVENTS:
+                frames = _coalesced(run_id, events) if coalesce else _frames(run_id, events)
+                for frame in frames:
+                    await self.send_frame(frame)
+                    after = frame["seq"]
+                    if frame["type"] in TERMINAL_EVENTS:
                         return
         except asyncio.CancelledError:
             raise
@@ -312,6 +314,45 @@ class ChatConsumer(AsyncWebsocketConsumer):
         finally:
             if self.relays.get(run_id) is asyncio.current_task():
                 self.relays.pop(run_id, None)
+
+
+COALESCE_MAX_CHARS = 16384  # the most text one coalesced token frame carries
+
+
+def _frames(run_id: str, events: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    return [{**event, "run_id": run_id, "seq": seq} for seq, event in events]
+
+
+def _coalesced(run_id: str, events: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Consecutive `token` events as one frame: the joined deltas, `first_seq` and `seq`
+    (the last event's). A client resuming from that `seq` misses nothing."""
+    frames: list[dict[str, Any]] = []
+    pending: list[str] = []
+    first = size = 0
+
+    def flush(last: int) -> None:
+        nonlocal pending, size
+        if pending:
+            frame: dict[str, Any] = {"type": "token", "delta": "".join(pending)}
+            frames.append({**frame, "run_id": run_id, "seq": last, "first_seq": first})
+            pending, size = [], 0
+
+    last = 0
+    for seq, event in events:
+        if event.get("type") == "token":
+            delta = event.get("delta", "")
+            if pending and size + len(delta) > COALESCE_MAX_CHARS:
+                flush(last)
+            if not pending:
+                first = seq
+            pending.append(delta)
+            size += len(delta)
+        else:
+            flush(last)
+            frames.append({**event, "run_id": run_id, "seq": seq})
+        last = seq
+    flush(last)
+    return frames
 
 
 async def _log_trimmed(key: str) -> bool:

@@ -180,6 +180,8 @@ class RunRef:
     run_id: str
     after: int
     client_id: str | None
+    # `run.attach` only: consecutive token events may share a frame (fast catch-up).
+    coalesce: bool = False
 
 
 def run_ref(frame: dict[str, Any]) -> RunRef:
@@ -190,8 +192,14 @@ def run_ref(frame: dict[str, Any]) -> RunRef:
         raise FrameError(
             INVALID_FRAME, "'after' must be a sequence number (0 or more).", frame.get("client_id")
         )
+    coalesce = frame.get("coalesce", False)
+    if not isinstance(coalesce, bool):
+        raise FrameError(INVALID_FRAME, "'coalesce' must be true or false.", frame.get("client_id"))
     return RunRef(
-        run_id=_required_id(frame, "run_id"), after=after, client_id=frame.get("client_id")
+        run_id=_required_id(frame, "run_id"),
+        after=after,
+        client_id=frame.get("client_id"),
+        coalesce=coalesce,
     )
 
 

@@ -91,6 +91,7 @@ class Command(BaseCommand):
                 host=options["host"],
                 port=options["port"],
                 ws_max_size=WS_MAX_SIZE,
+                ws_per_message_deflate=False,  # no zlib state per idle socket
                 lifespan="off",
                 log_level="info",
             )
