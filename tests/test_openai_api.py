@@ -620,3 +620,140 @@ def test_the_async_pool_streams_and_books_as_the_sync_pool(alice, backend):
     # Both settled their reservation and counted their use; neither holds a slot.
     assert limiter().budget_state(alice.tenant.id) == (2 * (9 + 4), 0)
     assert admission().inflight() == 0
+
+
+# --- the lean path: the ASGI app, the caller's cache, the backend client --------------------
+
+
+def test_a_body_over_the_upload_limit_is_413(parley, key, settings, backend):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    body = {"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "x" * 2000}]}
+    assert_openai_error(post(parley, key, body), 413, "body_too_large")
+    # Without a Content-Length too (a chunked body).
+    response = httpx.post(
+        f"{parley}/chat/completions",
+        content=iter([json.dumps(body).encode()]),
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=10,
+    )
+    assert_openai_error(response, 413, "body_too_large")
+    assert backend.request_count == 0
+
+
+def test_https_is_required_as_the_production_settings_say(parley, key, settings, backend):
+    settings.SECURE_SSL_REDIRECT = True
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    settings.SECURE_HSTS_SECONDS = 3600
+    plain = post(parley, key, {"model": DEFAULT_MODEL, "messages": HELLO}, follow_redirects=False)
+    assert plain.status_code == 301
+    assert plain.headers["location"].startswith("https://127.0.0.1:")
+    assert plain.headers["location"].endswith("/v1/chat/completions")
+    proxied = httpx.post(
+        f"{parley}/chat/completions",
+        json={"model": DEFAULT_MODEL, "messages": HELLO},
+        headers={"Authorization": f"Bearer {key}", "X-Forwarded-Proto": "https"},
+        timeout=30,
+    )
+    assert proxied.status_code == 200
+    assert proxied.headers["strict-transport-security"] == "max-age=3600"
+    assert proxied.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_caller_is_remembered_briefly_and_forgotten_when_changed(alice, monkeypatch):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from gateway import services
+    from gateway.errors import ApiError
+
+    services.auth_cache_clear()
+    secret = key_for(alice)
+    header = f"Bearer {secret}"
+    actor, _ = services.caller_cached(authorization=header)
+    assert actor.tenant_id == alice.tenant.id
+    with CaptureQueriesContext(connection) as queries:
+        again, _ = services.caller_cached(authorization=header)
+    assert len(queries) == 0 and again.api_key.id == actor.api_key.id
+    # A plan saved in this process applies at once.
+    with operator_scope():
+        plan = Plan.objects.create(name="small", requests_per_minute=3)
+        tenant = Tenant.objects.get(id=alice.tenant.id)
+        tenant.plan = plan
+        tenant.save()
+    assert services.caller_cached(authorization=header)[1].requests_per_minute == 3
+    # Past AUTH_CACHE_S the key is looked up again.
+    monkeypatch.setattr(services, "AUTH_CACHE_S", 0.0)
+    services.auth_cache_clear()
+    services.caller_cached(authorization=header)  # remembered for 0 s
+    with CaptureQueriesContext(connection) as queries:
+        services.caller_cached(authorization=header)
+    assert len(queries) > 0
+    # Refusals are never remembered; a revoked key is refused at once.
+    monkeypatch.setattr(services, "AUTH_CACHE_S", 60.0)
+    with pytest.raises(ApiError):
+        services.caller_cached(authorization="Bearer prk_nope")
+    services.caller_cached(authorization=header)
+    owner = Actor(tenant=alice.tenant, user=alice.user, role=Role.OWNER)
+    with tenant_scope(tenant_id=alice.tenant.id):
+        api_key_revoke(actor=owner, key_id=actor.api_key.id)
+    with pytest.raises(ApiError) as refused:
+        services.caller_cached(authorization=header)
+    assert refused.value.status == 401
+    # Nor is a key remembered past its expiry (here set by a bulk update: no signal).
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from tenants.models import ApiKey
+
+    expiring = key_for(alice, name="expiring")
+    with operator_scope():
+        ApiKey.objects.filter(name="expiring").update(
+            expires_at=timezone.now() + timedelta(seconds=0.5)
+        )
+    services.caller_cached(authorization=f"Bearer {expiring}")
+    time.sleep(0.6)
+    with pytest.raises(ApiError) as expired:
+        services.caller_cached(authorization=f"Bearer {expiring}")
+    assert "expired" in expired.value.message
+
+
+def test_the_backend_connection_is_kept_alive_between_calls(backend):
+    from inference.apool import _backend_stream, _connections_for
+
+    request = ChatRequest(messages=HELLO, model=DEFAULT_MODEL)
+
+    async def twice() -> tuple[list[Any], list[Any], int, int]:
+        first = [
+            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
+        ]
+        idle = _connections_for(backend.url).idle
+        assert len(idle) == 1
+        kept = idle[0]
+        second = [
+            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
+        ]
+        assert idle == [kept]  # the same connection, back again
+
+        # A kept connection that the backend closes as the request arrives (its
+        # keep-alive timeout) is replaced, not an error.
+        async def close_on_request(reader: Any, writer: Any) -> None:
+            await reader.read(1)
+            writer.transport.abort()
+
+        closer = await asyncio.start_server(close_on_request, "127.0.0.1", 0)
+        port = closer.sockets[0].getsockname()[1]
+        kept.writer.close()
+        idle[:] = [apool._Connection(*await asyncio.open_connection("127.0.0.1", port))]
+        third = [
+            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
+        ]
+        closer.close()
+        return first, second, len(third), len(idle)
+
+    first, second, third_count, idle_count = asyncio.run(twice())
+    assert first == second and third_count == len(first) and idle_count == 1
+    assert "".join(e.text for e in first if isinstance(e, TextDelta)) == "Hello, world!"
+    assert isinstance(first[-1], StreamFinished)
+    assert first[-1].usage.prompt_tokens == 9 and first[-1].finish_reason == "stop"
+    assert backend.request_count == 3

@@ -1,4 +1,5 @@
-"""The ASGI application: Django for HTTP, Channels for the websocket API.
+"""The ASGI application: Django for HTTP (but the OpenAI-compatible API under /v1/,
+served by gateway.asgi without Django's request cycle), Channels for the websocket API.
 
 Browser sockets are authenticated by the session cookie and must come from an
 allowed origin (AllowedHostsOriginValidator), so another site cannot ride a
@@ -20,6 +21,8 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from gateway.asgi import PREFIX as GATEWAY_PREFIX  # noqa: E402
+from gateway.asgi import application as gateway_app  # noqa: E402
 
 websocket_app = AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
 browser_websocket_app = AllowedHostsOriginValidator(websocket_app)
@@ -33,4 +36,10 @@ async def websocket_entry(scope, receive, send):
     return await app(scope, receive, send)
 
 
-application = ProtocolTypeRouter({"http": django_asgi_app, "websocket": websocket_entry})
+async def http_entry(scope, receive, send):
+    # The OpenAI-compatible API is a lean ASGI app of its own (gateway.asgi).
+    app = gateway_app if scope["path"].startswith(GATEWAY_PREFIX) else django_asgi_app
+    return await app(scope, receive, send)
+
+
+application = ProtocolTypeRouter({"http": http_entry, "websocket": websocket_entry})

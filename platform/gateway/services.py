@@ -14,13 +14,17 @@ status; a failure after that ends the stream with an error event.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
+
+from django.utils import timezone
 
 from gateway import formats
 from gateway.errors import (
@@ -99,6 +103,56 @@ def caller_authenticate(*, authorization: str | None) -> Actor:
             code="insufficient_scope",
         )
     return actor
+
+
+# A caller (the key's actor and its tenant's limits) is remembered for a few seconds,
+# by the SHA-256 of the presented key (never the key itself): a busy integrator's calls
+# then skip the key's and the plan's lookups. A key, tenant or plan saved in this
+# process (a revocation, a suspension, a plan change) is forgotten at once
+# (`auth_cache_clear`, on their post_save); elsewhere (another process, a bulk update)
+# within AUTH_CACHE_S. Refusals are never remembered: a new key works at once.
+AUTH_CACHE_S = 5.0
+AUTH_CACHE_MAX = 10_000
+_auth_cache: dict[bytes, tuple[float, Actor, Limits]] = {}
+_auth_lock = threading.Lock()
+
+
+def _forget_keys() -> None:
+    with _auth_lock:
+        _auth_cache.clear()
+
+
+def auth_cache_clear(**_: Any) -> None:
+    """Forget every remembered key, now and when the transaction that changed a key or
+    a tenant commits (a post_save receiver): a call in between cannot keep the old
+    state remembered."""
+    from django.db import transaction
+
+    _forget_keys()
+    transaction.on_commit(_forget_keys)
+
+
+def caller_cached(*, authorization: str | None) -> tuple[Actor, Limits]:
+    """`caller_authenticate` and the tenant's limits, remembered for AUTH_CACHE_S."""
+    digest = hashlib.sha256((authorization or "").encode()).digest()
+    now = time.monotonic()
+    hit = _auth_cache.get(digest)
+    if hit is not None and hit[0] > now:
+        return hit[1], hit[2]
+    actor = caller_authenticate(authorization=authorization)
+    limits = _tenant_limits(actor)
+    until = now + AUTH_CACHE_S
+    expires_at = actor.api_key.expires_at if actor.api_key is not None else None
+    if expires_at is not None:  # never remembered past the key's expiry
+        until = min(until, now + (expires_at - timezone.now()).total_seconds())
+    with _auth_lock:
+        if len(_auth_cache) >= AUTH_CACHE_MAX:
+            for stale in [d for d, entry in _auth_cache.items() if entry[0] <= now]:
+                del _auth_cache[stale]
+            if len(_auth_cache) >= AUTH_CACHE_MAX:
+                _auth_cache.clear()
+        _auth_cache[digest] = (until, actor, limits)
+    return actor, limits
 
 
 def _tenant_limits(actor: Actor) -> Limits:
@@ -299,11 +353,11 @@ def _model_check(model: str) -> None:
         )
 
 
-def _caller_and_model(*, authorization: str | None, model: str | None) -> Actor:
-    actor = caller_authenticate(authorization=authorization)
+def _caller_and_model(*, authorization: str | None, model: str | None) -> tuple[Actor, Limits]:
+    caller = caller_cached(authorization=authorization)
     if model is not None:
         _model_check(model)
-    return actor
+    return caller
 
 
 # --- /v1/chat/completions: the answer -----------------------------------------------------
@@ -381,7 +435,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         params, invalid = None, exc
     # The key comes first (a bad key with a bad body is a 401), in one blocking step
     # with the model's check.
-    actor = await apool.blocking(
+    actor, limits = await apool.blocking(
         _caller_and_model, authorization=authorization, model=params.model if params else None
     )
     if invalid is not None or params is None:
@@ -398,7 +452,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         purpose=PURPOSE,
         reference=completion_id,
     )
-    events = apool.chat_stream(request)
+    events = apool.chat_stream(request, limits=limits)
     try:
         first = await anext(events)
     except StopAsyncIteration:  # pragma: no cover - the pool always starts or raises

@@ -17,9 +17,10 @@ breakers, the shared load store, the tenant's limits, fair admission, the ledger
    produced) and charged to the tenant's fairness counter, and every lease is given
    back, also when the consumer stops early (a client that disconnects).
 
-What differs is only how it waits. The backend is read with httpx's async client
-(one connection pool per event loop); the first-token and idle timeouts are deadlines
-on each read; the wait for admission is an async BLPOP on the ticket's wake key. The
+What differs is only how it waits. The backend is read with a small HTTP/1.1 client
+on asyncio streams (kept-alive connections per backend and event loop); the
+first-token and idle timeouts are one deadline per stream, paused while the consumer
+has an event; the wait for admission is an async BLPOP on the ticket's wake key. The
 blocking bookkeeping (backend rows, the plan, the Redis scripts of limits and
 admission, the ledger row) runs on a small thread pool in three steps per call, never
 per token: `blocking` is that pool, for other async callers too.
@@ -32,7 +33,9 @@ import contextvars
 import functools
 import json
 import logging
+import math
 import random
+import ssl
 import threading
 import time
 import uuid
@@ -42,8 +45,8 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, aclosing
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-import httpx
 from django.conf import settings
 from django.db import close_old_connections
 
@@ -59,7 +62,6 @@ from inference.admission import (
     admission,
 )
 from inference.backends import backend_rows, backend_views
-from inference.client import _as_inference_error, _error_message
 from inference.limits import CallGuard, CallIdentity, call_guard, estimate_tokens, renewer
 from inference.load import LEASE_S, LoadStore, load_store
 from inference.models import Backend
@@ -74,6 +76,7 @@ from inference.types import (
     TextDelta,
     Usage,
 )
+from tenants.quotas import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -137,28 +140,11 @@ async def _acquire(fn: Callable[..., T], undo: Callable[[T], object], /, *args: 
         raise
 
 
-# --- one HTTP client and one Redis client per event loop -----------------------------
+# --- one Redis client per event loop -----------------------------
 
-_http_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = (
-    weakref.WeakKeyDictionary()
-)
 _redis_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
     weakref.WeakKeyDictionary()
 )
-
-
-def _http_client() -> httpx.AsyncClient:
-    """Connections to the backends are kept alive and shared by the loop's calls."""
-    loop = asyncio.get_running_loop()
-    client = _http_clients.get(loop)
-    if client is None:
-        client = httpx.AsyncClient(
-            limits=httpx.Limits(
-                max_connections=None, max_keepalive_connections=512, keepalive_expiry=30.0
-            ),
-        )
-        _http_clients[loop] = client
-    return client
 
 
 def _redis_client(url: str) -> Any:
@@ -220,9 +206,10 @@ def _pick(
     return chosen, load_store().begin(chosen.id)
 
 
-def _open(request: ChatRequest) -> _Call:
+def _open(request: ChatRequest, limits: Limits | None = None) -> _Call:
     """Blocking: everything before the first backend request (pool.chat_stream's
-    opening, and admission's `enter`); for a call admitted at once, the first pick."""
+    opening, and admission's `enter`); for a call admitted at once, the first pick.
+    `limits`: the tenant's, when the caller has them already."""
     if not settings.PARLEY_BACKENDS and not Backend.objects.exists():
         raise InferenceError(
             "no_backend", "No inference backend is configured (set PARLEY_BACKENDS)."
@@ -235,7 +222,7 @@ def _open(request: ChatRequest) -> _Call:
         call.first, call.picked_first = _pick(rows, call.route, set()), True
         return call
 
-    tenant_limits = pool._tenant_limits(request.tenant_id)
+    tenant_limits = limits or pool._tenant_limits(request.tenant_id)
     if not tenant_limits.allows_model(model):
         raise InferenceError(
             "model_not_allowed", f"Your plan does not include the model {model!r}."
@@ -384,11 +371,14 @@ def _close(
         call.stack.close()
 
 
-async def chat_stream(request: ChatRequest) -> AsyncGenerator[StreamEvent, None]:
+async def chat_stream(
+    request: ChatRequest, *, limits: Limits | None = None
+) -> AsyncGenerator[StreamEvent, None]:
     """Stream a chat completion: the events and errors of `inference.pool.chat_stream`
     (StreamStarted, again if a retry moves the call; TextDelta...; StreamFinished;
-    InferenceError, LimitExceeded, AdmissionTimeout), from an event loop."""
-    call = await _acquire(_open, _abandon, request)
+    InferenceError, LimitExceeded, AdmissionTimeout), from an event loop. `limits`:
+    the tenant's limits when the caller holds them (else they are read)."""
+    call = await _acquire(_open, _abandon, request, limits)
     backend, deltas, finished = "", 0, None
     try:
         if not call.admitted:
@@ -477,123 +467,379 @@ def _request_body(request: ChatRequest, model: str) -> dict[str, Any]:
     return body
 
 
+class _Deadline:
+    """A stream's read deadline, checked by one timer per stream (not one per read):
+    when it passes while the stream waits for the backend, the connection is aborted
+    and the pending read fails. `pause` stops the clock while the consumer has the
+    event (its time is its own); `resume` restarts it with the time that was left."""
+
+    __slots__ = ("_handle", "_loop", "_transport", "at", "fired", "left")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, at: float) -> None:
+        self._loop = loop
+        self._transport: asyncio.WriteTransport | None = None
+        self.at = at
+        self.left = 0.0
+        self.fired = False
+        self._handle = loop.call_at(at, self._check)
+
+    def watch(self, transport: asyncio.WriteTransport) -> None:
+        self._transport = transport
+        if self.fired:  # it passed while connecting
+            transport.abort()
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.at == math.inf:  # paused: look again later
+            self._handle = self._loop.call_at(now + 1.0, self._check)
+        elif now >= self.at:
+            self.fired = True
+            if self._transport is not None:
+                self._transport.abort()
+        else:
+            self._handle = self._loop.call_at(self.at, self._check)
+
+    def pause(self) -> None:
+        self.left, self.at = self.at - self._loop.time(), math.inf
+
+    def resume(self) -> None:
+        self.at = self._loop.time() + self.left
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+
+
+class _Origin:
+    """A backend's address, parsed once."""
+
+    __slots__ = ("host", "host_header", "path", "port", "ssl")
+
+    def __init__(self, base_url: str) -> None:
+        parts = urlsplit(base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InferenceError("backend_error", f"{base_url}: not an http(s) URL")
+        self.ssl = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.ssl else 80)
+        self.host_header = parts.netloc.rpartition("@")[2]
+        self.path = parts.path.rstrip("/")
+
+
+class _Connection:
+    __slots__ = ("idle_since", "reader", "writer")
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.idle_since = 0.0
+
+
+class _Connections:
+    """Kept-alive HTTP/1.1 connections to one backend, for one event loop: a stack of
+    idle ones (the most recent first), taken and put back in O(1)."""
+
+    def __init__(self, origin: _Origin) -> None:
+        self.origin = origin
+        self.idle: list[_Connection] = []
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if origin.ssl else None
+
+    def take_idle(self, now: float) -> _Connection | None:
+        while self.idle:
+            conn = self.idle.pop()
+            if (
+                now - conn.idle_since < KEEPALIVE_S
+                and not conn.reader.at_eof()
+                and not conn.writer.is_closing()
+            ):
+                return conn
+            conn.writer.close()
+        return None
+
+    async def connect(self, timeout_s: float) -> _Connection:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection(
+                self.origin.host,
+                self.origin.port,
+                ssl=self._ssl,
+                limit=MAX_LINE_BYTES,
+            )
+        return _Connection(reader, writer)
+
+    def put(self, conn: _Connection, now: float) -> None:
+        # The least recently used connection is the first: drop it once it has aged
+        # out (the backend will have closed it), one per call.
+        if self.idle and now - self.idle[0].idle_since >= KEEPALIVE_S:
+            self.idle.pop(0).writer.close()
+        if len(self.idle) >= MAX_IDLE:
+            conn.writer.close()
+            return
+        conn.idle_since = now
+        self.idle.append(conn)
+
+
+KEEPALIVE_S = 30.0
+MAX_IDLE = 512  # kept-alive connections per backend and event loop
+MAX_LINE_BYTES = 1 << 20  # a response head, or one chunk-size line
+_connections: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, _Connections]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _connections_for(base_url: str) -> _Connections:
+    loop = asyncio.get_running_loop()
+    by_url = _connections.get(loop)
+    if by_url is None:
+        by_url = _connections[loop] = {}
+    found = by_url.get(base_url)
+    if found is None:
+        found = by_url[base_url] = _Connections(_Origin(base_url))
+    return found
+
+
+class _Response:
+    """One HTTP/1.1 response being read: its status, headers and body pieces (chunked,
+    by Content-Length, or to the end of the connection)."""
+
+    __slots__ = ("_left", "_reader", "chunked", "done", "headers", "reusable", "status")
+
+    def __init__(self, reader: asyncio.StreamReader) -> None:
+        self._reader = reader
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.chunked = False
+        self.reusable = False
+        self.done = False
+        self._left = -1  # bytes left by Content-Length; -1: to the end of the connection
+
+    async def read_head(self) -> None:
+        head = await self._reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        version, _, rest = lines[0].partition(b" ")
+        self.status = int(rest[:3])
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name:
+                self.headers[name.strip().lower()] = value.strip()
+        connection = self.headers.get(b"connection", b"").lower()
+        self.reusable = version == b"HTTP/1.1" and connection != b"close"
+        self.chunked = b"chunked" in self.headers.get(b"transfer-encoding", b"").lower()
+        if not self.chunked:
+            length = self.headers.get(b"content-length")
+            if length is not None:
+                self._left = int(length)
+            else:
+                self.reusable = False
+        if self.status in (204, 304) or (not self.chunked and self._left == 0):
+            self.done = True
+
+    async def read(self) -> bytes:
+        """The next piece of the body; b"" at its end."""
+        if self.done:
+            return b""
+        reader = self._reader
+        if self.chunked:
+            line = await reader.readuntil(b"\r\n")
+            size = int(line.split(b";", 1)[0], 16)
+            if size == 0:
+                while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers
+                    pass
+                self.done = True
+                return b""
+            data = await reader.readexactly(size + 2)
+            return data[:-2]
+        if self._left < 0:
+            data = await reader.read(65536)
+            self.done = not data
+            return data
+        data = await reader.read(min(self._left, 65536))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", self._left)
+        self._left -= len(data)
+        self.done = self._left == 0
+        return data
+
+    async def read_all(self, limit: int = 1 << 16) -> bytes:
+        parts, size = [], 0
+        while size < limit:
+            data = await self.read()
+            if not data:
+                break
+            parts.append(data)
+            size += len(data)
+        if not self.done:
+            self.reusable = False
+        return b"".join(parts)
+
+
+def _error_message(status: int, body: bytes) -> str:
+    """As inference.client's: the backend's error message, else the body's start."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body[:500].decode(errors="replace") or f"HTTP {status}"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(data.get("detail"), str):
+            return str(data["detail"])
+    return json.dumps(data)[:500]
+
+
+def _request_head(origin: _Origin, length: int) -> bytes:
+    lines = [
+        f"POST {origin.path}/v1/chat/completions HTTP/1.1",
+        f"Host: {origin.host_header}",
+        "Content-Type: application/json",
+        "Accept: text/event-stream",
+        f"Content-Length: {length}",
+    ]
+    if settings.PARLEY_BACKEND_API_KEY:
+        lines.append(f"Authorization: Bearer {settings.PARLEY_BACKEND_API_KEY}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _send_request(
+    connections: _Connections, body: bytes, deadline: _Deadline, connect_s: float
+) -> tuple[_Connection, _Response]:
+    """Send the request on a kept-alive connection, or a new one; a kept-alive one that
+    the backend closed meanwhile (no byte of an answer) is replaced once."""
+    loop = asyncio.get_running_loop()
+    payload = _request_head(connections.origin, len(body)) + body
+    conn = connections.take_idle(loop.time())
+    for reused in (True, False) if conn is not None else (False,):
+        if not reused:
+            try:
+                conn = await connections.connect(connect_s)
+            except (OSError, TimeoutError) as exc:
+                raise InferenceError(
+                    "backend_unreachable",
+                    f"{connections.origin.host}:{connections.origin.port}: {exc!r}",
+                    retryable=True,
+                ) from exc
+        assert conn is not None
+        deadline.watch(conn.writer.transport)
+        response = _Response(conn.reader)
+        try:
+            conn.writer.write(payload)
+            await response.read_head()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            conn.writer.close()
+            if reused and not deadline.fired:
+                continue
+            raise
+        return conn, response
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 async def _backend_stream(
     base_url: str, request: ChatRequest, *, model: str
 ) -> AsyncGenerator[StreamEvent, None]:
     """BackendClient.chat_stream, asynchronously: the same events, errors and
-    timeouts (the first token within PARLEY_FIRST_TOKEN_TIMEOUT_S of the response,
-    then no gap over PARLEY_STREAM_IDLE_TIMEOUT_S). Errors before the first token are
-    `retryable`."""
+    timeouts (the first token within PARLEY_FIRST_TOKEN_TIMEOUT_S of the request, then
+    no gap over PARLEY_STREAM_IDLE_TIMEOUT_S). Errors before the first token are
+    `retryable`.
+
+    The backend is read with a small HTTP/1.1 client on asyncio streams, with a pool of
+    kept-alive connections per backend: per token, one chunk read from the buffered
+    stream and one `json.loads` of its event."""
     first_token_s = settings.PARLEY_FIRST_TOKEN_TIMEOUT_S
     idle_s = settings.PARLEY_STREAM_IDLE_TIMEOUT_S
     base_url = base_url.rstrip("/")
-    headers = (
-        {"Authorization": f"Bearer {settings.PARLEY_BACKEND_API_KEY}"}
-        if settings.PARLEY_BACKEND_API_KEY
-        else {}
-    )
-    # httpx's read timeout is a backstop; the deadlines below are the real limits.
-    timeout = httpx.Timeout(
-        connect=settings.PARLEY_CONNECT_TIMEOUT_S,
-        read=max(first_token_s, idle_s) + 5.0,
-        write=30.0,
-        pool=30.0,
-    )
     loop = asyncio.get_running_loop()
+    connections = _connections_for(base_url)
+    body = json.dumps(_request_body(request, model)).encode()
+    deadline = _Deadline(loop, loop.time() + first_token_s)
     started = False
     finish_reason = ""
     usage: Usage | None = None
-    deadline_fired = False
+    conn: _Connection | None = None
+    response: _Response | None = None
+    done = False
     try:
-        async with _http_client().stream(
-            "POST",
-            f"{base_url}/v1/chat/completions",
-            json=_request_body(request, model),
-            headers=headers,
-            timeout=timeout,
-        ) as response:
-            if response.status_code != 200:
-                await response.aread()
-                status = response.status_code
-                raise InferenceError(
-                    "backend_rejected" if 400 <= status < 500 else "backend_error",
-                    _error_message(response),
-                    retryable=status >= 500 or status == 429,
-                    status=status,
-                )
-            yield StreamStarted(backend=base_url, model=model)
-            chunks = response.aiter_bytes().__aiter__()
-            deadline = loop.time() + first_token_s
-            extended_at = 0.0
-            buffer = b""
-            done = False
+        conn, response = await _send_request(
+            connections, body, deadline, settings.PARLEY_CONNECT_TIMEOUT_S
+        )
+        if response.status != 200:
+            status = response.status
+            message = _error_message(status, await response.read_all())
+            raise InferenceError(
+                "backend_rejected" if 400 <= status < 500 else "backend_error",
+                message,
+                retryable=status >= 500 or status == 429,
+                status=status,
+            )
+        deadline.at = loop.time() + first_token_s  # from the response, as the sync client
+        deadline.pause()
+        yield StreamStarted(backend=base_url, model=model)
+        deadline.resume()
+        buffer = b""
+        while True:
+            data = await response.read()
+            if not data:
+                break
+            if started:
+                deadline.at = loop.time() + idle_s
+            if done:
+                continue  # read on to the end of the body: the connection is then reused
+            buffer = buffer + data if buffer else data
             while True:
-                try:
-                    # A deadline per read, never across a yield: the consumer's time is
-                    # its own.
-                    async with asyncio.timeout_at(deadline):
-                        data = await chunks.__anext__()
-                except StopAsyncIteration:
+                end = buffer.find(b"\n")
+                if end < 0:
                     break
-                except TimeoutError:
-                    deadline_fired = True
-                    raise
-                if started:
-                    # Extend the idle deadline at most every 0.25 s (the sync client's
-                    # watchdog checks every 0.2 s); never earlier than idle_s.
-                    now = loop.time()
-                    if now - extended_at >= 0.25:
-                        deadline, extended_at = now + idle_s + 0.25, now
-                buffer += data
-                while not done:
-                    end = buffer.find(b"\n")
-                    if end < 0:
-                        break
-                    line, buffer = buffer[:end].rstrip(b"\r"), buffer[end + 1 :]
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        # Read on to the end of the body: the connection is then reused.
-                        done = True
-                        break
-                    chunk = json.loads(payload)
-                    if "error" in chunk and not chunk.get("choices"):
-                        raise InferenceError(
-                            "backend_error",
-                            str(chunk["error"].get("message", chunk["error"])),
-                            retryable=not started,
-                        )
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
-                            if not started:
-                                started = True
-                                deadline, extended_at = loop.time() + idle_s + 0.25, loop.time()
-                            yield TextDelta(text)
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-                    if chunk.get("usage"):
-                        usage = Usage(
-                            prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
-                            completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
-                        )
-                if done:
+                line, buffer = buffer[:end], buffer[end + 1 :]
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
                     buffer = b""
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk and not chunk.get("choices"):
+                    raise InferenceError(
+                        "backend_error",
+                        str(chunk["error"].get("message", chunk["error"])),
+                        retryable=not started,
+                    )
+                for choice in chunk.get("choices") or ():
+                    delta = choice.get("delta")
+                    text = delta.get("content") if delta else None
+                    if text:
+                        if not started:
+                            started = True
+                            deadline.at = loop.time() + idle_s
+                        deadline.pause()
+                        yield TextDelta(text)
+                        deadline.resume()
+                    if choice.get("finish_reason"):
+                        finish_reason = choice["finish_reason"]
+                if chunk.get("usage"):
+                    usage = Usage(
+                        prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
+                        completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
+                    )
+        if response.reusable and response.done and conn is not None:
+            connections.put(conn, loop.time())
+            conn = None
     except json.JSONDecodeError as exc:
         raise InferenceError(
             "backend_error", f"malformed stream chunk: {exc}", retryable=not started
         ) from exc
-    except TimeoutError as exc:
-        if not deadline_fired:
-            raise _as_inference_error(exc, base_url, started) from exc
-        code = "stream_timeout" if started else "first_token_timeout"
-        limit = idle_s if started else first_token_s
+    except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+        if deadline.fired:
+            code = "stream_timeout" if started else "first_token_timeout"
+            limit = idle_s if started else first_token_s
+            raise InferenceError(
+                code, f"{base_url}: no token for {limit:g}s", retryable=not started
+            ) from exc
         raise InferenceError(
-            code, f"{base_url}: no token for {limit:g}s", retryable=not started
+            "backend_error", f"{base_url}: {exc!r}", retryable=not started
         ) from exc
-    except (httpx.HTTPError, OSError) as exc:
-        raise _as_inference_error(exc, base_url, started) from exc
+    finally:
+        deadline.cancel()
+        if conn is not None:
+            conn.writer.close()
     if not finish_reason:
         raise InferenceError(
             "stream_interrupted",
