@@ -174,6 +174,7 @@ class Processes:
         )
         self.module = f"resilience_settings_{uuid.uuid4().hex[:8]}"
         self.runs_queue = "runs"
+        self.watchdog_queue = "default"
 
     def private_runs_queue(self, monkeypatch: pytest.MonkeyPatch) -> str:
         """Hand this test's runs (and the tasks they queue) to a queue of its own: the
@@ -189,13 +190,19 @@ class Processes:
         monkeypatch.setattr(config.celery, "enqueue", enqueue)
         return queue
 
+    def private_watchdog_queue(self) -> str:
+        """Route the beat's watchdog task to a queue of its own: the suite's in-thread
+        worker consumes `default` and would otherwise take it from this test's worker."""
+        self.watchdog_queue = f"default-resilience-{uuid.uuid4().hex[:8]}"
+        return self.watchdog_queue
+
     def _write_settings(self) -> None:
         """The test settings, on the Redis keys this pytest process uses now (the test
         settings derive them from the process id)."""
         s = self.settings
         layer_prefix = s.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"]
         routes = {
-            "chat.tasks.runs_reap": {"queue": "default"},
+            "chat.tasks.runs_reap": {"queue": self.watchdog_queue},
             "chat.tasks.*": {"queue": self.runs_queue},
         }
         text = "\n".join(
@@ -680,8 +687,8 @@ async def test_a_worker_killed_mid_run_ends_failed_with_its_partial_text(
     queue = procs.private_runs_queue(monkeypatch)
     worker = await asyncio.to_thread(procs.worker, queue)
     if watchdog == "beat":
-        # The real schedule and routing: beat sends chat.tasks.runs_reap to `default`.
-        watcher = await asyncio.to_thread(procs.worker, "default")
+        # The real schedule: beat sends chat.tasks.runs_reap to the watchdog's queue.
+        watcher = await asyncio.to_thread(procs.worker, procs.private_watchdog_queue())
         await asyncio.to_thread(procs.beat)
     connected, _, socket = await ws_connect(alice.user)
     assert connected
