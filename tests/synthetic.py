@@ -14,7 +14,18 @@ optionally failing in a chosen way:
 - "no_usage":      a normal stream, but never a usage chunk
 
     with SyntheticServer(tokens=5) as server:
-        ... server.url ... server.request_count ...
+        ... server.url ... server.request_count ... server.bodies ...
+
+A model that calls tools is scripted with `replies`: request n gets `replies[n]`, a
+`Reply` of text pieces and/or `ToolCall`s, streamed as vLLM streams them (each call's
+first fragment with its id and function name, then its JSON arguments in pieces of
+`Reply.argument_chars`, finish_reason "tool_calls"); a request past the script's end
+is answered 500.
+
+    SyntheticServer(replies=[
+        Reply(tool_calls=[ToolCall("calculate", {"expression": "6*7"})]),
+        Reply(pieces=["It is ", "42."]),
+    ])
 
 or, from a test, the `synthetic_server` fixture: a factory that starts servers and
 stops them all when the test ends.
@@ -28,7 +39,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -42,6 +54,26 @@ from inference.local_process import free_port
 
 FAIL_MODES = ("none", "http500", "drop_after_n", "reset_after_n", "no_usage")
 DEFAULT_MODEL = "synthetic-model"
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any] | str  # a dict is sent as its JSON; a string as it is
+    id: str = field(default_factory=lambda: f"chatcmpl-tool-{uuid.uuid4().hex[:16]}")
+
+    @property
+    def arguments_json(self) -> str:
+        return self.arguments if isinstance(self.arguments, str) else json.dumps(self.arguments)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One scripted answer: text pieces first, then tool calls."""
+
+    pieces: Sequence[str] = ()
+    tool_calls: Sequence[ToolCall] = ()
+    argument_chars: int = 5  # the size of each streamed arguments fragment
 
 
 class SyntheticDrop(RuntimeError):
@@ -60,9 +92,13 @@ class SyntheticServer:
         model: str = DEFAULT_MODEL,
         max_model_len: int = 4096,
         prompt_tokens: int = 7,
+        replies: Sequence[Reply] | None = None,
     ) -> None:
         if fail not in FAIL_MODES:
             raise ValueError(f"fail must be one of {FAIL_MODES}, not {fail!r}")
+        if replies is not None and (pieces is not None or tokens != 5):
+            raise ValueError("give either replies or tokens/pieces, not both")
+        self.replies = list(replies) if replies is not None else None
         self.pieces = list(pieces) if pieces is not None else [f"tok{i} " for i in range(tokens)]
         self.delay_s = delay_s
         self.fail = fail
@@ -144,11 +180,13 @@ class SyntheticServer:
 
     # --- the app -------------------------------------------------------------------
 
-    def _hit(self, path: str, body: dict[str, Any] | None = None) -> None:
+    def _hit(self, path: str, body: dict[str, Any] | None = None) -> int:
+        """Count the request (and keep its body); its number among those with a body."""
         with self._lock:
             self._hits[path] += 1
             if body is not None:
                 self._bodies.append(body)
+            return len(self._bodies) - 1
 
     @staticmethod
     def _error(message: str, status: int, kind: str) -> JSONResponse:
@@ -193,7 +231,7 @@ class SyntheticServer:
             except ValueError:
                 self._hit("/v1/chat/completions")
                 return self._error("the request body is not valid JSON", 400, "BadRequestError")
-            self._hit("/v1/chat/completions", body)
+            number = self._hit("/v1/chat/completions", body)
             if body.get("model") not in (None, "", self.model):
                 return self._error(
                     f"The model `{body.get('model')}` does not exist.", 404, "NotFoundError"
@@ -201,13 +239,36 @@ class SyntheticServer:
             if self.fail == "http500":
                 return self._error("synthetic failure", 500, "InternalServerError")
 
+            if self.replies is None:
+                reply = Reply(pieces=self.pieces)
+            else:
+                if number >= len(self.replies):
+                    return self._error(
+                        f"the script has {len(self.replies)} replies; this is request {number + 1}",
+                        500,
+                        "InternalServerError",
+                    )
+                reply = self.replies[number]
             max_tokens = body.get("max_tokens")
-            pieces = self.pieces if max_tokens is None else self.pieces[:max_tokens]
-            finish = "length" if len(pieces) < len(self.pieces) else "stop"
+            all_pieces = list(reply.pieces)
+            pieces = all_pieces if max_tokens is None else all_pieces[:max_tokens]
+            calls = list(reply.tool_calls)
+            fragments = [
+                [
+                    c.arguments_json[i : i + reply.argument_chars]
+                    for i in range(0, len(c.arguments_json), reply.argument_chars)
+                ]
+                for c in calls
+            ]
+            if calls:
+                finish = "tool_calls"
+            else:
+                finish = "length" if len(pieces) < len(all_pieces) else "stop"
+            completion_tokens = len(pieces) + sum(1 + len(f) for f in fragments)
             usage = {
                 "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": len(pieces),
-                "total_tokens": self.prompt_tokens + len(pieces),
+                "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens,
             }
             completion_id = f"chatcmpl-{uuid.uuid4().hex}"
             created = int(time.time())
@@ -223,7 +284,27 @@ class SyntheticServer:
                         "choices": [
                             {
                                 "index": 0,
-                                "message": {"role": "assistant", "content": "".join(pieces)},
+                                "message": {
+                                    "role": "assistant",
+                                    "content": "".join(pieces),
+                                    **(
+                                        {
+                                            "tool_calls": [
+                                                {
+                                                    "id": c.id,
+                                                    "type": "function",
+                                                    "function": {
+                                                        "name": c.name,
+                                                        "arguments": c.arguments_json,
+                                                    },
+                                                }
+                                                for c in calls
+                                            ]
+                                        }
+                                        if calls
+                                        else {}
+                                    ),
+                                },
                                 "logprobs": None,
                                 "finish_reason": finish,
                             }
@@ -269,6 +350,19 @@ class SyntheticServer:
                     if self.fail == "reset_after_n":
                         raise SyntheticDrop("synthetic connection reset")
                     return
+                for index, (call, parts) in enumerate(zip(calls, fragments, strict=True)):
+                    head = {
+                        "index": index,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
+                    yield chunk([choice({"tool_calls": [head]})])
+                    for part in parts:
+                        if self.delay_s:
+                            await asyncio.sleep(self.delay_s)
+                        fragment = {"index": index, "function": {"arguments": part}}
+                        yield chunk([choice({"tool_calls": [fragment]})])
                 yield chunk([choice({}, finish)])
                 if include_usage:
                     yield chunk([], usage=usage)

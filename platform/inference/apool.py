@@ -62,6 +62,7 @@ from inference.admission import (
     admission,
 )
 from inference.backends import backend_rows, backend_views
+from inference.client import request_body, tool_call_deltas
 from inference.limits import CallGuard, CallIdentity, call_guard, estimate_tokens, renewer
 from inference.load import LEASE_S, LoadStore, load_store
 from inference.models import Backend
@@ -375,9 +376,9 @@ async def chat_stream(
     request: ChatRequest, *, limits: Limits | None = None
 ) -> AsyncGenerator[StreamEvent, None]:
     """Stream a chat completion: the events and errors of `inference.pool.chat_stream`
-    (StreamStarted, again if a retry moves the call; TextDelta...; StreamFinished;
-    InferenceError, LimitExceeded, AdmissionTimeout), from an event loop. `limits`:
-    the tenant's limits when the caller holds them (else they are read)."""
+    (StreamStarted, again if a retry moves the call; TextDelta... and ToolCallDelta...;
+    StreamFinished; InferenceError, LimitExceeded, AdmissionTimeout), from an event
+    loop. `limits`: the tenant's limits when the caller holds them (else they are read)."""
     call = await _acquire(_open, _abandon, request, limits)
     backend, deltas, finished = "", 0, None
     try:
@@ -451,20 +452,7 @@ def _end_lease(store: LoadStore, backend: str, lease: str) -> None:
 
 def _request_body(request: ChatRequest, model: str) -> dict[str, Any]:
     """As inference.client.BackendClient.chat_stream sends it."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.tenant_id:
-        # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
-        body["cache_salt"] = request.tenant_id
-    return body
+    return request_body(request, model=model)
 
 
 class _Deadline:
@@ -812,6 +800,16 @@ async def _backend_stream(
                         deadline.pause()
                         yield TextDelta(text)
                         deadline.resume()
+                    # Parsed only when the chunk has some: text chunks pay one lookup.
+                    calls = delta.get("tool_calls") if delta else None
+                    if calls:
+                        for call in tool_call_deltas(calls, started=started):
+                            if not started:
+                                started = True
+                                deadline.at = loop.time() + idle_s
+                            deadline.pause()
+                            yield call
+                            deadline.resume()
                     if choice.get("finish_reason"):
                         finish_reason = choice["finish_reason"]
                 if chunk.get("usage"):

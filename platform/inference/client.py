@@ -1,7 +1,8 @@
 """One backend, spoken to as vLLM's OpenAI-compatible server.
 
-`/v1/chat/completions` with `stream: true` and `stream_options.include_usage`,
-`/v1/models` (with vLLM's `max_model_len`), `/health`.
+`/v1/chat/completions` with `stream: true` and `stream_options.include_usage` (and the
+request's `tools`, whose calls stream back as `delta.tool_calls` fragments), `/v1/models`
+(with vLLM's `max_model_len`), `/health`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from inference.types import (
     StreamFinished,
     StreamStarted,
     TextDelta,
+    ToolCallDelta,
     Usage,
 )
 
@@ -53,6 +55,60 @@ def _error_message(response: httpx.Response) -> str:
         if isinstance(body.get("detail"), str):
             return body["detail"]
     return json.dumps(body)[:500]
+
+
+def request_body(request: ChatRequest, *, model: str) -> dict[str, Any]:
+    """The JSON body of a streamed `/v1/chat/completions` request (the async pool's too)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": request.messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if request.max_tokens is not None:
+        body["max_tokens"] = request.max_tokens
+    if request.temperature is not None:
+        body["temperature"] = request.temperature
+    if request.tools:
+        body["tools"] = request.tools
+    if request.tool_choice is not None:
+        body["tool_choice"] = request.tool_choice
+    if request.tenant_id:
+        # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
+        body["cache_salt"] = request.tenant_id
+    return body
+
+
+def tool_call_deltas(raw: Any, *, started: bool) -> list[ToolCallDelta]:
+    """The events of one chunk's `delta.tool_calls`:
+    `[{"index", "id", "type": "function", "function": {"name", "arguments"}}]`, where
+    every key but `index` may be missing from a fragment after the first."""
+    if not isinstance(raw, list):
+        raise InferenceError(
+            "backend_error",
+            "malformed stream chunk: tool_calls is not a list",
+            retryable=not started,
+        )
+    deltas = []
+    for item in raw:
+        function = item.get("function") if isinstance(item, dict) else None
+        index = item.get("index", 0) if isinstance(item, dict) else None
+        if not isinstance(index, int) or not isinstance(function or {}, dict):
+            raise InferenceError(
+                "backend_error",
+                f"malformed stream chunk: a tool call fragment {item!r:.200}",
+                retryable=not started,
+            )
+        function = function or {}
+        deltas.append(
+            ToolCallDelta(
+                index=index,
+                id=item.get("id") or None,
+                name=function.get("name") or None,
+                arguments=function.get("arguments") or "",
+            )
+        )
+    return deltas
 
 
 class BackendClient:
@@ -105,20 +161,10 @@ class BackendClient:
         ]
 
     def chat_stream(self, request: ChatRequest, *, model: str) -> Iterator[StreamEvent]:
-        """Stream one chat completion. Errors before the first token are `retryable`."""
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": request.messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if request.max_tokens is not None:
-            body["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            body["temperature"] = request.temperature
-        if request.tenant_id:
-            # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
-            body["cache_salt"] = request.tenant_id
+        """Stream one chat completion: StreamStarted, TextDelta and ToolCallDelta as they
+        come, StreamFinished. Errors before the first token (or tool-call fragment) are
+        `retryable`."""
+        body = request_body(request, model=model)
 
         # httpx's read timeout is a backstop; the watchdog enforces the two real ones:
         # the first token within first_token_s, then no gap longer than idle_s.
@@ -160,11 +206,17 @@ class BackendClient:
                             retryable=not started,
                         )
                     for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
+                        delta = choice.get("delta") or {}
+                        text = delta.get("content")
                         if text:
                             started = True
                             completion_chars += len(text)
                             yield TextDelta(text)
+                        calls = delta.get("tool_calls")
+                        if calls:
+                            for call in tool_call_deltas(calls, started=started):
+                                started = True
+                                yield call
                         if choice.get("finish_reason"):
                             finish_reason = choice["finish_reason"]
                     if chunk.get("usage"):

@@ -11,6 +11,7 @@ after it ends the call with the error (the caller keeps the partial text).
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import threading
@@ -109,7 +110,13 @@ def default_model() -> str:
 
 
 def _estimate_tokens(request: ChatRequest) -> int:
-    chars = sum(len(str(m.get("content", ""))) for m in request.messages)
+    chars = sum(
+        len(str(m.get("content") or ""))
+        + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        for m in request.messages
+    )
+    if request.tools:
+        chars += len(json.dumps(request.tools))
     return chars // 4 + 8 * len(request.messages)
 
 
@@ -124,7 +131,10 @@ def _no_route_error(rows: list[Backend], model: str) -> InferenceError:
 
 def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
     """Stream a chat completion. Yields StreamStarted (backend, model) — again if a
-    retry moves the call — then TextDelta..., then StreamFinished. Raises InferenceError
+    retry moves the call — then TextDelta... and, for a request with `tools`, the
+    ToolCallDelta fragments of the calls the model makes (either counts as the first
+    token: no failover after it), then StreamFinished (finish_reason "tool_calls" when
+    the reply is tool calls). Raises InferenceError
     with a stable code (LimitExceeded: `rate_limited` or `budget_exhausted`, with when
     to retry; `pool_busy` when the saturated pool did not admit the call in time).
 

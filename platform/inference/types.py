@@ -11,6 +11,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ChatRequest:
+    # OpenAI chat messages: `content` may be a string, a list of parts or None (an
+    # assistant turn with `tool_calls`); a `tool` message answers one by `tool_call_id`.
     messages: list[dict[str, Any]]
     model: str = ""  # empty: the pool's default model
     max_tokens: int | None = None
@@ -22,6 +24,31 @@ class ChatRequest:
     api_key_id: str = ""
     purpose: str = ""
     reference: str = ""
+    # OpenAI tool schemas ({"type": "function", "function": {"name", "description",
+    # "parameters"}}) and `tool_choice` ("auto", "none", "required" or a named tool),
+    # sent to the backend only when set.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        for tool in self.tools or ():
+            function = tool.get("function") if isinstance(tool, dict) else None
+            if (
+                not isinstance(tool, dict)
+                or tool.get("type") != "function"
+                or not isinstance(function, dict)
+                or not function.get("name")
+            ):
+                raise ValueError(
+                    "ChatRequest.tools: each tool must be an OpenAI tool schema "
+                    '{"type": "function", "function": {"name": ..., "parameters": ...}}, '
+                    f"not {tool!r:.200}"
+                )
+        if self.tool_choice is not None and not isinstance(self.tool_choice, str | dict):
+            raise ValueError(
+                "ChatRequest.tool_choice must be a string or a named tool, "
+                f"not {type(self.tool_choice).__name__}"
+            )
 
 
 @dataclass(frozen=True)
@@ -53,12 +80,25 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A fragment of a tool call the model is making, as OpenAI streams `delta.tool_calls`:
+    `index` names the call within the reply; its first fragment carries the call's `id`
+    and function `name`, and every fragment a piece of the JSON `arguments` (joined in
+    order they make the whole)."""
+
+    index: int
+    id: str | None
+    name: str | None
+    arguments: str
+
+
+@dataclass(frozen=True)
 class StreamFinished:
-    finish_reason: str
+    finish_reason: str  # "stop", "length", "tool_calls" (the reply is tool calls), ...
     usage: Usage = field(default_factory=Usage)
 
 
-StreamEvent = StreamStarted | TextDelta | StreamFinished
+StreamEvent = StreamStarted | TextDelta | ToolCallDelta | StreamFinished
 
 
 class InferenceError(Exception):
