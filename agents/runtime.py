@@ -32,7 +32,8 @@ goes back to the model, which may correct itself.
 
 A tool sees the run's cancel through its `RunnableConfig`:
 `config["configurable"]["parley_cancelled"]()` is true once the run is cancelled (or
-out of time); long tools should check it and return early.
+out of time); long tools should check it and return early. The tenant's settings of
+the plugin (secrets decrypted, server side only) are `config["configurable"]["parley_settings"]`.
 """
 
 from __future__ import annotations
@@ -161,8 +162,10 @@ class _Loop:
         cancelled: Callable[[], bool],
         limits: AgentLimits,
         clock: Callable[[], float],
+        settings: dict[str, Any] | None = None,
     ) -> None:
         self.spec = spec
+        self.settings = dict(settings or {})
         self.manifest = manifest
         self.granted = frozenset(granted_scopes)
         self.tools = agent_tools(spec=spec, manifest=manifest, granted_scopes=self.granted)
@@ -302,7 +305,12 @@ class _Loop:
 
         def work() -> None:
             try:
-                config = {"configurable": {"parley_cancelled": should_stop}}
+                config = {
+                    "configurable": {
+                        "parley_cancelled": should_stop,
+                        "parley_settings": self.settings,
+                    }
+                }
                 outcome["value"] = tool.invoke(arguments, config=config)  # type: ignore[arg-type]
             except BaseException as exc:  # handed to the loop, which decides
                 outcome["error"] = exc
@@ -409,6 +417,7 @@ def agent_run(
     cancelled: Callable[[], bool] = lambda: False,
     limits: AgentLimits | None = None,
     clock: Callable[[], float] = time.monotonic,
+    settings: dict[str, Any] | None = None,
 ) -> AgentResult:
     """Run the agent `spec` of plugin `manifest` on a conversation until it answers or
     stops; see the module docstring. `messages` are chat messages as dicts (`role`,
@@ -429,5 +438,6 @@ def agent_run(
         cancelled=cancelled,
         limits=limits or AgentLimits(),
         clock=clock,
+        settings=settings,
     )
     return loop.run(history)

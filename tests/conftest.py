@@ -134,8 +134,8 @@ def backend(model_server, settings) -> str:
 
 @pytest.fixture(scope="session")
 def celery_worker_session(django_db_setup, django_db_blocker):
-    """A real Celery worker (a thread of this process) consuming the `runs` queue
-    through the Redis broker."""
+    """A real Celery worker (a thread of this process) consuming the `runs`, `agents` and
+    `default` queues through the Redis broker."""
     if settings.PARLEY_TASKS_IN_PROCESS:
         pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
     from celery.contrib.testing.worker import start_worker
@@ -149,7 +149,7 @@ def celery_worker_session(django_db_setup, django_db_blocker):
             pool="solo",
             concurrency=1,
             perform_ping_check=False,
-            queues=["runs", "default"],
+            queues=["runs", "agents", "default"],
             loglevel="WARNING",
             shutdown_timeout=30,
         ) as worker,

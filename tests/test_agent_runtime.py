@@ -4,25 +4,18 @@ calculator plugin's tools, and PoolChatModel against a synthetic inference serve
 from __future__ import annotations
 
 import itertools
-import json
-import re
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
 import yaml
-from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, ToolMessage
-from langchain_core.outputs import ChatGenerationChunk, ChatResult
+from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import tool
-from langchain_core.utils.function_calling import convert_to_openai_tool
-from pydantic import Field
 
 from agents.manifest import AgentSpec, PluginManifest, manifest_validate
 from agents.pool_model import PoolChatModel
@@ -31,55 +24,13 @@ from agents.runtime import AgentLimits, AgentResult, agent_run
 from inference import pool
 from inference.models import UsageRecord
 from tenants.rls import tenant_scope
+from tests.scripted_model import ScriptedChatModel
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION = [{"role": "user", "content": "What is 6 times 7?"}]
 
 
 # --- a scripted chat model that calls tools ---------------------------------------
-
-
-class ScriptedChatModel(BaseChatModel):
-    """Answers each call with the next scripted AIMessage, streamed word by word and
-    with its tool calls as tool-call chunks (GenericFakeChatModel's stream drops them).
-    Records what it was sent and which tools it was offered."""
-
-    script: Iterator[AIMessage]
-    seen: list[list[BaseMessage]] = Field(default_factory=list)
-    offered: list[list[str]] = Field(default_factory=list)
-
-    @property
-    def _llm_type(self) -> str:
-        return "scripted"
-
-    def bind_tools(self, tools: Any, **kwargs: Any) -> Any:
-        return self.bind(tools=[convert_to_openai_tool(t) for t in tools], **kwargs)
-
-    def _stream(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None = None,
-        run_manager: CallbackManagerForLLMRun | None = None,
-        **kwargs: Any,
-    ) -> Iterator[ChatGenerationChunk]:
-        self.seen.append(list(messages))
-        self.offered.append([t["function"]["name"] for t in kwargs.get("tools", [])])
-        reply = next(self.script)
-        text = reply.content if isinstance(reply.content, str) else ""
-        for piece in re.split(r"(?<= )", text) if text else []:
-            yield ChatGenerationChunk(message=AIMessageChunk(content=piece))
-        chunks = [
-            {"name": c["name"], "args": json.dumps(c["args"]), "id": c["id"], "index": i}
-            for i, c in enumerate(reply.tool_calls)
-        ]
-        yield ChatGenerationChunk(
-            message=AIMessageChunk(
-                content="", tool_call_chunks=chunks, usage_metadata=reply.usage_metadata
-            )
-        )
-
-    def _generate(self, messages: list[BaseMessage], **kwargs: Any) -> ChatResult:
-        raise AssertionError("the runtime streams")
 
 
 def calls(*pairs: tuple[str, dict[str, Any]], text: str = "", usage: int = 0) -> AIMessage:
@@ -502,3 +453,42 @@ def test_pool_chat_model_streams_text_through_the_pool_and_ledger(
         alice.user.id,
     )
     assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (11, 3, "completed")
+
+
+@tool
+def setting_of(key: str, config: RunnableConfig) -> str:
+    """Read one of the tenant's settings of this plugin.
+
+    Args:
+        key: The setting's name.
+    """
+    return str(config["configurable"]["parley_settings"].get(key))
+
+
+def test_tools_get_the_tenants_plugin_settings():
+    reader = AgentSpec("reader", "Reader", "", "Read settings.", ("setting_of",))
+    configured = manifest_validate(
+        PluginManifest(
+            name="configured",
+            version="1",
+            description="Reads its settings.",
+            tools=[setting_of],
+            scopes={"setting_of": ()},
+            agents=[reader],
+        )
+    )
+    events: list[dict[str, Any]] = []
+    result = agent_run(
+        spec=reader,
+        manifest=configured,
+        granted_scopes=(),
+        model=scripted(calls(("setting_of", {"key": "region"})), AIMessage(content="Done.")),
+        messages=QUESTION,
+        emit=events.append,
+        settings={"region": "eu-west"},
+    )
+    assert result.stop_reason == "done"
+    ends = [e for e in events if e["type"] == "tool.end"]
+    assert [(e["name"], e["result"], e.get("error")) for e in ends] == [
+        ("setting_of", "eu-west", None)
+    ]

@@ -211,22 +211,25 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise protocol.FrameError(protocol.UNAVAILABLE, str(exc), client_id) from None
 
     async def on_chat_send(self, send: protocol.ChatSend) -> None:
-        if send.agent:
-            # Agents are enabled per tenant by plugins; none is enabled here.
-            raise protocol.FrameError(
-                protocol.NOT_FOUND, f"No agent named {send.agent!r} is enabled.", send.client_id
-            )
         if send.document_ids:
             raise protocol.FrameError(protocol.NOT_FOUND, "No such document.", send.client_id)
         kwargs: dict[str, Any] = {}
         if send.has_parent:
             kwargs["parent_message_id"] = send.parent_message_id
+        not_found = (
+            "No such conversation or parent message."
+            if send.has_parent
+            else "No such conversation."
+        )
+        # An agent is one the tenant enabled ("<plugin>.<agent>"); absent keeps the
+        # conversation's agent, "none" returns it to plain chat (chat_send).
+        if send.agent:
+            kwargs["agent"] = send.agent
+            not_found = f"{not_found[:-1]}, or no agent named {send.agent!r} is enabled."
         run = await self.call_service(
             chat_send,
             send.client_id,
-            "No such conversation or parent message."
-            if send.has_parent
-            else "No such conversation.",
+            not_found,
             content=send.content,
             conversation_id=send.conversation_id,
             model=send.model,

@@ -26,6 +26,9 @@ class Conversation(models.Model):
     # False once a person renamed the conversation: automatic titles never overwrite theirs.
     title_auto = models.BooleanField(default=True)
     model = models.CharField(max_length=200, blank=True)
+    # The agent ("<plugin>.<agent>") that answers this conversation; blank: plain chat.
+    # Sticky: a send without an agent keeps it (see chat.services.runs.chat_send).
+    agent = models.CharField(max_length=200, blank=True)
     # The tip of the branch the client is on: a new message without an explicit parent
     # answers it. Null for an empty conversation (or when that message was deleted).
     current_leaf = models.ForeignKey(
@@ -93,6 +96,8 @@ class Run(models.Model):
     )
     state = models.CharField(max_length=16, choices=State.choices, default=State.QUEUED)
     model = models.CharField(max_length=200, blank=True)
+    # The agent that answers this run ("<plugin>.<agent>"); blank: a plain chat run.
+    agent = models.CharField(max_length=200, blank=True)
     backend = models.CharField(max_length=500, blank=True)
     client_id = models.CharField(max_length=100, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)

@@ -66,9 +66,13 @@ class RunEventWriter:
             self._pending = []
         self._last_flush = now if now is not None else time.monotonic()
 
-    def finish(self, event: dict[str, Any]) -> int:
+    def append(self, event: dict[str, Any]) -> int:
+        """Log a non-token event after the token deltas waiting to be flushed."""
         self.flush()
         return self._append(event)
+
+    def finish(self, event: dict[str, Any]) -> int:
+        return self.append(event)
 
     def expire(self) -> None:
         self.log.expire(self.key, settings.PARLEY_RUN_LOG_TTL_S)
@@ -88,12 +92,20 @@ def run_claim(*, run_id: Any) -> Run | None:
 def prompt_build(*, run: Run) -> list[dict[str, str]]:
     """System prompt first, then the conversation's thread up to the user's message: a
     stable prefix that later turns share, so follow-ups hit the backend's prefix cache."""
-    messages = [{"role": "system", "content": settings.PARLEY_SYSTEM_PROMPT}]
+    return [
+        {"role": "system", "content": settings.PARLEY_SYSTEM_PROMPT},
+        *thread_messages(run=run),
+    ]
+
+
+def thread_messages(*, run: Run) -> list[dict[str, str]]:
+    """The conversation's user and assistant messages up to the run's user message."""
     thread = message_thread(conversation=run.conversation, leaf=run.user_message)
-    for message in thread:
-        if message.role in (Message.Role.USER, Message.Role.ASSISTANT) and message.content:
-            messages.append({"role": message.role, "content": message.content})
-    return messages
+    return [
+        {"role": message.role, "content": message.content}
+        for message in thread
+        if message.role in (Message.Role.USER, Message.Role.ASSISTANT) and message.content
+    ]
 
 
 def _heartbeat(run: Run, **fields: Any) -> bool:
@@ -221,7 +233,19 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
     finally:
         keepalive.stop()
         stream.close()  # a cancelled run hangs up on the backend, which stops generating
+    run_end(run, writer, error=error, finished=finished)
 
+
+def run_end(
+    run: Run,
+    writer: RunEventWriter,
+    *,
+    error: InferenceError | None,
+    finished: StreamFinished | None,
+) -> None:
+    """Store the answer (the logged deltas, byte for byte) and log the run's end:
+    `run.done` when it `finished` without `error`, else `run.error`. A run the watchdog
+    ended meanwhile keeps that end; a deleted one gets a `run.error` for attached sockets."""
     text = "".join(writer.text)
     try:
         writer.flush()

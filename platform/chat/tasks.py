@@ -10,6 +10,15 @@ def run_execute_task(run_id: str, tenant_id: str) -> None:
     run_execute(run_id=run_id, tenant_id=tenant_id)
 
 
+@shared_task(name="chat.tasks.agent_execute", acks_late=True)
+def agent_execute_task(run_id: str, tenant_id: str) -> None:
+    # A run answered by an agent: on the `agents` queue, so long tool loops do not hold
+    # the workers that stream plain chat.
+    from chat.agent_runs import agent_execute
+
+    agent_execute(run_id=run_id, tenant_id=tenant_id)
+
+
 @shared_task(name="chat.tasks.conversation_title", acks_late=True)
 def conversation_title_task(conversation_id: str, tenant_id: str, model: str = "") -> None:
     from chat.titles import conversation_title_generate

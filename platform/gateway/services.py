@@ -165,8 +165,8 @@ def _tenant_limits(actor: Actor) -> Limits:
 
 
 def models_list(*, actor: Actor) -> list[dict[str, Any]]:
-    """What the caller may name as `model`: every model a routable backend serves that
-    the tenant's plan allows, once each. (Agents will be listed here too.)"""
+    """Every model a routable backend serves that the tenant's plan allows, once each,
+    then the agents the tenant enabled (`agent_models`)."""
     limits = _tenant_limits(actor)
     found: dict[str, dict[str, Any]] = {}
     for row in backend_rows():
@@ -179,7 +179,23 @@ def models_list(*, actor: Actor) -> list[dict[str, Any]]:
                     created=int(row.created_at.timestamp()),
                     max_model_len=row.max_model_len,
                 )
-    return list(found.values())
+    return [*found.values(), *agent_models(actor=actor)]
+
+
+AGENT_MODEL_PREFIX = "agent:"
+
+
+def agent_models(*, actor: Actor) -> list[dict[str, Any]]:
+    """The agents of the plugins the caller's tenant enabled, as model objects
+    `agent:<plugin>.<agent>` owned by their plugin."""
+    from agents.selectors import agents_available
+
+    with tenant_scope(tenant_id=actor.tenant_id):
+        available = agents_available(actor=actor)
+    return [
+        {"id": f"{AGENT_MODEL_PREFIX}{agent.id}", "object": "model", "owned_by": agent.plugin.name}
+        for agent in available
+    ]
 
 
 def models_answer(*, authorization: str | None) -> dict[str, Any]:

@@ -37,6 +37,20 @@ def _title_from(content: str) -> str:
     return line[:80] + ("…" if len(line) > 80 else "")
 
 
+# `chat.send` with this agent returns a conversation to plain chat. Agent ids are
+# "<plugin>.<agent>", so no agent can be named this.
+PLAIN_CHAT = "none"
+
+
+def _agent_check(*, actor: Actor, agent: str) -> None:
+    """NotFound unless `agent` ("<plugin>.<agent>") is available to the actor: its plugin
+    is loaded and enabled in the actor's tenant and has that agent."""
+    from agents.selectors import agents_available
+
+    if agent not in {available.id for available in agents_available(actor=actor)}:
+        raise NotFound
+
+
 class _Current:
     """`parent_message_id` left out: answer the tip of the conversation's current branch."""
 
@@ -76,19 +90,24 @@ def _run_by_client_id(*, actor: Actor, client_id: str) -> Run | None:
 def _run_create(
     *, actor: Actor, conversation: Conversation, user_message: Message, model: str, client_id: str
 ) -> Run:
-    """The run row (in the caller's transaction) and its hand-over to a worker on commit."""
+    """The run row (in the caller's transaction) and its hand-over to a worker on commit.
+    The run gets the conversation's agent, if it has one and it is still available."""
+    if conversation.agent:
+        _agent_check(actor=actor, agent=conversation.agent)
     run = Run.objects.create(
         tenant=actor.tenant,
         conversation=conversation,
         user=_chat_user(actor),
         user_message=user_message,
         model=model or conversation.model,
+        agent=conversation.agent,
         client_id=client_id,
     )
     conversation.current_leaf = user_message
     conversation.save(update_fields=["current_leaf", "updated_at"])
     run_id, tenant_id = run.id, actor.tenant_id
-    transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id))
+    agent = run.agent
+    transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id, agent=agent))
     return run
 
 
@@ -117,8 +136,14 @@ def chat_send(
     parent_message_id: Any = CURRENT,
     model: str = "",
     client_id: str = "",
+    agent: str | None = None,
 ) -> Run:
     """Record the user's message and queue a run that answers it.
+
+    `agent` ("<plugin>.<agent>") makes that agent answer, in this and later sends of the
+    conversation; None keeps the conversation's agent (a new conversation: plain chat);
+    PLAIN_CHAT or "" returns the conversation to plain chat. NotFound for an agent that
+    is not available to the actor (its plugin is not enabled in the tenant).
 
     The message goes under `parent_message_id` (None: a new root, i.e. an edit of the
     first message), by default under the tip of the conversation's current branch;
@@ -127,6 +152,8 @@ def chat_send(
     or parent the actor cannot see, ValidationError for bad input."""
     user = _chat_user(actor)
     _check_content(content)
+    if agent == PLAIN_CHAT:
+        agent = ""
 
     def create() -> Run:
         if conversation_id:
@@ -147,6 +174,9 @@ def chat_send(
                 tenant=actor.tenant, user=user, title=_title_from(content), model=model
             )
             parent = None
+        if agent is not None and agent != conversation.agent:
+            conversation.agent = agent
+            conversation.save(update_fields=["agent", "updated_at"])
         user_message = Message.objects.create(
             tenant=actor.tenant,
             conversation=conversation,
@@ -232,14 +262,15 @@ def run_cancel(*, actor: Actor, run_id: Any) -> Run:
     return run
 
 
-def run_enqueue(*, run_id: uuid.UUID, tenant_id: uuid.UUID) -> None:
-    """Hand the run to a worker. If that fails, the run is failed with a reason (the
-    user's message stays stored) and RunNotQueued tells the caller."""
-    from chat.tasks import run_execute_task
+def run_enqueue(*, run_id: uuid.UUID, tenant_id: uuid.UUID, agent: str = "") -> None:
+    """Hand the run to a worker: a plain chat run to the `runs` queue, an agent's run to
+    the `agents` queue (CELERY_TASK_ROUTES). If that fails, the run is failed with a
+    reason (the user's message stays stored) and RunNotQueued tells the caller."""
+    from chat.tasks import agent_execute_task, run_execute_task
     from config.celery import enqueue
 
     try:
-        enqueue(run_execute_task, str(run_id), str(tenant_id))
+        enqueue(agent_execute_task if agent else run_execute_task, str(run_id), str(tenant_id))
     except Exception as exc:
         logger.exception("could not enqueue run %s", run_id)
         with tenant_scope(tenant_id=tenant_id):

@@ -212,6 +212,8 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     # The watchdog must run when every run worker is gone: not on the runs queue.
     "chat.tasks.runs_reap": {"queue": "default"},
+    # Agent runs (tool loops, minutes long) have workers of their own.
+    "chat.tasks.agent_execute": {"queue": "agents"},
     "chat.tasks.*": {"queue": "runs"},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {
@@ -330,6 +332,11 @@ PARLEY_LOCAL_MODEL_THREADS = env.integer("PARLEY_LOCAL_MODEL_THREADS", default=0
 PARLEY_PLUGINS: list[str] | None = (
     env.strings("PARLEY_PLUGINS") if env.present("PARLEY_PLUGINS") else None
 )
+# An agent run's limits (agents.runtime.AgentLimits): model calls, wall time (tools
+# included) and tokens (prompt + completion over all its model calls).
+PARLEY_AGENT_MAX_STEPS = env.integer("PARLEY_AGENT_MAX_STEPS", default=8, minimum=1)
+PARLEY_AGENT_MAX_SECONDS = env.floating("PARLEY_AGENT_MAX_SECONDS", default=300.0, minimum=1.0)
+PARLEY_AGENT_MAX_TOKENS = env.integer("PARLEY_AGENT_MAX_TOKENS", default=50000, minimum=1)
 
 # --- auth -------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
