@@ -757,3 +757,69 @@ def test_the_backend_connection_is_kept_alive_between_calls(backend):
     assert isinstance(first[-1], StreamFinished)
     assert first[-1].usage.prompt_tokens == 9 and first[-1].finish_reason == "stop"
     assert backend.request_count == 3
+
+
+# --- agents as models ------------------------------------------------------------------
+
+
+def _enable_calculator(person) -> None:
+    from agents.services import plugin_enable
+
+    with tenant_scope(tenant_id=person.tenant.id):
+        plugin_enable(actor=person.actor, name="calculator")
+
+
+def _calculator_backend(settings, synthetic_server):
+    from tests.synthetic import Reply, ToolCall
+
+    server = synthetic_server(
+        replies=[
+            Reply(tool_calls=[ToolCall("calculate", {"expression": "6*7"})]),
+            Reply(pieces=["6 times 7 ", "is 42."]),
+        ]
+    )
+    settings.PARLEY_BACKENDS = [server.url]
+    pool.forget_cache()
+    return server
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_enabled_agent_answers_as_a_model_with_its_tools(
+    parley, alice, key, settings, synthetic_server, stream
+):
+    server = _calculator_backend(settings, synthetic_server)
+    _enable_calculator(alice)
+    client = openai.OpenAI(base_url=parley, api_key=key)
+    listed = [m.id for m in client.models.list()]
+    assert "agent:calculator.calculator" in listed
+    question = [{"role": "user", "content": "What is 6 times 7?"}]
+    if stream:
+        chunks = list(
+            client.chat.completions.create(
+                model="agent:calculator.calculator", messages=question, stream=True
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].choices[0].finish_reason == "stop"
+    else:
+        answer = client.chat.completions.create(
+            model="agent:calculator.calculator", messages=question
+        )
+        text = answer.choices[0].message.content
+        assert answer.model == "agent:calculator.calculator"
+        assert answer.usage.completion_tokens > 0
+    assert text == "6 times 7 is 42."
+    # The second model call carried the tool's real result back to the model.
+    tool_messages = [m for m in server.bodies[1]["messages"] if m["role"] == "tool"]
+    assert [m["content"] for m in tool_messages] == ["42"]
+    purposes = [r.purpose for r in records(alice)]
+    assert purposes == ["agent.step", "agent.step"]
+
+
+def test_an_agent_not_enabled_is_an_unknown_model(parley, alice, charlie, key, backend):
+    _enable_calculator(charlie)  # another tenant's enablement is not alice's
+    response = post(parley, key, {"model": "agent:calculator.calculator", "messages": HELLO})
+    assert_openai_error(response, 404, "model_not_found")
+    response = post(parley, key, {"model": "agent:nope.nothing", "messages": HELLO})
+    assert_openai_error(response, 404, "model_not_found")
+    assert records(alice) == []

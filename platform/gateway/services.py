@@ -27,6 +27,7 @@ from typing import Any
 from django.utils import timezone
 
 from gateway import formats
+from gateway.agents import agent_events, agent_tools
 from gateway.errors import (
     AUTHENTICATION,
     PERMISSION,
@@ -451,12 +452,32 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         params, invalid = None, exc
     # The key comes first (a bad key with a bad body is a 401), in one blocking step
     # with the model's check.
+    agent = (
+        params.model.removeprefix(AGENT_MODEL_PREFIX)
+        if params and params.model and params.model.startswith(AGENT_MODEL_PREFIX)
+        else None
+    )
     actor, limits = await apool.blocking(
-        _caller_and_model, authorization=authorization, model=params.model if params else None
+        _caller_and_model,
+        authorization=authorization,
+        model=params.model if params and agent is None else None,
     )
     if invalid is not None or params is None:
         raise invalid or _invalid("The request body is invalid.")
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if agent is not None:
+        tools = await apool.blocking(agent_tools, actor=actor, agent=agent)
+        return Completion(
+            params=params,
+            completion_id=completion_id,
+            events=agent_events(
+                actor=actor,
+                tools=tools,
+                model=params.model,
+                messages=params.messages,
+                reference=completion_id,
+            ),
+        )
     assert actor.api_key is not None
     request = ChatRequest(
         messages=params.messages,
