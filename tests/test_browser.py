@@ -427,3 +427,83 @@ def test_rename_search_and_delete_from_the_sidebar(embedded_server, page):
     # The other tab had it open too: it leaves it.
     wait_until(other, "() => location.pathname === '/'", timeout=15)
     other.close()
+
+
+def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    assert page.is_hidden("#composer .agent-choice")  # no plugin enabled: nothing to pick
+    # The demo owner enables the built-in calculator for the tenant (with the page's token).
+    status = page.evaluate(
+        """async () => (await fetch('/api/v1/plugins/calculator', {method: 'PUT',
+            headers: {'Content-Type': 'application/json',
+                      'X-CSRFToken': document.getElementById('parley-client').dataset.csrfToken},
+            body: JSON.stringify({enabled: true})})).status"""
+    )
+    assert status == 200
+    page.reload()
+    page.wait_for_selector("#composer .agent-choice", state="visible")
+    options = page.eval_on_selector_all(
+        "#agent option", "(options) => options.map((o) => [o.value, o.textContent])"
+    )
+    assert options == [["", "Plain chat"], ["calculator.calculator", "Calculator"]]
+    assert page.input_value("#agent") == ""
+
+    sent: list[dict[str, Any]] = []
+    received: list[dict[str, Any]] = []
+    page.on(
+        "websocket",
+        lambda ws: (
+            ws.on("framesent", lambda payload: sent.append(json.loads(payload))),
+            ws.on("framereceived", lambda payload: received.append(json.loads(payload))),
+        ),
+    )
+    page.reload()  # (the socket opened after the listener)
+    page.wait_for_selector("#composer .agent-choice", state="visible")
+    page.select_option("#agent", "calculator.calculator")
+    send(page, "What is 6 times 7? Use the calculate tool.")
+    # The run ends, answered or with its reason shown (the small model may not manage tools).
+    wait_until(
+        page,
+        """() => !document.querySelector('#messages li.streaming, #messages li.pending')
+            && document.querySelector('#messages li.assistant[data-id], #messages li.failed')""",
+        timeout=ANSWER_TIMEOUT_MS / 1000,
+    )
+    sends = [frame for frame in sent if frame["type"] == "chat.send"]
+    assert [frame.get("agent") for frame in sends] == ["calculator.calculator"]
+    ends = [frame["type"] for frame in received if frame["type"] in ("run.done", "run.error")]
+    assert ends, received
+    assert page.inner_text("#status") != ""
+    # Tool steps (if the model called any) were shown as text, each named.
+    for name in page.eval_on_selector_all(
+        "#messages .tool .tool-name", "(nodes) => nodes.map((n) => n.textContent)"
+    ):
+        assert name in {"calculate", "convert_units", "days_between", "date_shift"}, name
+
+    # The conversation keeps its agent: a reload shows it picked.
+    cid = conversation_id(page)
+    page.reload()
+    page.wait_for_selector("#composer .agent-choice", state="visible")
+    assert page.input_value("#agent") == "calculator.calculator"
+    data = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
+    assert data["conversation"]["agent"] == "calculator.calculator"
+
+    # Back to plain chat sends "none", which sticks too (the answer need not finish).
+    sent.clear()
+    page.select_option("#agent", "")
+    send(page, "Say hi.")
+    wait_until(page, "() => !document.querySelector('#messages li.pending:not(.assistant)')")
+    if page.is_visible("#stop"):
+        page.click("#stop")
+    wait_until(
+        page,
+        "() => !document.querySelector('#messages li.streaming, #messages li.pending')",
+        timeout=ANSWER_TIMEOUT_MS / 1000,
+    )
+    assert [f.get("agent") for f in sent if f["type"] == "chat.send"] == ["none"]
+    page.reload()
+    page.wait_for_selector("#composer .agent-choice", state="visible")
+    assert conversation_id(page) == cid
+    assert page.input_value("#agent") == ""
+    data = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
+    assert data["conversation"]["agent"] is None

@@ -9,8 +9,10 @@ import uuid
 import pytest
 from django.urls import reverse
 
+from agents.registry import registry_reset
+from agents.services import plugin_update
 from chat.models import Conversation, Message, Run
-from tenants.rls import operator_scope
+from tenants.rls import operator_scope, tenant_scope
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -122,6 +124,7 @@ def test_the_page_carries_the_current_branch_with_siblings_and_live_runs(client,
         "id": str(conversation.id),
         "title": "Branches",
         "current_leaf_id": str(m["q2"].id),
+        "agent": None,
     }
     branch = data["branch"]
     assert [step["id"] for step in branch] == [str(m["q1"].id), str(m["a2"].id), str(m["q2"].id)]
@@ -173,7 +176,99 @@ def test_the_page_carries_what_the_client_needs_for_the_api(client, alice, conve
 def test_a_new_chat_carries_no_conversation(client, alice, conversation):
     client.force_login(alice.user)
     data = _page_data(client.get(reverse("chat:home")))
-    assert data == {"conversation": None, "branch": [], "runs": []}
+    assert data == {"conversation": None, "branch": [], "runs": [], "agents": []}
+
+
+CALCULATOR = {
+    "id": "calculator.calculator",
+    "title": "Calculator",
+    "description": "Answers questions that need exact numbers, units or dates.",
+}
+
+
+@pytest.fixture
+def all_plugins(settings):
+    settings.PARLEY_PLUGINS = None  # every installed plugin, the built-in calculator among them
+    registry_reset()
+    yield
+    registry_reset()
+
+
+def _enable(person, plugin, *, enabled=True):
+    with tenant_scope(tenant_id=person.tenant.id):
+        plugin_update(actor=person.actor, name=plugin, enabled=enabled)
+
+
+def _agent_select(response) -> str:
+    match = re.search(r'<select id="agent".*?</select>', response.content.decode(), re.S)
+    assert match, "the composer has no agent choice"
+    return match.group(0)
+
+
+def test_agents_are_offered_only_once_the_tenant_enables_their_plugin(
+    client, alice, bob, all_plugins, conversation
+):
+    client.force_login(bob.user)
+    url = reverse("chat:conversation", args=[conversation.id])
+    assert _page_data(client.get(reverse("chat:home")))["agents"] == []
+    assert "calculator.calculator" not in _agent_select(client.get(reverse("chat:home")))
+
+    _enable(alice, "calculator")
+    client.force_login(alice.user)
+    for page in (client.get(reverse("chat:home")), client.get(url)):
+        assert _page_data(page)["agents"] == [CALCULATOR]
+    # Members pick agents as well as admins.
+    client.force_login(bob.user)
+    home = client.get(reverse("chat:home"))
+    assert _page_data(home)["agents"] == [CALCULATOR]
+    choice = _agent_select(home)
+    assert '<option value="">Plain chat</option>' in choice
+    assert re.search(r'<option value="calculator\.calculator"[^>]*>Calculator</option>', choice)
+
+    _enable(alice, "calculator", enabled=False)
+    assert _page_data(client.get(reverse("chat:home")))["agents"] == []
+
+
+def test_the_page_carries_the_conversations_agent_and_selects_it(
+    client, alice, all_plugins, conversation
+):
+    _enable(alice, "calculator")
+    client.force_login(alice.user)
+    url = reverse("chat:conversation", args=[conversation.id])
+    response = client.get(url)
+    assert _page_data(response)["conversation"]["agent"] is None
+    assert " selected" not in _agent_select(response)
+
+    with operator_scope():
+        Conversation.objects.filter(id=conversation.id).update(agent="calculator.calculator")
+    response = client.get(url)
+    assert _page_data(response)["conversation"]["agent"] == "calculator.calculator"
+    assert re.search(
+        r'<option value="calculator\.calculator"[^>]*\sselected>', _agent_select(response)
+    )
+
+    # Its plugin disabled since: the conversation still names it, no choice offers it.
+    _enable(alice, "calculator", enabled=False)
+    response = client.get(url)
+    assert _page_data(response)["conversation"]["agent"] == "calculator.calculator"
+    assert _page_data(response)["agents"] == []
+    assert "calculator.calculator" not in _agent_select(response)
+
+
+def test_an_outsider_is_offered_only_their_own_tenants_agents(
+    client, alice, charlie, all_plugins, conversation
+):
+    _enable(alice, "calculator")
+    client.force_login(charlie.user)
+    home = client.get(reverse("chat:home"))
+    assert _page_data(home) == {"conversation": None, "branch": [], "runs": [], "agents": []}
+    assert "calculator" not in _agent_select(home)
+    # And still nothing of the owner's conversation, its agent included.
+    foreign = client.get(reverse("chat:conversation", args=[conversation.id]))
+    assert foreign.status_code == 404
+
+    _enable(charlie, "calculator")
+    assert _page_data(client.get(reverse("chat:home")))["agents"] == [CALCULATOR]
 
 
 def test_chat_home_lists_only_own_conversations(client, alice, charlie, conversation):

@@ -15,6 +15,8 @@ const data = JSON.parse(required<HTMLScriptElement>("#parley-chat").textContent 
 
 const form = required<HTMLFormElement>("#composer");
 const prompt = required<HTMLTextAreaElement>("#prompt");
+// Plain chat (""), or one of the agents the tenant enabled.
+const agentSelect = required<HTMLSelectElement>("#agent");
 const sendButton = required<HTMLButtonElement>("#send");
 const stopButton = required<HTMLButtonElement>("#stop");
 const status = required<HTMLParagraphElement>("#status");
@@ -80,6 +82,7 @@ const thread = new Thread(required<HTMLOListElement>("#messages"), data, {
   restoreDraft(content) {
     if (!prompt.value.trim()) prompt.value = content;
   },
+  chosenAgent: () => agentSelect.value || null,
 });
 
 const sidebar = new Sidebar({
@@ -104,6 +107,10 @@ prompt.addEventListener("keydown", (event) => {
   }
 });
 stopButton.addEventListener("click", () => thread.stop());
+
+// The conversation's agent is picked (the server rendered it so); one no longer
+// available is not among the choices, so a send goes back to plain chat.
+agentSelect.value = data.agents.some((agent) => agent.id === thread.agent) ? (thread.agent ?? "") : "";
 
 busy = thread.busy;
 updateControls();

@@ -13,6 +13,8 @@ export type ClientFrame =
       conversation_id?: string;
       // Left out: the tip of the current branch; null: a new root (an edit of the first message).
       parent_message_id?: string | null;
+      // "<plugin>.<agent>": that agent answers from now on; "none": plain chat; left out: as before.
+      agent?: string;
       client_id: string;
     }
   | { type: "chat.regenerate"; message_id: string; client_id: string }
@@ -24,9 +26,26 @@ export type SendFrame = Extract<ClientFrame, { type: "chat.send" | "chat.regener
 
 export type RunEventFrame =
   | { type: "token"; run_id: string; seq: number; delta: string }
-  | { type: "tool.start"; run_id: string; seq: number; call_id: string; name: string }
-  | { type: "tool.end"; run_id: string; seq: number; call_id: string; name: string }
-  | { type: "progress"; run_id: string; seq: number; stage: string; message?: string }
+  | { type: "tool.start"; run_id: string; seq: number; call_id: string; name: string; arguments?: unknown }
+  | {
+      type: "tool.end";
+      run_id: string;
+      seq: number;
+      call_id: string;
+      name: string;
+      result?: string;
+      error?: string | null;
+      truncated?: boolean;
+    }
+  | {
+      type: "progress";
+      run_id: string;
+      seq: number;
+      stage: string;
+      message?: string;
+      done?: number;
+      total?: number;
+    }
   | {
       type: "run.done";
       run_id: string;

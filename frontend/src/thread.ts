@@ -28,11 +28,22 @@ export interface Step {
   error?: Ending | null;
 }
 
+export interface AgentChoice {
+  id: string; // "<plugin>.<agent>"
+  title: string;
+  description: string;
+}
+
 export interface PageData {
-  conversation: { id: string; title: string; current_leaf_id: string | null } | null;
+  // `agent`: the agent that answers the conversation; null: plain chat.
+  conversation: { id: string; title: string; current_leaf_id: string | null; agent: string | null } | null;
   branch: Step[];
   runs: { id: string; user_message_id: string; state: string }[];
+  agents: AgentChoice[];
 }
+
+// `chat.send`'s agent that returns a conversation to plain chat.
+const PLAIN_CHAT = "none";
 
 interface RunView {
   id: string;
@@ -47,6 +58,10 @@ interface RunView {
   element: HTMLLIElement;
   text: Text;
   note: HTMLParagraphElement;
+  // An agent's tool calls and progress, as they happen (text only).
+  steps: HTMLDivElement;
+  tools: Map<string, HTMLDetailsElement>;
+  progress: HTMLParagraphElement | null;
 }
 
 interface PendingSend {
@@ -68,6 +83,8 @@ export interface ThreadOptions {
   busyChanged: (busy: boolean) => void;
   // A message the server refused goes back into the composer.
   restoreDraft: (content: string) => void;
+  // The agent the member picked for what they send next; null: plain chat.
+  chosenAgent: () => string | null;
 }
 
 function endingText(ending: Ending): string {
@@ -84,6 +101,8 @@ export class Thread {
   private editing: { id: string; draft: string } | null = null;
   private fetchGeneration = 0;
   conversationId: string | null;
+  // The agent that answers the conversation (as the server last accepted); null: plain chat.
+  agent: string | null;
 
   constructor(
     private readonly list: HTMLOListElement,
@@ -91,6 +110,7 @@ export class Thread {
     private readonly options: ThreadOptions,
   ) {
     this.conversationId = data.conversation?.id ?? null;
+    this.agent = data.conversation?.agent ?? null;
     this.leafId = data.conversation?.current_leaf_id ?? null;
     this.branch = data.branch;
     for (const step of data.branch) if (step.error) this.endings.set(step.id, step.error);
@@ -188,6 +208,8 @@ export class Thread {
     if (send) {
       if (send.frame.type === "chat.regenerate") this.pending.delete(send.frame.client_id);
       else {
+        // Accepted: the agent it named answers the conversation from now on.
+        if (send.frame.agent !== undefined) this.agent = send.frame.agent === PLAIN_CHAT ? null : send.frame.agent;
         // Kept in view until the thread, fetched again, holds the new message.
         send.runId = runId;
         send.userMessageId = userMessageId;
@@ -208,8 +230,9 @@ export class Thread {
     const body = el("div", { class: "body" });
     body.append(text);
     const note = el("p", { class: "note", hidden: "" });
+    const steps = el("div", { class: "steps", hidden: "" });
     const element = el("li", { class: "message assistant streaming", "data-run-id": id, "aria-busy": "true" });
-    element.append(body, note);
+    element.append(steps, body, note);
     const run: RunView = {
       id,
       userMessageId,
@@ -222,6 +245,9 @@ export class Thread {
       element,
       text,
       note,
+      steps,
+      tools: new Map(),
+      progress: null,
     };
     this.runs.set(id, run);
     return run;
@@ -246,6 +272,15 @@ export class Thread {
       case "token":
         run.text.appendData(frame.delta);
         break;
+      case "tool.start":
+        this.toolStarted(run, frame.call_id, frame.name, frame.arguments);
+        break;
+      case "tool.end":
+        this.toolEnded(run, frame.call_id, frame.name, frame.result ?? "", frame.error ?? null, frame.truncated);
+        break;
+      case "progress":
+        this.progressed(run, frame.stage, frame.message, frame.done, frame.total);
+        break;
       case "run.done":
         this.ended(run, frame.message_id, null);
         this.options.say(`Done · ${frame.usage.completion_tokens} tokens`);
@@ -261,11 +296,72 @@ export class Thread {
     }
   }
 
+  // --- an agent's steps (every value from the server or a tool set as text only) ---------
+
+  private toolStarted(run: RunView, callId: string, name: string, args: unknown): void {
+    const details = el("details", { class: "tool running", "data-call-id": callId });
+    const summary = el("summary");
+    summary.append(el("span", { class: "tool-name" }, name), el("span", { class: "tool-state" }, " · running…"));
+    details.append(
+      summary,
+      el("p", { class: "label" }, "Arguments"),
+      el("pre", { class: "tool-arguments" }, formatArguments(args)),
+    );
+    run.tools.set(callId, details);
+    run.steps.append(details);
+    run.steps.hidden = false;
+  }
+
+  private toolEnded(
+    run: RunView,
+    callId: string,
+    name: string,
+    result: string,
+    error: string | null,
+    truncated: boolean | undefined,
+  ): void {
+    let details = run.tools.get(callId);
+    if (!details) {
+      // Its start came before what this page saw (a trimmed log): show the end alone.
+      this.toolStarted(run, callId, name, undefined);
+      details = run.tools.get(callId) as HTMLDetailsElement;
+    }
+    details.classList.remove("running");
+    details.classList.add(error ? "failed" : "done");
+    const state = details.querySelector(".tool-state");
+    if (state) state.textContent = error ? " · failed" : " · done";
+    if (error) details.append(el("p", { class: "label" }, "Error"), el("pre", { class: "tool-error" }, error));
+    if (result) {
+      details.append(
+        el("p", { class: "label" }, truncated ? "Result (cut short)" : "Result"),
+        el("pre", { class: "tool-result" }, result),
+      );
+    }
+  }
+
+  private progressed(run: RunView, stage: string, message?: string, done?: number, total?: number): void {
+    if (!run.progress) {
+      run.progress = el("p", { class: "progress", role: "status" });
+      run.steps.append(run.progress);
+      run.steps.hidden = false;
+    }
+    const count = done !== undefined && total !== undefined ? ` (${done}/${total})` : "";
+    run.progress.textContent = `${message || stage}${count}`;
+  }
+
   private ended(run: RunView, messageId: string | null, ending: Ending | null): void {
     run.active = false;
     run.messageId = messageId;
     run.element.classList.remove("streaming");
     run.element.removeAttribute("aria-busy");
+    run.progress?.remove();
+    run.progress = null;
+    for (const details of run.tools.values()) {
+      if (!details.classList.contains("running")) continue;
+      details.classList.replace("running", "failed");
+      const state = details.querySelector(".tool-state");
+      if (state) state.textContent = " · ended with the run";
+    }
     if (ending) {
       run.element.classList.add("failed");
       run.note.textContent = endingText(ending);
@@ -282,6 +378,9 @@ export class Thread {
     const frame: SendFrame = { type: "chat.send", content, client_id: newClientId() };
     if (this.conversationId) frame.conversation_id = this.conversationId;
     if (parentId !== undefined) frame.parent_message_id = parentId;
+    // Only a change is sent: the conversation keeps its agent (or plain chat) otherwise.
+    const agent = this.options.chosenAgent();
+    if (agent !== this.agent) frame.agent = agent ?? PLAIN_CHAT;
     const element = el("li", { class: "message user pending" });
     element.append(el("div", { class: "body" }, content));
     this.pending.set(frame.client_id, { frame, parentId, element });
@@ -520,6 +619,16 @@ export class Thread {
 export function titleFrom(content: string): string {
   const line = content.split(/\s+/).filter(Boolean).join(" ");
   return line.length > 80 ? `${line.slice(0, 80)}…` : line;
+}
+
+// A tool's arguments as the model gave them (an object, normally), readable.
+function formatArguments(args: unknown): string {
+  if (args === undefined) return "";
+  try {
+    return JSON.stringify(args, null, 2);
+  } catch {
+    return String(args);
+  }
 }
 
 // A fresh client id (crypto.randomUUID exists in secure contexts only).

@@ -34,10 +34,27 @@ def _id(value: Any) -> str | None:
     return str(value) if value is not None else None
 
 
+def agent_choices(*, actor: Actor) -> list[dict[str, str]]:
+    """The agents the member may pick for a conversation (besides plain chat): those of
+    the plugins the tenant enabled."""
+    from agents.selectors import agents_available  # (LangChain loads with the plugins)
+
+    return [
+        {
+            "id": available.id,
+            "title": available.agent.title,
+            "description": available.agent.description,
+        }
+        for available in agents_available(actor=actor)
+    ]
+
+
 def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any]:
     """What the client needs to show a conversation: its current branch (as the REST
     messages endpoint gives it), each message's place among its siblings, why an answer
-    ended early, and the runs still queued or running (to attach to and stream).
+    ended early, the runs still queued or running (to attach to and stream), and the
+    agents the member may pick, with the one that answers the conversation (`agent`,
+    null: plain chat).
 
     `current_leaf_id` is the conversation's own current leaf: while an answer is being
     regenerated it is the question, though the branch still runs on through the
@@ -52,6 +69,7 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
             "id": str(conversation.id),
             "title": conversation.title,
             "current_leaf_id": _id(conversation.current_leaf_id),
+            "agent": conversation.agent or None,
         },
         "branch": [
             {
@@ -75,6 +93,7 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
             for run in reversed(runs)  # oldest first, as they appear in the thread
             if not run.is_terminal
         ],
+        "agents": agent_choices(actor=actor),
     }
 
 
@@ -84,7 +103,12 @@ def _chat_page(
     data = (
         chat_page_data(actor=actor, conversation=conversation)
         if conversation
-        else {"conversation": None, "branch": [], "runs": []}
+        else {
+            "conversation": None,
+            "branch": [],
+            "runs": [],
+            "agents": agent_choices(actor=actor),
+        }
     )
     return render(
         request,
