@@ -937,3 +937,12 @@ def test_outsiders_and_other_members_get_404_everywhere(client, alice, bob, char
     for person in (bob, charlie):
         login(client, person)
         assert client.get(API + "/conversations/search?q=merger").json()["items"] == []
+
+
+def test_a_conversation_says_which_agent_answers_it(client, alice):
+    c = conversation(alice, "With an agent")
+    login(client, alice)
+    assert client.get(f"{API}/conversations/{c.id}").json()["agent"] == ""
+    with operator_scope():
+        Conversation.objects.filter(pk=c.pk).update(agent="calculator.calculator")
+    assert client.get(f"{API}/conversations/{c.id}").json()["agent"] == "calculator.calculator"

@@ -20,6 +20,7 @@ class ConversationOut(Schema):
     title: str
     title_auto: bool = Field(description="False once a person renamed the conversation.")
     model: str
+    agent: str = Field(description='The answering agent, "<plugin>.<agent>"; "" for plain chat.')
     current_leaf_id: uuid.UUID | None = Field(description="The tip of the branch the client is on.")
     created_at: datetime
     updated_at: datetime
