@@ -34,6 +34,11 @@ A tool sees the run's cancel through its `RunnableConfig`:
 `config["configurable"]["parley_cancelled"]()` is true once the run is cancelled (or
 out of time); long tools should check it and return early. The tenant's settings of
 the plugin (secrets decrypted, server side only) are `config["configurable"]["parley_settings"]`.
+
+Where a tool runs is the `tool_executor`'s choice, called in that worker thread: by
+default right there (`tool_invoke_in_process`); the product passes
+`agents.tool_queue.QueuedToolExecutor`, which sends tools with side effects to workers
+of their own. Either way the loop watches the cancel and the deadline the same way.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import (
@@ -55,12 +60,36 @@ from langchain_core.messages import (
     ToolMessage,
     convert_to_messages,
 )
+from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
 from agents.manifest import AgentSpec, PluginManifest
 from agents.scopes import ToolRefused, tool_guard, tools_allowed
 
 Emit = Callable[[dict[str, Any]], None]
+
+
+class ToolExecutor(Protocol):
+    """Runs one tool call the guard allowed and returns its output (or raises).
+    `scopes` are the tool's scopes in its manifest; `config` carries the run's cancel
+    and the plugin's settings (see the module docstring)."""
+
+    def __call__(
+        self,
+        *,
+        tool: BaseTool,
+        scopes: frozenset[str],
+        arguments: dict[str, Any],
+        config: RunnableConfig,
+    ) -> Any: ...
+
+
+def tool_invoke_in_process(
+    *, tool: BaseTool, scopes: frozenset[str], arguments: dict[str, Any], config: RunnableConfig
+) -> Any:
+    """The default executor: the tool runs in the calling thread."""
+    return tool.invoke(arguments, config=config)
+
 
 # Why a run stopped. `done`: the model answered without calling a tool.
 STOP_DONE = "done"
@@ -163,8 +192,10 @@ class _Loop:
         limits: AgentLimits,
         clock: Callable[[], float],
         settings: dict[str, Any] | None = None,
+        tool_executor: ToolExecutor = tool_invoke_in_process,
     ) -> None:
         self.spec = spec
+        self.tool_executor = tool_executor
         self.settings = dict(settings or {})
         self.manifest = manifest
         self.granted = frozenset(granted_scopes)
@@ -305,13 +336,18 @@ class _Loop:
 
         def work() -> None:
             try:
-                config = {
+                config: RunnableConfig = {
                     "configurable": {
                         "parley_cancelled": should_stop,
                         "parley_settings": self.settings,
                     }
                 }
-                outcome["value"] = tool.invoke(arguments, config=config)  # type: ignore[arg-type]
+                outcome["value"] = self.tool_executor(
+                    tool=tool,
+                    scopes=self.manifest.tool_scopes(name),
+                    arguments=arguments,
+                    config=config,
+                )
             except BaseException as exc:  # handed to the loop, which decides
                 outcome["error"] = exc
             finally:
@@ -418,6 +454,7 @@ def agent_run(
     limits: AgentLimits | None = None,
     clock: Callable[[], float] = time.monotonic,
     settings: dict[str, Any] | None = None,
+    tool_executor: ToolExecutor = tool_invoke_in_process,
 ) -> AgentResult:
     """Run the agent `spec` of plugin `manifest` on a conversation until it answers or
     stops; see the module docstring. `messages` are chat messages as dicts (`role`,
@@ -439,5 +476,6 @@ def agent_run(
         limits=limits or AgentLimits(),
         clock=clock,
         settings=settings,
+        tool_executor=tool_executor,
     )
     return loop.run(history)

@@ -74,3 +74,21 @@ def tool_invoke(
     """Run a tool call after `tool_guard`; the tool never starts when it refuses."""
     tool = tool_guard(manifest, tool_name=tool_name, granted_scopes=granted_scopes)
     return tool.invoke(arguments, config=config)
+
+
+# Tools with side effects run on workers of their own (DESIGN section 4), never in the
+# agent worker: code on isolated sandbox hosts, outside requests and document writes on
+# the `tools` workers. A tool without any of these scopes runs in the agent worker.
+SCOPE_QUEUES: dict[str, str] = {
+    "code.execute": "sandbox",
+    "network.fetch": "tools",
+    "documents.write": "tools",
+}
+# When a tool needs scopes of several queues, the most isolated one runs it.
+QUEUE_ORDER = ("sandbox", "tools")
+
+
+def tool_queue(scopes: Iterable[str]) -> str | None:
+    """The queue that runs a tool needing `scopes`; None when it runs in-process."""
+    queues = {SCOPE_QUEUES[scope] for scope in scopes if scope in SCOPE_QUEUES}
+    return next((queue for queue in QUEUE_ORDER if queue in queues), None)

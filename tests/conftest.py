@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -133,9 +134,37 @@ def backend(model_server, settings) -> str:
 
 
 @pytest.fixture(scope="session")
-def celery_worker_session(django_db_setup, django_db_blocker):
+def celery_tool_worker_session(django_db_setup, django_db_blocker):
+    """A second real Celery worker (a thread of this process) for the `tools` and
+    `sandbox` queues: an agent run holds the first worker while its tool runs here."""
+    if settings.PARLEY_TASKS_IN_PROCESS:
+        pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
+    from celery.contrib.testing.worker import start_worker
+
+    from config.celery import app
+
+    with (
+        django_db_blocker.unblock(),
+        start_worker(
+            app,
+            pool="solo",
+            concurrency=1,
+            perform_ping_check=False,
+            queues=["tools", "sandbox"],
+            hostname="tools@parley-tests",
+            # Its own blocking loop: two workers of one process cannot share kombu's hub.
+            use_eventloop=False,
+            loglevel="WARNING",
+            shutdown_timeout=30,
+        ) as worker,
+    ):
+        yield worker
+
+
+@pytest.fixture(scope="session")
+def celery_worker_session(django_db_setup, django_db_blocker, celery_tool_worker_session):
     """A real Celery worker (a thread of this process) consuming the `runs`, `agents` and
-    `default` queues through the Redis broker."""
+    `default` queues through the Redis broker (and, with it, the tool worker above)."""
     if settings.PARLEY_TASKS_IN_PROCESS:
         pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
     from celery.contrib.testing.worker import start_worker
@@ -159,7 +188,34 @@ def celery_worker_session(django_db_setup, django_db_blocker):
 
 @pytest.fixture
 def worker(celery_worker_session, transactional_db):
-    return celery_worker_session
+    """The session's workers, for a test on a database that is emptied after it. The
+    test ends once the tasks it queued have finished (within a bound): a task still in
+    a transaction (a conversation's title, after the run) would deadlock the emptying."""
+    from celery import signals
+
+    pending: set[str] = set()
+    lock = threading.Lock()
+
+    def published(headers=None, **kwargs):
+        with lock:
+            pending.add((headers or {}).get("id"))
+
+    def finished(task_id=None, request=None, **kwargs):
+        with lock:
+            pending.discard(task_id or getattr(request, "id", None))
+
+    signals.before_task_publish.connect(published, weak=False)
+    signals.task_postrun.connect(finished, weak=False)
+    signals.task_revoked.connect(finished, weak=False)
+    try:
+        yield celery_worker_session
+        deadline = time.monotonic() + 15
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        signals.before_task_publish.disconnect(published)
+        signals.task_postrun.disconnect(finished)
+        signals.task_revoked.disconnect(finished)
 
 
 def session_cookie(user, tenant=None) -> str:

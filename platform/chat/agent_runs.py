@@ -26,6 +26,7 @@ from langchain_core.language_models import BaseChatModel
 from agents.pool_model import PoolChatModel
 from agents.runtime import STOP_CANCELLED, STOP_DONE, AgentLimits, agent_run
 from agents.selectors import tools_for_run
+from agents.tool_queue import QueuedToolExecutor
 from chat.eventlog import EventLogError
 from chat.models import Run
 from chat.runner import (
@@ -134,6 +135,12 @@ def agent_execute(*, run_id: Any, tenant_id: Any) -> None:
             cancelled=cancelled,
             limits=agent_limits(),
             settings=tools.settings,
+            # Tools with side effects run on their own workers; only ids travel there.
+            tool_executor=QueuedToolExecutor(
+                tenant_id=run.tenant_id,
+                agent=run.agent,
+                timeout_s=settings.PARLEY_TOOL_TIMEOUT_S,
+            ),
         )
         usage = Usage(
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens

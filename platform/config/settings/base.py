@@ -215,6 +215,9 @@ CELERY_TASK_ROUTES = {
     # Agent runs (tool loops, minutes long) have workers of their own.
     "chat.tasks.agent_execute": {"queue": "agents"},
     "chat.tasks.*": {"queue": "runs"},
+    # Tools with side effects: each call names its queue (`tools` or `sandbox`, from the
+    # tool's scopes, agents.scopes.SCOPE_QUEUES); this is the fallback.
+    "agents.tasks.tool_execute": {"queue": "tools"},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
@@ -337,6 +340,9 @@ PARLEY_PLUGINS: list[str] | None = (
 PARLEY_AGENT_MAX_STEPS = env.integer("PARLEY_AGENT_MAX_STEPS", default=8, minimum=1)
 PARLEY_AGENT_MAX_SECONDS = env.floating("PARLEY_AGENT_MAX_SECONDS", default=300.0, minimum=1.0)
 PARLEY_AGENT_MAX_TOKENS = env.integer("PARLEY_AGENT_MAX_TOKENS", default=50000, minimum=1)
+# How long an agent waits for a tool with side effects on its worker (the `tools` or
+# `sandbox` queue, agents.tool_queue) before the call ends with an error to the model.
+PARLEY_TOOL_TIMEOUT_S = env.floating("PARLEY_TOOL_TIMEOUT_S", default=120.0, minimum=1.0)
 
 # --- auth -------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
