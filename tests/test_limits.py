@@ -432,3 +432,31 @@ def test_a_killed_process_frees_its_slot(redis_url, prefix):
             proc.stdout.close()
         if proc.stderr:
             proc.stderr.close()
+
+
+def test_the_reservation_counts_tool_schemas_and_tool_calls():
+    from inference.limits import estimate_tokens
+
+    question = [{"role": "user", "content": "What is 6 times 7?"}]
+    plain = estimate_tokens(messages=question, max_tokens=10)
+    schema = {
+        "type": "function",
+        "function": {"name": "calculate", "description": "x" * 400, "parameters": {}},
+    }
+    assert estimate_tokens(messages=question, max_tokens=10, tools=[schema]) >= plain + 100
+    history = [
+        *question,
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "calculate", "arguments": "{" + "1" * 400 + "}"},
+                }
+            ],
+        },
+    ]
+    with_call = estimate_tokens(messages=history, max_tokens=10)
+    assert with_call >= plain + 100

@@ -231,7 +231,9 @@ def _open(request: ChatRequest, limits: Limits | None = None) -> _Call:
     identity = CallIdentity(
         request.tenant_id, user_id=request.user_id or None, api_key_id=request.api_key_id or None
     )
-    estimate = estimate_tokens(messages=request.messages, max_tokens=request.max_tokens or 0)
+    estimate = estimate_tokens(
+        messages=request.messages, max_tokens=request.max_tokens or 0, tools=request.tools
+    )
     call.capacity = max(
         0,
         int(
@@ -356,7 +358,11 @@ def _close(
             )
         else:
             # No usage chunk: count the prompt as estimated and a token per delta.
-            prompt = estimate_tokens(messages=request.messages, max_tokens=0) if deltas else 0
+            prompt = (
+                estimate_tokens(messages=request.messages, max_tokens=0, tools=request.tools)
+                if deltas
+                else 0
+            )
             completion, outcome = deltas, ("partial" if deltas else "failed")
         call.slot.charge(prompt_tokens=prompt, completion_tokens=completion)
         call.guard.commit(

@@ -43,6 +43,7 @@ Key layout (all ids are server-side UUIDs):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -123,10 +124,19 @@ def settings_limits(kind: str) -> RateLimits:
     )
 
 
-def estimate_tokens(*, messages: list[dict[str, Any]], max_tokens: int) -> int:
+def estimate_tokens(
+    *, messages: list[dict[str, Any]], max_tokens: int, tools: list[dict[str, Any]] | None = None
+) -> int:
     """A call's reservation: its prompt (about four characters a token, plus a few
-    tokens of framing per message) and the most it may generate."""
-    chars = sum(len(str(m.get("content") or "")) for m in messages)
+    tokens of framing per message; tool calls in the history and the tools' schemas
+    count too) and the most it may generate."""
+    chars = sum(
+        len(str(m.get("content") or ""))
+        + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
+        for m in messages
+    )
+    if tools:
+        chars += len(json.dumps(tools))
     return chars // 4 + 4 * len(messages) + max_tokens
 
 

@@ -160,7 +160,9 @@ def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
     identity = CallIdentity(
         request.tenant_id, user_id=request.user_id or None, api_key_id=request.api_key_id or None
     )
-    estimate = estimate_tokens(messages=request.messages, max_tokens=request.max_tokens or 0)
+    estimate = estimate_tokens(
+        messages=request.messages, max_tokens=request.max_tokens or 0, tools=request.tools
+    )
     capacity = settings.PARLEY_BACKEND_MAX_INFLIGHT * max(
         1, round(sum(r.weight for r in rows if r.state in ROUTABLE))
     )
@@ -192,7 +194,11 @@ def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
                 )
             else:
                 # No usage chunk: count the prompt as estimated and a token per delta.
-                prompt = estimate_tokens(messages=request.messages, max_tokens=0) if deltas else 0
+                prompt = (
+                    estimate_tokens(messages=request.messages, max_tokens=0, tools=request.tools)
+                    if deltas
+                    else 0
+                )
                 completion, outcome = deltas, ("partial" if deltas else "failed")
             slot.charge(prompt_tokens=prompt, completion_tokens=completion)
             guard.commit(
