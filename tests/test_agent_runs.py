@@ -169,7 +169,9 @@ def test_the_product_path_builds_the_pool_model(alice):
     model = agent_runs.agent_model_build(run=run)
     assert isinstance(model, PoolChatModel)
     assert model.reference == str(run.id) and model.tenant_id == str(alice.tenant.id)
-    limits = agent_runs.agent_limits()
+    from agents.runs import agent_limits
+
+    limits = agent_limits()
     assert limits.max_steps == settings.PARLEY_AGENT_MAX_STEPS
     assert limits.max_seconds == settings.PARLEY_AGENT_MAX_SECONDS
     assert limits.max_tokens == settings.PARLEY_AGENT_MAX_TOKENS

@@ -24,10 +24,9 @@ from django.conf import settings
 from langchain_core.language_models import BaseChatModel
 
 from agents.pool_model import PoolChatModel
-from agents.runtime import STOP_CANCELLED, STOP_DONE, AgentLimits, agent_run
+from agents.runs import tenant_agent_run
+from agents.runtime import STOP_CANCELLED, STOP_DONE
 from agents.selectors import tools_for_run
-from agents.tool_queue import QueuedToolExecutor
-from chat.eventlog import EventLogError
 from chat.models import Run
 from chat.runner import (
     CANCEL_POLL_S,
@@ -39,6 +38,7 @@ from chat.runner import (
     _Keepalive,
     run_claim,
     run_end,
+    run_error,
     thread_messages,
 )
 from inference.types import InferenceError, StreamFinished, Usage
@@ -58,14 +58,6 @@ def agent_model_build(*, run: Run) -> BaseChatModel:
         model_name=run.model,
         max_tokens=settings.PARLEY_MAX_TOKENS,
         temperature=settings.PARLEY_TEMPERATURE,
-    )
-
-
-def agent_limits() -> AgentLimits:
-    return AgentLimits(
-        max_steps=settings.PARLEY_AGENT_MAX_STEPS,
-        max_seconds=settings.PARLEY_AGENT_MAX_SECONDS,
-        max_tokens=settings.PARLEY_AGENT_MAX_TOKENS,
     )
 
 
@@ -125,22 +117,14 @@ def agent_execute(*, run_id: Any, tenant_id: Any) -> None:
     keepalive = _Keepalive(run)
     try:
         tools = tools_for_run(tenant_id=run.tenant_id, agent=run.agent)
-        result = agent_run(
-            spec=tools.agent,
-            manifest=tools.manifest,
-            granted_scopes=tools.granted_scopes,
+        result = tenant_agent_run(
+            tools=tools,
+            tenant_id=run.tenant_id,
+            agent=run.agent,
             model=agent_model_build(run=run),
             messages=messages,
             emit=_emit(writer),
             cancelled=cancelled,
-            limits=agent_limits(),
-            settings=tools.settings,
-            # Tools with side effects run on their own workers; only ids travel there.
-            tool_executor=QueuedToolExecutor(
-                tenant_id=run.tenant_id,
-                agent=run.agent,
-                timeout_s=settings.PARLEY_TOOL_TIMEOUT_S,
-            ),
         )
         usage = Usage(
             prompt_tokens=result.prompt_tokens, completion_tokens=result.completion_tokens
@@ -156,15 +140,8 @@ def agent_execute(*, run_id: Any, tenant_id: Any) -> None:
         error = InferenceError(
             "agent_not_found", f"The agent {run.agent!r} is no longer enabled in this workspace."
         )
-    except InferenceError as exc:
-        error = exc
-    except EventLogError as exc:
-        # Someone else appended to the log: the watchdog ended this run.
-        logger.warning("run %s: %s", run.id, exc)
-        error = InferenceError("worker_lost", str(exc))
     except Exception as exc:
-        logger.exception("agent run %s failed", run.id)
-        error = InferenceError("internal_error", f"The run failed: {type(exc).__name__}")
+        error = run_error(run, exc)
     finally:
         keepalive.stop()
     run_end(run, writer, error=error, finished=finished)

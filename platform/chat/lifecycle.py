@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from chat.eventlog import EventLogError, event_log, run_log_key
 from chat.models import Conversation, Run
+from chat.services.conversations import message_export
 from tenants.models import Tenant
 
 
@@ -61,14 +62,7 @@ def conversations_export(tenant: Tenant) -> list[dict[str, Any]]:
             "title": c.title,
             "created_at": c.created_at.isoformat(),
             "messages": [
-                {
-                    "id": str(m.id),
-                    "parent_id": str(m.parent_id) if m.parent_id else None,
-                    "role": m.role,
-                    "content": m.content,
-                    "created_at": m.created_at.isoformat(),
-                }
-                for m in sorted(c.messages.all(), key=lambda m: m.created_at)
+                message_export(m) for m in sorted(c.messages.all(), key=lambda m: m.created_at)
             ],
             "runs": [
                 {

@@ -221,19 +221,24 @@ def run_execute(*, run_id: Any, tenant_id: Any) -> None:
                 if _cancel_requested(run, writer, ask_database=beat):
                     error, finished = USER_CANCELLED, None
                     break
-    except InferenceError as exc:
-        error = exc
-    except EventLogError as exc:
-        # Someone else appended to the log: the watchdog ended this run (see RunClosed).
-        logger.warning("run %s: %s", run.id, exc)
-        error = InferenceError("worker_lost", str(exc))
     except Exception as exc:
-        logger.exception("run %s failed", run.id)
-        error = InferenceError("internal_error", f"The run failed: {type(exc).__name__}")
+        error = run_error(run, exc)
     finally:
         keepalive.stop()
         stream.close()  # a cancelled run hangs up on the backend, which stops generating
     run_end(run, writer, error=error, finished=finished)
+
+
+def run_error(run: Run, exc: Exception) -> InferenceError:
+    """The error a run ends with for `exc`, raised while it ran (call in the `except`)."""
+    if isinstance(exc, InferenceError):
+        return exc
+    if isinstance(exc, EventLogError):
+        # Someone else appended to the log: the watchdog ended this run (see RunClosed).
+        logger.warning("run %s: %s", run.id, exc)
+        return InferenceError("worker_lost", str(exc))
+    logger.exception("run %s failed", run.id)
+    return InferenceError("internal_error", f"The run failed: {type(exc).__name__}")
 
 
 def run_end(

@@ -15,7 +15,6 @@ import threading
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from django.conf import settings
 from django.db import connections
 
 from gateway.errors import ApiError
@@ -48,22 +47,18 @@ def agent_tools(*, actor: Actor, agent: str) -> Any:
         ) from None
 
 
-def _limits() -> Any:
-    from agents.runtime import AgentLimits
-
-    return AgentLimits(
-        max_steps=settings.PARLEY_AGENT_MAX_STEPS,
-        max_seconds=settings.PARLEY_AGENT_MAX_SECONDS,
-        max_tokens=settings.PARLEY_AGENT_MAX_TOKENS,
-    )
-
-
 async def agent_events(
-    *, actor: Actor, tools: Any, model: str, messages: list[dict[str, Any]], reference: str
+    *,
+    actor: Actor,
+    tools: Any,
+    agent: str,
+    model: str,
+    messages: list[dict[str, Any]],
+    reference: str,
 ) -> AsyncGenerator[StreamEvent, None]:
     """The agent's run as the pool's stream events: started, text deltas, finished."""
     from agents.pool_model import PoolChatModel
-    from agents.runtime import agent_run
+    from agents.runs import tenant_agent_run
 
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -75,10 +70,10 @@ async def agent_events(
 
     def work() -> None:
         try:
-            result = agent_run(
-                spec=tools.agent,
-                manifest=tools.manifest,
-                granted_scopes=tools.granted_scopes,
+            result = tenant_agent_run(
+                tools=tools,
+                tenant_id=actor.tenant_id,
+                agent=agent,
                 model=PoolChatModel(
                     tenant_id=str(actor.tenant_id),
                     user_id=str(actor.user.pk) if actor.user is not None else "",
@@ -87,8 +82,6 @@ async def agent_events(
                 messages=messages,
                 emit=emit,
                 cancelled=stop.is_set,
-                limits=_limits(),
-                settings=tools.settings,
             )
             finish = "stop" if result.stop_reason == "done" else "length"
             usage = Usage(

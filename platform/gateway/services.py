@@ -473,6 +473,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
             events=agent_events(
                 actor=actor,
                 tools=tools,
+                agent=agent,
                 model=params.model,
                 messages=params.messages,
                 reference=completion_id,

@@ -350,29 +350,14 @@ def _close(
             # Not a tenant's call, or never admitted: as when pool.chat_stream's
             # `admitted` raises, the limits are released with no usage.
             return
-        if finished is not None:
-            prompt, completion, outcome = (
-                finished.usage.prompt_tokens,
-                finished.usage.completion_tokens,
-                "completed",
-            )
-        else:
-            # No usage chunk: count the prompt as estimated and a token per delta.
-            prompt = (
-                estimate_tokens(messages=request.messages, max_tokens=0, tools=request.tools)
-                if deltas
-                else 0
-            )
-            completion, outcome = deltas, ("partial" if deltas else "failed")
-        call.slot.charge(prompt_tokens=prompt, completion_tokens=completion)
-        call.guard.commit(
-            prompt_tokens=prompt,
-            completion_tokens=completion,
+        pool.call_settle(
+            slot=call.slot,
+            guard=call.guard,
+            request=request,
             model=call.model,
             backend=backend,
-            outcome=outcome,
-            purpose=request.purpose,
-            reference=request.reference,
+            finished=finished,
+            deltas=deltas,
         )
     finally:
         call.stack.close()

@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 
-from inference.admission import admitted
+from inference.admission import Slot, admitted
 from inference.backends import backend_rows, backend_views, client_for
 from inference.backends import forget_cache as forget_backends
 from inference.breaker import CircuitBreaker
-from inference.limits import CallIdentity, call_guard, estimate_tokens
+from inference.limits import CallGuard, CallIdentity, call_guard, estimate_tokens
 from inference.load import LEASE_S, load_store
 from inference.models import Backend
 from inference.router import Policy, PrefixIndex, RouteRequest, candidates, make_policy
@@ -186,30 +186,50 @@ def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
                     deltas += 1
                 yield event
         finally:
-            if finished is not None:
-                prompt, completion, outcome = (
-                    finished.usage.prompt_tokens,
-                    finished.usage.completion_tokens,
-                    "completed",
-                )
-            else:
-                # No usage chunk: count the prompt as estimated and a token per delta.
-                prompt = (
-                    estimate_tokens(messages=request.messages, max_tokens=0, tools=request.tools)
-                    if deltas
-                    else 0
-                )
-                completion, outcome = deltas, ("partial" if deltas else "failed")
-            slot.charge(prompt_tokens=prompt, completion_tokens=completion)
-            guard.commit(
-                prompt_tokens=prompt,
-                completion_tokens=completion,
+            call_settle(
+                slot=slot,
+                guard=guard,
+                request=request,
                 model=model,
                 backend=backend,
-                outcome=outcome,
-                purpose=request.purpose,
-                reference=request.reference,
+                finished=finished,
+                deltas=deltas,
             )
+
+
+def call_settle(
+    *,
+    slot: Slot,
+    guard: CallGuard,
+    request: ChatRequest,
+    model: str,
+    backend: str,
+    finished: StreamFinished | None,
+    deltas: int,
+) -> None:
+    """Charge the call's admission slot and commit its usage to the limits and the
+    ledger: the backend's usage when it sent it, else the prompt as estimated and a
+    token per delta (a partial call), or nothing for a call that streamed nothing."""
+    if finished is not None:
+        prompt, completion = finished.usage.prompt_tokens, finished.usage.completion_tokens
+        outcome = "completed"
+    else:
+        prompt = (
+            estimate_tokens(messages=request.messages, max_tokens=0, tools=request.tools)
+            if deltas
+            else 0
+        )
+        completion, outcome = deltas, ("partial" if deltas else "failed")
+    slot.charge(prompt_tokens=prompt, completion_tokens=completion)
+    guard.commit(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        model=model,
+        backend=backend,
+        outcome=outcome,
+        purpose=request.purpose,
+        reference=request.reference,
+    )
 
 
 ROUTABLE = (Backend.State.HEALTHY, Backend.State.DEGRADED)

@@ -143,6 +143,17 @@ class Export:
     body: bytes
 
 
+def message_export(message: Message) -> dict[str, Any]:
+    """A message as the JSON exports (a conversation's, a tenant's) write it."""
+    return {
+        "id": str(message.id),
+        "parent_id": str(message.parent_id) if message.parent_id else None,
+        "role": message.role,
+        "content": message.content,
+        "created_at": message.created_at.isoformat(),
+    }
+
+
 def conversation_export(*, actor: Actor, conversation_id: Any, fmt: str) -> Export:
     """The conversation as a download: Markdown (the current branch, as read) or JSON
     (every message with its parent, and the runs' metadata)."""
@@ -166,16 +177,7 @@ def conversation_export(*, actor: Actor, conversation_id: Any, fmt: str) -> Expo
             "created_at": conversation.created_at.isoformat(),
             "updated_at": conversation.updated_at.isoformat(),
         },
-        "messages": [
-            {
-                "id": str(m.id),
-                "parent_id": str(m.parent_id) if m.parent_id else None,
-                "role": m.role,
-                "content": m.content,
-                "created_at": m.created_at.isoformat(),
-            }
-            for m in tree.messages
-        ],
+        "messages": [message_export(m) for m in tree.messages],
         "runs": [
             {
                 "id": str(r.id),
