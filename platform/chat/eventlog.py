@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
+from config.redis_clients import async_redis
+
 Event = dict[str, Any]
 
 
@@ -87,16 +89,12 @@ class RedisEventLog:
         )
 
     def _aclient(self) -> Any:
-        import redis.asyncio
-
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
-            # XREAD BLOCK waits longer than redis-py's default socket timeout (5 s):
-            # the blocking client must not time out before Redis answers.
-            client = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=MAX_BLOCK_S + 30, health_check_interval=30
-            )
+            # No socket timeout (config.redis_clients): XREAD BLOCK carries its own,
+            # at most MAX_BLOCK_S, and a cancelled reader must stop reading.
+            client = async_redis(self.url)
             self._async[loop] = client
         return client
 

@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 from django.conf import settings
 from django.db import close_old_connections
 
+from config.redis_clients import async_redis
 from inference import pool
 from inference.admission import (
     ADMITTED,
@@ -149,12 +150,10 @@ _redis_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
 
 
 def _redis_client(url: str) -> Any:
-    import redis.asyncio
-
     loop = asyncio.get_running_loop()
     client = _redis_clients.get(loop)
     if client is None:
-        client = redis.asyncio.Redis.from_url(url)
+        client = async_redis(url)
         _redis_clients[loop] = client
     return client
 

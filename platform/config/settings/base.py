@@ -20,6 +20,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 
 from config import env
+from config.redis_clients import ASYNC_REDIS_OPTIONS
 
 ROOT_DIR = Path(__file__).resolve().parents[3]
 PLATFORM_DIR = ROOT_DIR / "platform"
@@ -159,9 +160,9 @@ else:
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
             "CONFIG": {
-                # The layer's blocking reads wait up to 5 s, which is also redis-py's
-                # default socket timeout: give the socket room, or idle consumers die.
-                "hosts": [{"address": REDIS_URL, "socket_timeout": 30}],
+                # No socket timeout: see config.redis_clients (a consumer's receive
+                # must end when its socket closes; BZPOPMIN carries its own 5 s).
+                "hosts": [{"address": REDIS_URL, **ASYNC_REDIS_OPTIONS}],
                 "prefix": f"{PARLEY_REDIS_PREFIX}:asgi",
             },
         }
