@@ -47,9 +47,12 @@ def page():
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
         )
-        page = browser.new_page()
+        # One context, as one browser profile: a second tab (`page.context.new_page()`)
+        # shares the session.
+        context = browser.new_context()
         errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        context.on("page", lambda tab: tab.on("pageerror", lambda exc: errors.append(str(exc))))
+        page = context.new_page()
         yield page
         browser.close()
         assert not errors, errors
@@ -279,6 +282,42 @@ def test_lost_connections_neither_repeat_a_send_nor_lose_or_double_text(embedded
     assert max(seen, key=len) == answer
     runs = api(page, "GET", f"conversations/{conversation_id(page)}/runs")["body"]
     assert len(runs) == 1 and runs[0]["state"] == "succeeded"
+
+
+def test_a_second_tab_lists_the_new_conversation_and_streams_its_next_answer(embedded_server, page):
+    """Two tabs of one member: the conversation started in the first appears in the
+    second's sidebar; opened there, it streams the answer to a message sent from the
+    first tab and ends with the stored answer, as the first tab shows it."""
+    base, _ = embedded_server
+    log_in(page, base)
+    other = page.context.new_page()
+    other.goto(f"{base}/")
+    other.wait_for_selector("#prompt")
+
+    send(page, "Say hello in one short sentence.")
+    wait_for_answer(page)
+    conversation = conversation_id(page)
+    listed = f"#conversation-list li[data-conversation-id='{conversation}']"
+    other.wait_for_selector(listed, timeout=10_000)
+    assert other.inner_text(f"{listed} a.title") == "Say hello in one short sentence."
+
+    other.click(f"{listed} a.title")
+    other.wait_for_selector("#messages li.assistant[data-id]")
+    record_streamed_texts(other)
+    send(page, "Count from 1 to 20, separated by spaces.")
+    other.wait_for_selector("#messages li[data-run-id]", timeout=30_000)
+    wait_for_answer(page)
+    wait_for_answer(other)
+
+    stored = stored_branch(page)
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    answer = stored[-1]["content"]
+    assert other.locator("#messages li.assistant .body").last.inner_text() == answer
+    assert other.locator("#messages li.user .body").last.inner_text() == stored[2]["content"]
+    seen = other.evaluate("window.__seen")
+    assert len(set(seen)) >= 3, seen  # streamed there, not only fetched at the end
+    assert all(answer.startswith(text) for text in seen), seen
+    assert other.is_enabled("#send")
 
 
 def test_stop_keeps_the_partial_answer_and_says_why(embedded_server, page):

@@ -85,6 +85,55 @@ async def test_follow_up_continues_the_conversation_thread(alice, backend, worke
     await socket.close()
 
 
+async def test_another_socket_of_the_member_learns_of_a_new_run_and_follows_it(
+    alice, bob, backend, worker
+):
+    """A second tab: told of the new conversation and of the run (no client id), it
+    attaches and gets every event; the sending socket gets one run.started only;
+    another member hears nothing."""
+    _, _, sender = await ws_connect(alice.user)
+    _, _, other_tab = await ws_connect(alice.user)
+    _, _, colleague = await ws_connect(bob.user)
+    started, frames = await _turn(sender, "Say hello.", client_id="send-1")
+    assert not [f for f in frames if f["type"] == "run.started"]
+
+    listed = await other_tab.receive()
+    assert listed["type"] == "conversation.updated"
+    assert listed["conversation_id"] == started["conversation_id"]
+    assert listed["title"] == "Say hello."
+    told = await other_tab.receive()
+    assert told == {
+        "type": "run.started",
+        "run_id": started["run_id"],
+        "conversation_id": started["conversation_id"],
+        "user_message_id": started["user_message_id"],
+    }
+    await other_tab.send({"type": "run.attach", "run_id": told["run_id"], "after": 0})
+    followed = await other_tab.receive_until(("run.done", "run.error"))
+    assert _run_frames(followed, told["run_id"]) == frames
+
+    # A follow-up in the same conversation: a run.started, no new listing.
+    again, _ = await _turn(sender, "Now say goodbye.", started["conversation_id"])
+    frame = await other_tab.receive()
+    while frame["type"] == "conversation.updated":  # the automatic title may come first
+        assert frame["conversation_id"] == started["conversation_id"]
+        frame = await other_tab.receive()
+    assert frame["type"] == "run.started" and frame["run_id"] == again["run_id"]
+    assert not [f for f in await _drain(sender) if f["type"] == "run.started"], (
+        "the sender was told twice"
+    )
+    assert not [f for f in await _drain(colleague) if "conversation_id" in f]
+    for socket in (sender, other_tab, colleague):
+        await socket.close()
+
+
+async def _drain(socket) -> list[dict]:
+    frames = []
+    while not await socket.nothing_pending():
+        frames.append(await socket.receive())
+    return frames
+
+
 async def test_outsider_cannot_post_to_a_conversation_and_gets_not_found(
     alice, charlie, backend, worker
 ):
@@ -216,7 +265,11 @@ async def test_a_broker_outage_gets_a_clear_error_and_keeps_the_message(alice, m
 
     monkeypatch.undo()
     await socket.send({"type": "ping"})
-    assert (await socket.receive())["type"] == "pong"
+    # The conversation holds the message: the member's sockets list it; no run.started.
+    listed, pong = await socket.receive(), await socket.receive()
+    assert listed["type"] == "conversation.updated"
+    assert listed["conversation_id"] == str(run.conversation_id)
+    assert pong["type"] == "pong"
     await socket.close()
 
 

@@ -96,6 +96,7 @@ export class Thread {
   private branch: Step[] = [];
   private leafId: string | null = null; // the conversation's current leaf
   private readonly runs = new Map<string, RunView>();
+  private readonly seenRuns = new Set<string>();
   private readonly pending = new Map<string, PendingSend>();
   private readonly endings = new Map<string, Ending>();
   private editing: { id: string; draft: string } | null = null;
@@ -200,7 +201,14 @@ export class Thread {
 
   private onStarted(runId: string, conversationId: string, userMessageId: string, clientId?: string): void {
     const send = clientId ? this.pending.get(clientId) : undefined;
-    if (!send && !this.runs.has(runId)) return; // not ours
+    if (!send && !this.runs.has(runId)) {
+      // Started elsewhere (another tab of this member): follow it when it answers the
+      // conversation on screen. A run seen here before is not followed again.
+      if (!clientId && conversationId === this.conversationId && !this.seenRuns.has(runId)) {
+        this.follow(runId, userMessageId);
+      }
+      return;
+    }
     if (!this.conversationId) {
       this.conversationId = conversationId;
       this.options.started(conversationId, send?.frame.type === "chat.send" ? titleFrom(send.frame.content) : "");
@@ -225,7 +233,17 @@ export class Thread {
     void this.refresh();
   }
 
+  private follow(runId: string, userMessageId: string): void {
+    const run = this.addRun(runId, userMessageId);
+    this.leafId = userMessageId;
+    this.attach(run);
+    this.render();
+    this.changed();
+    void this.refresh();
+  }
+
   private addRun(id: string, userMessageId: string): RunView {
+    this.seenRuns.add(id);
     const text = document.createTextNode("");
     const body = el("div", { class: "body" });
     body.append(text);

@@ -38,6 +38,7 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 
 RELAY_POLL_S = 15.0
+OWN_RUNS_KEPT = 32
 
 
 class AccessRefused(Exception):
@@ -83,6 +84,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     async def connect(self) -> None:
         self.relays: dict[str, asyncio.Task[None]] = {}
+        # The runs this socket started, latest last: what services tell the member's
+        # sockets of them is not sent back here; a few suffice (it follows at once).
+        self.own_runs: dict[str, None] = {}
         self.bucket = FrameBucket(settings.PARLEY_WS_FRAMES_PER_S, settings.PARLEY_WS_FRAME_BURST)
         self.groups: list[str] = []
         refusal = None
@@ -139,7 +143,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
         await self.close(code=CLOSE_FORBIDDEN)
 
     async def frame_forward(self, event: dict[str, Any]) -> None:
-        """A frame a service sent to this member's sockets (`chat.notify.frame_send`)."""
+        """A frame a service sent to this member's sockets (`chat.notify.frame_send`),
+        unless it tells of a run this socket started (`unless_run`)."""
+        if event.get("unless_run") in self.own_runs:
+            return
         await self.send_frame(event["frame"])
 
     async def disconnect(self, code: int) -> None:
@@ -260,6 +267,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
         }
         if client_id:
             frame["client_id"] = client_id
+        self.own_runs[frame["run_id"]] = None
+        while len(self.own_runs) > OWN_RUNS_KEPT:
+            del self.own_runs[next(iter(self.own_runs))]
         await self.send_frame(frame)
         await self.attach(run, after=0)
 

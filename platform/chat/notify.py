@@ -18,14 +18,18 @@ def conversation_group(tenant_id: Any, user_id: Any) -> str:
     return f"chat.{uuid.UUID(str(tenant_id))}.{uuid.UUID(str(user_id))}"
 
 
-def frame_send(*, tenant_id: Any, user_id: Any, frame: dict[str, Any]) -> None:
-    """Send `frame` to every socket of this member once the current transaction commits."""
+def frame_send(
+    *, tenant_id: Any, user_id: Any, frame: dict[str, Any], unless_run: str | None = None
+) -> None:
+    """Send `frame` to every socket of this member once the current transaction commits;
+    with `unless_run`, not to the socket that started that run (it knows)."""
+    message = {"type": "frame.forward", "frame": frame}
+    if unless_run is not None:
+        message["unless_run"] = unless_run
 
     def send() -> None:
         layer = get_channel_layer()
         if layer is not None:
-            async_to_sync(layer.group_send)(
-                conversation_group(tenant_id, user_id), {"type": "frame.forward", "frame": frame}
-            )
+            async_to_sync(layer.group_send)(conversation_group(tenant_id, user_id), message)
 
     transaction.on_commit(send)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from typing import Any
@@ -13,7 +14,9 @@ from django.utils import timezone
 
 from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
+from chat.notify import frame_send
 from chat.selectors import _uuid, conversation_get, run_get
+from chat.services.conversations import conversation_frame
 from tenants.access import Actor, NotFound, Unavailable
 from tenants.models import User
 from tenants.rls import tenant_scope
@@ -88,10 +91,21 @@ def _run_by_client_id(*, actor: Actor, client_id: str) -> Run | None:
 
 
 def _run_create(
-    *, actor: Actor, conversation: Conversation, user_message: Message, model: str, client_id: str
+    *,
+    actor: Actor,
+    conversation: Conversation,
+    user_message: Message,
+    model: str,
+    client_id: str,
+    new_conversation: bool = False,
 ) -> Run:
     """The run row (in the caller's transaction) and its hand-over to a worker on commit.
-    The run gets the conversation's agent, if it has one and it is still available."""
+    The run gets the conversation's agent, if it has one and it is still available.
+
+    The member's other sockets (another tab) are told on commit: a new conversation's
+    `conversation.updated` (its message is stored, whatever becomes of the run), then,
+    once a worker has the run, `run.started`, to attach to it. The socket that sent it
+    has its own `run.started` and hears neither."""
     if conversation.agent:
         _agent_check(actor=actor, agent=conversation.agent)
     run = Run.objects.create(
@@ -107,7 +121,24 @@ def _run_create(
     conversation.save(update_fields=["current_leaf", "updated_at"])
     run_id, tenant_id = run.id, actor.tenant_id
     agent = run.agent
-    transaction.on_commit(lambda: run_enqueue(run_id=run_id, tenant_id=tenant_id, agent=agent))
+    started = {
+        "type": "run.started",
+        "run_id": str(run.id),
+        "conversation_id": str(conversation.id),
+        "user_message_id": str(user_message.id),
+    }
+    listed = conversation_frame(conversation) if new_conversation else None
+
+    def hand_over() -> None:
+        tell = functools.partial(
+            frame_send, tenant_id=tenant_id, user_id=run.user_id, unless_run=started["run_id"]
+        )
+        if listed is not None:
+            tell(frame=listed)
+        run_enqueue(run_id=run_id, tenant_id=tenant_id, agent=agent)
+        tell(frame=started)
+
+    transaction.on_commit(hand_over)
     return run
 
 
@@ -190,6 +221,7 @@ def chat_send(
             user_message=user_message,
             model=model,
             client_id=client_id,
+            new_conversation=not conversation_id,
         )
 
     return _idempotent(create, actor=actor, client_id=client_id)
