@@ -300,6 +300,28 @@ EMBEDDED_STRIP = (
 )
 
 
+def embedded_env(var: Path) -> dict[str, str]:
+    """The environment of Parley on its embedded default, its data under `var`."""
+    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_STRIP}
+    env["PARLEY_VAR_DIR"] = str(var)
+    env["PARLEY_TEMPERATURE"] = "0"  # greedy: the same answer on every run
+    return env
+
+
+def embedded_manage(var: Path, *command: str) -> str:
+    """Run `manage.py <command>` on the embedded default's data; its stdout."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", *command],
+        cwd=Path(__file__).resolve().parents[1],
+        env=embedded_env(var),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """Parley on its embedded default in a fresh process, as `make run` starts it:
@@ -307,19 +329,9 @@ def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     URL and the var/ folder; checks on the way out that the model server stopped too."""
     root = Path(__file__).resolve().parents[1]
     tmp = tmp_path_factory.mktemp("embedded")
-    env = {k: v for k, v in os.environ.items() if k not in EMBEDDED_STRIP}
-    env["PARLEY_VAR_DIR"] = str(tmp / "var")
-    env["PARLEY_TEMPERATURE"] = "0"  # greedy: the same answer on every run
+    env = embedded_env(tmp / "var")
     for command in (["migrate", "--noinput"], ["seed_demo"]):
-        result = subprocess.run(
-            [sys.executable, "manage.py", *command],
-            cwd=root,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
-        assert result.returncode == 0, result.stderr
+        embedded_manage(tmp / "var", *command)
     port = free_port()
     log_path = tmp / "serve.log"
     with log_path.open("w") as log:
@@ -391,3 +403,14 @@ def prefix(settings):
         for key in admin.scan_iter(match=f"{value}:*"):
             admin.delete(key)
         admin.close()
+
+
+def chat_page_data(response) -> dict:
+    """The JSON the chat page carries for its client (`json_script`)."""
+    match = re.search(
+        r'<script id="parley-chat" type="application/json">(.*?)</script>',
+        response.content.decode(),
+        re.S,
+    )
+    assert match, "the page carries no chat data"
+    return json.loads(match.group(1))

@@ -114,6 +114,17 @@ async def test_agent_calls_its_tool_and_streams_the_answer(alice, worker, script
     assert run.conversation.agent == AGENT
     assert run.assistant_message.content == streamed
     assert str(run.assistant_message.id) == done["message_id"]
+    # Its tool calls are stored with it, as the log showed them.
+    assert run.assistant_message.steps == [
+        {
+            "call_id": start["call_id"],
+            "name": "country_lookup",
+            "arguments": {"code": "KE"},
+            "result": "Kenya: capital Nairobi, currency KES",
+            "error": None,
+            "truncated": False,
+        }
+    ]
     # The agent's instructions are the system message; its granted tools are offered.
     assert model.seen[0][0].type == "system" and "countries" in model.seen[0][0].content
     assert model.seen[0][-1].content == "What is the capital of Kenya?"
@@ -283,7 +294,13 @@ async def test_cancel_while_a_tool_runs_ends_the_run_cancelled(alice, worker, sc
     seqs = [tool_start["seq"]] + [f["seq"] for f in run_frames if "seq" in f]
     assert seqs == list(range(1, len(seqs) + 1))
     run = await as_operator(load_run, started["run_id"])
-    assert run.state == Run.State.CANCELLED and run.assistant_message is None
+    assert run.state == Run.State.CANCELLED
+    # No text, but the call it made is kept with its end.
+    assert run.assistant_message.content == ""
+    (step,) = run.assistant_message.steps
+    assert (step["name"], step["arguments"]) == ("nap", {"seconds": 30})
+    assert step["error"] == tool_end["error"]
+    assert end["message_id"] == str(run.assistant_message.id)
     await socket.close()
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import embedded_manage
+
 pytestmark = [pytest.mark.embedded, pytest.mark.llm]
 
 CHROMIUM = os.environ.get("PARLEY_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -320,6 +322,51 @@ def test_a_second_tab_lists_the_new_conversation_and_streams_its_next_answer(emb
     assert other.is_enabled("#send")
 
 
+SEED_AGENT_ANSWER = """
+from chat.models import Conversation, Message
+from tenants.models import Tenant, User
+from tenants.rls import operator_scope
+
+with operator_scope():
+    tenant, user = Tenant.objects.get(slug="demo"), User.objects.get(username="demo")
+    c = Conversation.objects.create(tenant=tenant, user=user, title="Stored tool calls")
+    q = Message.objects.create(tenant=tenant, conversation=c, role="user", content="6 x 7?")
+    a = Message.objects.create(
+        tenant=tenant, conversation=c, parent=q, role="assistant", content="It is 42.",
+        steps=[
+            {"call_id": "c1", "name": "calculate", "arguments": {"expression": "6*7"},
+             "result": "42 <img src=x onerror=alert(1)>", "error": None, "truncated": False},
+            {"call_id": "c2", "name": "date_shift", "arguments": {"days": 1},
+             "result": None, "error": "The call did not finish.", "truncated": False},
+        ],
+    )
+    Conversation.objects.filter(id=c.id).update(current_leaf=a)
+    print(c.id)
+"""
+
+
+def test_an_agents_stored_tool_calls_show_with_its_answer(embedded_server, page):
+    """A stored answer shows its tool calls as the stream did (text only), in order."""
+    base, var = embedded_server
+    seeded = embedded_manage(var, "shell", "-c", SEED_AGENT_ANSWER)
+    log_in(page, base)
+    page.goto(f"{base}/c/{seeded.split()[-1]}/")  # (after the shell's own notes)
+    answer = page.locator("#messages li.assistant")
+    answer.wait_for()
+    tools = answer.locator(".steps details.tool")
+    assert tools.count() == 2
+    assert tools.nth(0).get_attribute("class") == "tool done"
+    assert tools.nth(0).locator(".tool-name").inner_text() == "calculate"
+    tools.nth(0).locator("summary").click()
+    assert tools.nth(0).locator(".tool-arguments").inner_text() == '{\n  "expression": "6*7"\n}'
+    assert tools.nth(0).locator(".tool-result").inner_text() == "42 <img src=x onerror=alert(1)>"
+    assert page.locator("#messages img").count() == 0
+    assert tools.nth(1).get_attribute("class") == "tool failed"
+    tools.nth(1).locator("summary").click()
+    assert tools.nth(1).locator(".tool-error").inner_text() == "The call did not finish."
+    assert answer.locator(".body").inner_text() == "It is 42."
+
+
 def test_stop_keeps_the_partial_answer_and_says_why(embedded_server, page):
     base, _ = embedded_server
     log_in(page, base)
@@ -514,16 +561,31 @@ def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server
     assert ends, received
     assert page.inner_text("#status") != ""
     # Tool steps (if the model called any) were shown as text, each named.
-    for name in page.eval_on_selector_all(
+    shown = page.eval_on_selector_all(
         "#messages .tool .tool-name", "(nodes) => nodes.map((n) => n.textContent)"
-    ):
+    )
+    for name in shown:
         assert name in {"calculate", "convert_units", "days_between", "date_shift"}, name
+    calls = [
+        name for frame in received if frame["type"] == "tool.start" for name in [frame["name"]]
+    ]
+    assert shown == calls
+    stored = [s["name"] for m in stored_branch(page) for s in m.get("steps", [])]
+    assert stored == calls
 
-    # The conversation keeps its agent: a reload shows it picked.
+    # The conversation keeps its agent: a reload shows it picked, and the tool calls
+    # stored with the answer.
     cid = conversation_id(page)
     page.reload()
     page.wait_for_selector("#composer .agent-choice", state="visible")
     assert page.input_value("#agent") == "calculator.calculator"
+    assert (
+        page.eval_on_selector_all(
+            "#messages .tool.done .tool-name, #messages .tool.failed .tool-name",
+            "(nodes) => nodes.map((n) => n.textContent)",
+        )
+        == calls
+    )
     data = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
     assert data["conversation"]["agent"] == "calculator.calculator"
 

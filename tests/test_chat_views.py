@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 
@@ -13,6 +12,7 @@ from agents.registry import registry_reset
 from agents.services import plugin_update
 from chat.models import Conversation, Message, Run
 from tenants.rls import operator_scope, tenant_scope
+from tests.conftest import chat_page_data
 from tests.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -51,17 +51,6 @@ def test_owner_sees_the_conversation_with_its_thread(client, alice, conversation
     # Model output reaches the page only as JSON data, never as markup.
     assert "<b>12%</b>" not in page
     assert "Revenue grew \\u003Cb\\u003E12%\\u003C/b\\u003E." in page
-
-
-def _page_data(response) -> dict:
-    """The JSON the page carries for its client (`json_script`)."""
-    match = re.search(
-        r'<script id="parley-chat" type="application/json">(.*?)</script>',
-        response.content.decode(),
-        re.S,
-    )
-    assert match, "the page carries no chat data"
-    return json.loads(match.group(1))
 
 
 def _message(conversation, role, content, parent=None):
@@ -118,7 +107,7 @@ def branched(alice):
 def test_the_page_carries_the_current_branch_with_siblings_and_live_runs(client, alice, branched):
     conversation, m = branched
     client.force_login(alice.user)
-    data = _page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
+    data = chat_page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
 
     assert data["conversation"] == {
         "id": str(conversation.id),
@@ -154,7 +143,7 @@ def test_the_page_follows_a_switched_branch(client, alice, branched):
         conversation.current_leaf = m["a3"]
         conversation.save()
     client.force_login(alice.user)
-    data = _page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
+    data = chat_page_data(client.get(reverse("chat:conversation", args=[conversation.id])))
     assert [step["id"] for step in data["branch"]] == [str(m["q1"].id), str(m["a3"].id)]
     assert (data["branch"][1]["sibling_index"], data["branch"][1]["sibling_count"]) == (2, 3)
     assert data["branch"][1]["error"] is None
@@ -175,7 +164,7 @@ def test_the_page_carries_what_the_client_needs_for_the_api(client, alice, conve
 
 def test_a_new_chat_carries_no_conversation(client, alice, conversation):
     client.force_login(alice.user)
-    data = _page_data(client.get(reverse("chat:home")))
+    data = chat_page_data(client.get(reverse("chat:home")))
     assert data == {"conversation": None, "branch": [], "runs": [], "agents": []}
 
 
@@ -210,23 +199,23 @@ def test_agents_are_offered_only_once_the_tenant_enables_their_plugin(
 ):
     client.force_login(bob.user)
     url = reverse("chat:conversation", args=[conversation.id])
-    assert _page_data(client.get(reverse("chat:home")))["agents"] == []
+    assert chat_page_data(client.get(reverse("chat:home")))["agents"] == []
     assert "calculator.calculator" not in _agent_select(client.get(reverse("chat:home")))
 
     _enable(alice, "calculator")
     client.force_login(alice.user)
     for page in (client.get(reverse("chat:home")), client.get(url)):
-        assert _page_data(page)["agents"] == [CALCULATOR]
+        assert chat_page_data(page)["agents"] == [CALCULATOR]
     # Members pick agents as well as admins.
     client.force_login(bob.user)
     home = client.get(reverse("chat:home"))
-    assert _page_data(home)["agents"] == [CALCULATOR]
+    assert chat_page_data(home)["agents"] == [CALCULATOR]
     choice = _agent_select(home)
     assert '<option value="">Plain chat</option>' in choice
     assert re.search(r'<option value="calculator\.calculator"[^>]*>Calculator</option>', choice)
 
     _enable(alice, "calculator", enabled=False)
-    assert _page_data(client.get(reverse("chat:home")))["agents"] == []
+    assert chat_page_data(client.get(reverse("chat:home")))["agents"] == []
 
 
 def test_the_page_carries_the_conversations_agent_and_selects_it(
@@ -236,13 +225,13 @@ def test_the_page_carries_the_conversations_agent_and_selects_it(
     client.force_login(alice.user)
     url = reverse("chat:conversation", args=[conversation.id])
     response = client.get(url)
-    assert _page_data(response)["conversation"]["agent"] is None
+    assert chat_page_data(response)["conversation"]["agent"] is None
     assert " selected" not in _agent_select(response)
 
     with operator_scope():
         Conversation.objects.filter(id=conversation.id).update(agent="calculator.calculator")
     response = client.get(url)
-    assert _page_data(response)["conversation"]["agent"] == "calculator.calculator"
+    assert chat_page_data(response)["conversation"]["agent"] == "calculator.calculator"
     assert re.search(
         r'<option value="calculator\.calculator"[^>]*\sselected>', _agent_select(response)
     )
@@ -250,8 +239,8 @@ def test_the_page_carries_the_conversations_agent_and_selects_it(
     # Its plugin disabled since: the conversation still names it, no choice offers it.
     _enable(alice, "calculator", enabled=False)
     response = client.get(url)
-    assert _page_data(response)["conversation"]["agent"] == "calculator.calculator"
-    assert _page_data(response)["agents"] == []
+    assert chat_page_data(response)["conversation"]["agent"] == "calculator.calculator"
+    assert chat_page_data(response)["agents"] == []
     assert "calculator.calculator" not in _agent_select(response)
 
 
@@ -261,14 +250,14 @@ def test_an_outsider_is_offered_only_their_own_tenants_agents(
     _enable(alice, "calculator")
     client.force_login(charlie.user)
     home = client.get(reverse("chat:home"))
-    assert _page_data(home) == {"conversation": None, "branch": [], "runs": [], "agents": []}
+    assert chat_page_data(home) == {"conversation": None, "branch": [], "runs": [], "agents": []}
     assert "calculator" not in _agent_select(home)
     # And still nothing of the owner's conversation, its agent included.
     foreign = client.get(reverse("chat:conversation", args=[conversation.id]))
     assert foreign.status_code == 404
 
     _enable(charlie, "calculator")
-    assert _page_data(client.get(reverse("chat:home")))["agents"] == [CALCULATOR]
+    assert chat_page_data(client.get(reverse("chat:home")))["agents"] == [CALCULATOR]
 
 
 def test_chat_home_lists_only_own_conversations(client, alice, charlie, conversation):

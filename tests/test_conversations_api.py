@@ -15,6 +15,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import AsyncClient
+from django.urls import reverse
 from django.utils import timezone
 
 from chat.eventlog import event_log, run_log_key
@@ -26,7 +27,7 @@ from inference import pool
 from inference.models import UsageRecord
 from tenants.models import ApiKey
 from tenants.rls import in_tenant, operator_scope, tenant_scope
-from tests.conftest import as_operator, ws_connect
+from tests.conftest import as_operator, chat_page_data, ws_connect
 
 pytestmark = pytest.mark.django_db
 
@@ -385,6 +386,51 @@ def test_export_json_has_the_whole_tree_and_runs(client, alice):
     (run,) = document["runs"]
     assert run["model"] == "m1" and run["completion_tokens"] == 3
     assert run["assistant_message_id"] == str(tree["a1b"].id)
+
+
+STEPS = [
+    {
+        "call_id": "call_1",
+        "name": "country_lookup",
+        "arguments": {"code": "KE"},
+        "result": "Kenya: capital ```Nairobi```",
+        "error": None,
+        "truncated": True,
+    },
+    {
+        "call_id": "call_2",
+        "name": "fetch",
+        "arguments": {"url": "http://x"},
+        "result": None,
+        "error": "Refused: the scope network.fetch is not granted.",
+        "truncated": False,
+    },
+]
+
+
+def test_an_agents_answer_keeps_its_tool_calls_in_the_api_the_page_and_exports(client, alice):
+    c = conversation(alice, title="Kenya")
+    question = message(c, "user", "Capital of Kenya?")
+    answer = message(c, "assistant", "Nairobi.", question, steps=STEPS)
+    leaf(c, answer)
+    login(client, alice)
+
+    tree = client.get(f"{API}/conversations/{c.id}/messages").json()
+    by_id = {m["id"]: m for m in tree["messages"]}
+    assert by_id[str(answer.id)]["steps"] == STEPS
+    assert by_id[str(question.id)]["steps"] == []
+    data = chat_page_data(client.get(reverse("chat:conversation", args=[c.id])))
+    assert [step["steps"] for step in data["branch"]] == [[], STEPS]
+
+    document = json.loads(client.get(f"{API}/conversations/{c.id}/export?format=json").content)
+    assert [m["steps"] for m in document["messages"]] == [[], STEPS]
+    text = client.get(f"{API}/conversations/{c.id}/export").content.decode()
+    assert "**Tool call:** `country_lookup`" in text
+    assert '```json\n{\n  "code": "KE"\n}\n```' in text
+    # A result holding a fence gets a longer one: the Markdown stays well formed.
+    assert "Result (cut short):\n\n````\nKenya: capital ```Nairobi```\n````" in text
+    assert "Error:\n\n```\nRefused: the scope network.fetch is not granted.\n```" in text
+    assert text.index("country_lookup") < text.index("fetch") < text.index("Nairobi.")
 
 
 def test_export_refuses_an_unknown_format(client, alice):

@@ -38,6 +38,7 @@ from chat.eventlog import EventLogError, event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from chat.runner import TERMINAL_EVENTS, run_execute
 from chat.services.runs import chat_send
+from chat.steps import UNFINISHED
 from chat.watchdog import runs_reap
 from inference import pool
 from inference.local_process import free_port
@@ -402,6 +403,45 @@ def test_watchdog_ends_a_stalled_run_with_its_logged_text_at_the_next_seq(
     assert runs_reap() == 0
     assert runs_reap(now=timezone.now() + timedelta(hours=1)) == 0
     assert log_of(run) == events
+
+
+def test_watchdog_keeps_an_agents_tool_calls_from_the_log(alice, own_keys, settings):
+    """The worker died during a tool call: the stored answer keeps the finished call
+    and the unfinished one, marked so."""
+    settings.PARLEY_RUN_STALL_S = 20
+    run = running_run(alice, ["Looking up. "], heartbeat_age_s=30)
+    key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
+    for seq, event in enumerate(
+        [
+            {"type": "tool.start", "call_id": "c1", "name": "lookup", "arguments": {"q": "KE"}},
+            {"type": "tool.end", "call_id": "c1", "name": "lookup", "result": "Nairobi"},
+            {"type": "tool.start", "call_id": "c2", "name": "fetch", "arguments": {"u": "x"}},
+        ],
+        start=2,
+    ):
+        event_log().append(key, seq, event)
+
+    assert runs_reap() == 1
+    message = stored(run.id).assistant_message
+    assert message.content == "Looking up. "
+    assert message.steps == [
+        {
+            "call_id": "c1",
+            "name": "lookup",
+            "arguments": {"q": "KE"},
+            "result": "Nairobi",
+            "error": None,
+            "truncated": False,
+        },
+        {
+            "call_id": "c2",
+            "name": "fetch",
+            "arguments": {"u": "x"},
+            "result": None,
+            "error": UNFINISHED,
+            "truncated": False,
+        },
+    ]
 
 
 def test_watchdog_leaves_live_runs_and_fresh_queued_runs_alone(alice, own_keys, settings):

@@ -19,11 +19,22 @@ export interface Conversation {
   updated_at: string;
 }
 
+// A tool call stored with an agent's answer (a message's `steps`).
+export interface ToolStep {
+  call_id: string;
+  name: string;
+  arguments: unknown;
+  result: string | null;
+  error: string | null;
+  truncated: boolean;
+}
+
 export interface TreeMessage {
   id: string;
   parent_id: string | null;
   role: string;
   content: string;
+  steps: ToolStep[];
 }
 
 export interface TreeStep {

@@ -7,7 +7,7 @@
 // reconnects. A send keeps its client id until the server answers it, so resending it
 // after a reconnect never starts a second generation.
 
-import type { Api, MessageTree } from "./api";
+import type { Api, MessageTree, ToolStep } from "./api";
 import { button, el } from "./dom";
 import type { ClientFrame, RunEventFrame, SendFrame, ServerFrame } from "./protocol";
 import { isRunEvent } from "./protocol";
@@ -22,6 +22,7 @@ export interface Step {
   parent_id: string | null;
   role: string;
   content: string;
+  steps?: ToolStep[];
   sibling_ids: string[];
   sibling_index: number;
   sibling_count: number;
@@ -317,14 +318,7 @@ export class Thread {
   // --- an agent's steps (every value from the server or a tool set as text only) ---------
 
   private toolStarted(run: RunView, callId: string, name: string, args: unknown): void {
-    const details = el("details", { class: "tool running", "data-call-id": callId });
-    const summary = el("summary");
-    summary.append(el("span", { class: "tool-name" }, name), el("span", { class: "tool-state" }, " · running…"));
-    details.append(
-      summary,
-      el("p", { class: "label" }, "Arguments"),
-      el("pre", { class: "tool-arguments" }, formatArguments(args)),
-    );
+    const details = toolCall(callId, name, args);
     run.tools.set(callId, details);
     run.steps.append(details);
     run.steps.hidden = false;
@@ -344,17 +338,7 @@ export class Thread {
       this.toolStarted(run, callId, name, undefined);
       details = run.tools.get(callId) as HTMLDetailsElement;
     }
-    details.classList.remove("running");
-    details.classList.add(error ? "failed" : "done");
-    const state = details.querySelector(".tool-state");
-    if (state) state.textContent = error ? " · failed" : " · done";
-    if (error) details.append(el("p", { class: "label" }, "Error"), el("pre", { class: "tool-error" }, error));
-    if (result) {
-      details.append(
-        el("p", { class: "label" }, truncated ? "Result (cut short)" : "Result"),
-        el("pre", { class: "tool-result" }, result),
-      );
-    }
+    toolCallEnded(details, result, error, truncated);
   }
 
   private progressed(run: RunView, stage: string, message?: string, done?: number, total?: number): void {
@@ -480,6 +464,7 @@ export class Thread {
           parent_id: message.parent_id,
           role: message.role,
           content: message.content,
+          steps: message.steps,
           sibling_ids: step.sibling_ids,
           sibling_index: step.sibling_index,
           sibling_count: step.sibling_count,
@@ -541,6 +526,7 @@ export class Thread {
       item.append(this.editor(step, editing));
       return item;
     }
+    if (step.steps?.length) item.append(storedSteps(step.steps));
     item.append(el("div", { class: "body" }, step.content));
     const ending = step.error ?? this.endings.get(step.id);
     if (ending) {
@@ -640,6 +626,44 @@ export function titleFrom(content: string): string {
 }
 
 // A tool's arguments as the model gave them (an object, normally), readable.
+// An agent's tool call: its name and arguments, open to read; running until it ends.
+function toolCall(callId: string, name: string, args: unknown): HTMLDetailsElement {
+  const details = el("details", { class: "tool running", "data-call-id": callId });
+  const summary = el("summary");
+  summary.append(el("span", { class: "tool-name" }, name), el("span", { class: "tool-state" }, " · running…"));
+  details.append(
+    summary,
+    el("p", { class: "label" }, "Arguments"),
+    el("pre", { class: "tool-arguments" }, formatArguments(args)),
+  );
+  return details;
+}
+
+function toolCallEnded(details: HTMLDetailsElement, result: string, error: string | null, truncated?: boolean): void {
+  details.classList.remove("running");
+  details.classList.add(error ? "failed" : "done");
+  const state = details.querySelector(".tool-state");
+  if (state) state.textContent = error ? " · failed" : " · done";
+  if (error) details.append(el("p", { class: "label" }, "Error"), el("pre", { class: "tool-error" }, error));
+  if (result) {
+    details.append(
+      el("p", { class: "label" }, truncated ? "Result (cut short)" : "Result"),
+      el("pre", { class: "tool-result" }, result),
+    );
+  }
+}
+
+// The tool calls stored with an agent's answer, as they showed while it streamed.
+function storedSteps(steps: ToolStep[]): HTMLDivElement {
+  const box = el("div", { class: "steps" });
+  for (const step of steps) {
+    const details = toolCall(step.call_id, step.name, step.arguments);
+    toolCallEnded(details, step.result ?? "", step.error, step.truncated);
+    box.append(details);
+  }
+  return box;
+}
+
 function formatArguments(args: unknown): string {
   if (args === undefined) return "";
   try {

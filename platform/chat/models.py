@@ -61,6 +61,9 @@ class Message(models.Model):
     )
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
+    # An agent's answer: its tool calls in order, as its run logged them
+    # (chat.steps.tool_steps): [{call_id, name, arguments, result, error, truncated}].
+    steps = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -23,6 +23,7 @@ from django.utils import timezone
 from chat.eventlog import EventLogError, event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from chat.selectors import message_thread
+from chat.steps import tool_steps
 from chat.titles import title_after_run
 from inference import pool
 from inference.types import ChatRequest, InferenceError, StreamFinished, StreamStarted, TextDelta
@@ -45,6 +46,7 @@ class RunEventWriter:
         self._pending: list[str] = []
         self._last_flush = 0.0
         self.text: list[str] = []
+        self.tool_events: list[dict[str, Any]] = []  # stored with the answer (chat.steps)
 
     def _append(self, event: dict[str, Any]) -> int:
         # Counted once the log took it: after a refusal (the watchdog ended the run)
@@ -69,7 +71,10 @@ class RunEventWriter:
     def append(self, event: dict[str, Any]) -> int:
         """Log a non-token event after the token deltas waiting to be flushed."""
         self.flush()
-        return self._append(event)
+        seq = self._append(event)
+        if event.get("type") in ("tool.start", "tool.end"):
+            self.tool_events.append(event)
+        return seq
 
     def finish(self, event: dict[str, Any]) -> int:
         return self.append(event)
@@ -252,11 +257,17 @@ def run_end(
     `run.done` when it `finished` without `error`, else `run.error`. A run the watchdog
     ended meanwhile keeps that end; a deleted one gets a `run.error` for attached sockets."""
     text = "".join(writer.text)
+    steps = tool_steps(writer.tool_events)
     try:
         writer.flush()
         if error is None and finished is not None:
             message = _persist(
-                run, text, state=Run.State.SUCCEEDED, finished=finished, last_seq=writer.seq + 1
+                run,
+                text,
+                steps,
+                state=Run.State.SUCCEEDED,
+                finished=finished,
+                last_seq=writer.seq + 1,
             )
             title_after_run(run=run)
             writer.finish(
@@ -270,7 +281,7 @@ def run_end(
         else:
             error = error or InferenceError("internal_error", "The stream ended unexpectedly.")
             state = Run.State.CANCELLED if error.code == "cancelled" else Run.State.FAILED
-            message = _persist(run, text, state=state, error=error, last_seq=writer.seq + 1)
+            message = _persist(run, text, steps, state=state, error=error, last_seq=writer.seq + 1)
             writer.finish(
                 {
                     "type": "run.error",
@@ -312,6 +323,7 @@ def _end_deleted(writer: RunEventWriter) -> None:
 def _persist(
     run: Run,
     text: str,
+    steps: list[dict[str, Any]],
     *,
     state: str,
     last_seq: int,
@@ -329,7 +341,9 @@ def _persist(
         )
         if not still_open.exists():
             raise RunClosed(f"run {run.id} was closed already")
-        message = run_answer_store(run=run, text=text, succeeded=state == Run.State.SUCCEEDED)
+        message = run_answer_store(
+            run=run, text=text, steps=steps, succeeded=state == Run.State.SUCCEEDED
+        )
         fields: dict[str, Any] = {
             "state": state,
             "finished_at": timezone.now(),
@@ -348,10 +362,13 @@ def _persist(
     return message
 
 
-def run_answer_store(*, run: Run, text: str, succeeded: bool = False) -> Message | None:
-    """The assistant message of a run: its answer, or the partial text of a run that
-    did not succeed (none if that produced nothing). Call within the run's tenant scope."""
-    if not text and not succeeded:
+def run_answer_store(
+    *, run: Run, text: str, steps: list[dict[str, Any]] | None = None, succeeded: bool = False
+) -> Message | None:
+    """The assistant message of a run: its answer with an agent's tool calls (`steps`),
+    or what a run that did not succeed produced (none if nothing). Call within the
+    run's tenant scope."""
+    if not text and not steps and not succeeded:
         return None
     message = Message.objects.create(
         tenant_id=run.tenant_id,
@@ -359,6 +376,7 @@ def run_answer_store(*, run: Run, text: str, succeeded: bool = False) -> Message
         parent_id=run.user_message_id,
         role=Message.Role.ASSISTANT,
         content=text,
+        steps=steps or [],
     )
     # The answer extends the branch the client is on, unless it moved elsewhere.
     Conversation.objects.filter(id=run.conversation_id, current_leaf_id=run.user_message_id).update(

@@ -68,11 +68,25 @@ class BranchIn(Schema):
     message_id: uuid.UUID = Field(description="Any message of the branch to switch to.")
 
 
+class ToolStepOut(Schema):
+    call_id: str
+    name: str
+    arguments: Any = Field(None, description="The arguments the model gave the tool.")
+    result: str | None = Field(None, description="What the tool returned (bounded).")
+    error: str | None = Field(
+        None, description="Why the call failed or was refused, or that it did not finish."
+    )
+    truncated: bool = False
+
+
 class MessageOut(Schema):
     id: uuid.UUID
     parent_id: uuid.UUID | None
     role: str
     content: str
+    steps: list[ToolStepOut] = Field(
+        description="An agent's answer: its tool calls, in order (else empty)."
+    )
     created_at: datetime
 
 

@@ -77,6 +77,7 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
                 "parent_id": _id(step.message.parent_id),
                 "role": step.message.role,
                 "content": step.message.content,
+                "steps": step.message.steps,
                 "sibling_ids": [str(s) for s in step.sibling_ids],
                 "sibling_index": step.sibling_index,
                 "sibling_count": step.sibling_count,

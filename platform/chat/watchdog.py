@@ -34,6 +34,7 @@ from django.utils import timezone
 from chat.eventlog import Event, EventLogError, event_log, run_log_key
 from chat.models import Message, Run
 from chat.runner import TERMINAL_EVENTS, run_answer_store
+from chat.steps import tool_steps
 from tenants.rls import operator_scope, tenant_scope
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,8 @@ def _take(run_id: Any, *, stall_cutoff: datetime, queue_cutoff: datetime) -> Run
 
 
 def _close(run: Run) -> None:
-    """Store the partial text and append the terminal event after the log's last one."""
+    """Store the partial text (and tool calls) and append the terminal event after the
+    log's last one."""
     log = event_log()
     key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
     message: Message | None = None
@@ -157,12 +159,13 @@ def _close(run: Run) -> None:
                 logger.warning("run %s: its log has an end already; left as it is", run.id)
                 return
             text = "".join(e.get("delta", "") for _, e in events if e.get("type") == "token")
+            steps = tool_steps(e for _, e in events)
             end = _last_seq(events) + 1
             with tenant_scope(tenant_id=run.tenant_id):
                 if message is None:
-                    message = run_answer_store(run=run, text=text)
+                    message = run_answer_store(run=run, text=text, steps=steps)
                 else:
-                    Message.objects.filter(id=message.id).update(content=text)
+                    Message.objects.filter(id=message.id).update(content=text, steps=steps)
                 Run.objects.filter(id=run.id).update(assistant_message=message, last_seq=end)
             try:
                 log.append(

@@ -154,6 +154,26 @@ class AddIndexOnPostgres(migrations.AddIndex):
             super().database_backwards(app_label, schema_editor, *args)
 
 
+class AddFieldBesidePostgresIndexes(migrations.AddField):
+    """AddField on a table that has an index only PostgreSQL can build
+    (AddIndexOnPostgres). SQLite adds such a column by remaking the table, which
+    builds the model's indexes anew: there the PostgreSQL-only ones are left out."""
+
+    def database_forwards(self, app_label: str, schema_editor: Any, from_state, to_state) -> None:
+        if schema_editor.connection.vendor == "postgresql":
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+            return
+        from django.contrib.postgres.indexes import PostgresIndex
+
+        meta = from_state.apps.get_model(app_label, self.model_name)._meta
+        kept = meta.indexes
+        meta.indexes = [index for index in kept if not isinstance(index, PostgresIndex)]
+        try:
+            super().database_forwards(app_label, schema_editor, from_state, to_state)
+        finally:
+            meta.indexes = kept
+
+
 class EnableRowLevelSecurity(Operation):
     """Migration operation: enable and force RLS on a table with one of POLICIES.
     A no-op on databases without RLS (SQLite)."""

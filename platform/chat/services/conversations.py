@@ -5,6 +5,7 @@ the export. Each change tells the member's open sockets once it commits with a
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +151,7 @@ def message_export(message: Message) -> dict[str, Any]:
         "parent_id": str(message.parent_id) if message.parent_id else None,
         "role": message.role,
         "content": message.content,
+        "steps": message.steps,
         "created_at": message.created_at.isoformat(),
     }
 
@@ -212,5 +214,28 @@ def _markdown(tree: Any) -> str:
     for step in tree.branch:
         message = step.message
         lines += [f"## {ROLE_HEADINGS.get(message.role, message.role.title())}", ""]
+        lines += _markdown_steps(message.steps)
         lines += [message.content.rstrip(), ""]
     return "\n".join(lines)
+
+
+def _markdown_steps(steps: list[dict[str, Any]]) -> list[str]:
+    """An agent's tool calls before its answer: name, arguments, result or error."""
+    lines: list[str] = []
+    for step in steps:
+        lines += [f"**Tool call:** `{step.get('name', '')}`", ""]
+        if step.get("arguments") is not None:
+            lines += _fenced(json.dumps(step["arguments"], ensure_ascii=False, indent=2), "json")
+        if step.get("error"):
+            lines += ["Error:", "", *_fenced(str(step["error"]))]
+        elif step.get("result") is not None:
+            cut = " (cut short)" if step.get("truncated") else ""
+            lines += [f"Result{cut}:", "", *_fenced(str(step["result"]))]
+    return lines
+
+
+def _fenced(text: str, language: str = "") -> list[str]:
+    """A fenced block whose fence is longer than any backtick run inside the text."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [f"{fence}{language}", text, fence, ""]
