@@ -183,3 +183,23 @@ async def test_a_redis_read_may_block_longer_than_the_client_socket_timeout(sett
     finally:
         timer.cancel()
         log._sync.delete(key)
+
+
+async def test_token_events_are_stored_as_their_text_and_read_back_unchanged(alog, key):
+    """A plain token event is kept as its delta (no JSON to decode on a replay); any
+    other event, or a token event with more fields, as JSON. Both read back as written."""
+    events = [
+        {"type": "token", "delta": 'wörld "quoted" \\ 🙂'},
+        {"type": "token", "delta": ""},
+        {"type": "tool.start", "call_id": "c", "name": "n", "arguments": {"a": [1, "ü"]}},
+        {"type": "token", "delta": "x", "first_seq": 1},
+        {"type": "run.done", "message_id": None, "finish_reason": "stop", "usage": {}},
+    ]
+    for seq, event in enumerate(events, start=1):
+        alog.append(key, seq, event)
+    expected = list(enumerate(events, start=1))
+    assert alog.read_sync(key) == expected
+    assert await alog.read(key, 0, timeout_s=1) == expected
+    if isinstance(alog, RedisEventLog):
+        fields = [sorted(f) for _, f in alog._sync.xrange(key)]
+        assert fields == [[b"d"], [b"d"], [b"e"], [b"e"], [b"e"]]

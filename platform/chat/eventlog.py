@@ -62,9 +62,13 @@ class EventLog(Protocol):
 
 
 MAX_BLOCK_S = 60.0  # the longest a reader blocks in one XREAD
+READ_COUNT = 4096  # the most entries one XREAD returns (a replay reads a few times)
 
 
 class RedisEventLog:
+    """Entry `0-<seq>` holds the event: a plain token event as its delta alone (field
+    `d`: a replay decodes no JSON for the bulk of a run), any other as JSON (`e`)."""
+
     # XADD alone refuses a duplicate or smaller id but accepts a gap (0-1, then 0-3):
     # check in the server, atomically, that `seq` follows the last entry.
     _APPEND = """
@@ -74,7 +78,7 @@ class RedisEventLog:
     if tonumber(ARGV[1]) ~= top + 1 then
         return redis.error_reply('ERR out of sequence: the last event is ' .. top)
     end
-    return redis.call('XADD', KEYS[1], '0-' .. ARGV[1], 'e', ARGV[2])
+    return redis.call('XADD', KEYS[1], '0-' .. ARGV[1], ARGV[3], ARGV[2])
     """
 
     def __init__(self, url: str) -> None:
@@ -95,14 +99,21 @@ class RedisEventLog:
             # No socket timeout (config.redis_clients): XREAD BLOCK carries its own,
             # at most MAX_BLOCK_S, and a cancelled reader must stop reading.
             client = async_redis(self.url)
+            # The reply as the parser built it: redis-py's reshaping of every entry
+            # (a dict per entry, in Python) would double the cost of a replay.
+            client.response_callbacks["XREAD"] = _raw_reply
             self._async[loop] = client
         return client
 
     def append(self, key: str, seq: int, event: Mapping[str, Any]) -> None:
         import redis
 
+        if event.keys() == {"type", "delta"} and event["type"] == "token":
+            args = [seq, event["delta"], "d"]
+        else:
+            args = [seq, json.dumps(event), "e"]
         try:
-            self._append(keys=[key], args=[seq, json.dumps(event)])
+            self._append(keys=[key], args=args)
         except redis.ResponseError as exc:
             raise EventLogError(f"cannot append event {seq} to {key}: {exc}") from exc
 
@@ -122,11 +133,16 @@ class RedisEventLog:
 
     @staticmethod
     def _decode(entries: list[Any]) -> list[tuple[int, Event]]:
+        """Stream entries (`[id, {field: value}]`, or `[id, [field, value]]` as the
+        raw reply has them; one field each) as (seq, event)."""
         out = []
         for entry_id, fields in entries:
-            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-            seq = int(entry_id.split("-", 1)[1])
-            out.append((seq, json.loads(fields[b"e"] if b"e" in fields else fields["e"])))
+            seq = int(entry_id[entry_id.index(b"-") + 1 :])
+            name, value = next(iter(fields.items())) if isinstance(fields, dict) else fields
+            if name == b"d":
+                out.append((seq, {"type": "token", "delta": value.decode()}))
+            else:
+                out.append((seq, json.loads(value)))
         return out
 
     def read_sync(self, key: str, after: int = 0) -> list[tuple[int, Event]]:
@@ -136,10 +152,16 @@ class RedisEventLog:
     async def read(self, key: str, after: int, timeout_s: float) -> list[tuple[int, Event]]:
         client = self._aclient()
         block_ms = max(1, int(min(timeout_s, MAX_BLOCK_S) * 1000))
-        result = await client.xread({key: f"0-{after}"}, block=block_ms, count=1000)
+        result = await client.xread({key: f"0-{after}"}, block=block_ms, count=READ_COUNT)
         if not result:
             return []
-        return self._decode(result[0][1])
+        # One stream: RESP2 replies [[key, entries]], RESP3 {key: entries}.
+        entries = next(iter(result.values())) if isinstance(result, dict) else result[0][1]
+        return self._decode(entries)
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
 
 
 # --- in memory (embedded mode) --------------------------------------------------

@@ -9,6 +9,7 @@ with such a key (`?ticket=`, for pages on the integrator's own site): neither ri
 on ambient credentials, so their origin is not checked.
 """
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -43,3 +44,10 @@ async def http_entry(scope, receive, send):
 
 
 application = ProtocolTypeRouter({"http": http_entry, "websocket": websocket_entry})
+
+# The loaded app's ~100k objects live as long as the process: take them out of the
+# collector's reach, so that a full collection (which a burst of allocations, such as
+# replaying a long run, sets off) scans only what came after them; otherwise such a
+# collection pauses the event loop for ~100 ms (docs/benchmarks.md, Resume).
+gc.collect()
+gc.freeze()

@@ -326,7 +326,10 @@ async def relay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     """The reference relay: no Django, no Channels, no auth. On
     `{"key": ..., "run_id": ..., "after": n}` it sends every event of the Redis Stream
     `key` after `n` as one frame each, shaped as Parley's (`run_id` and `seq` added),
-    read 1,000 at a time with XRANGE, up to the terminal event."""
+    read and decoded as Parley's log does (XRANGE, READ_COUNT at a time), up to the
+    terminal event."""
+    from chat.eventlog import READ_COUNT, RedisEventLog
+
     global _redis_client
     if scope["type"] != "websocket":
         return
@@ -334,6 +337,7 @@ async def relay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         import redis.asyncio
 
         _redis_client = redis.asyncio.Redis.from_url(os.environ["REDIS_URL"])
+        _redis_client.response_callbacks["XRANGE"] = lambda response, **options: response
     while True:
         message = await receive()
         if message["type"] == "websocket.connect":
@@ -345,13 +349,11 @@ async def relay_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
             after, done = int(ask["after"]), False
             while not done:
                 entries = await _redis_client.xrange(
-                    ask["key"], min=f"(0-{after}", max="+", count=1000
+                    ask["key"], min=f"(0-{after}", max="+", count=READ_COUNT
                 )
                 if not entries:
                     break
-                for entry_id, fields in entries:
-                    after = int(entry_id.split(b"-", 1)[1])
-                    event = json.loads(fields[b"e"])
+                for after, event in RedisEventLog._decode(entries):
                     frame = {**event, "run_id": ask["run_id"], "seq": after}
                     await send({"type": "websocket.send", "text": json.dumps(frame)})
                     if event.get("type") in _TERMINAL:

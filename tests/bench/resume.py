@@ -86,14 +86,14 @@ def _summary(seconds: Sequence[float]) -> dict[str, float]:
 
 async def xrange_read(client: Any, key: str, after: int) -> list[tuple[int, dict[str, Any]]]:
     """The reference: the events after `after`, straight from Redis, as the relay reads."""
+    from chat.eventlog import READ_COUNT, RedisEventLog
+
     events: list[tuple[int, dict[str, Any]]] = []
     while True:
-        entries = await client.xrange(key, min=f"(0-{after}", max="+", count=1000)
+        entries = await client.xrange(key, min=f"(0-{after}", max="+", count=READ_COUNT)
         if not entries:
             return events
-        for entry_id, fields in entries:
-            after = int(entry_id.split(b"-", 1)[1])
-            event = json.loads(fields[b"e"])
+        for after, event in RedisEventLog._decode(entries):
             events.append((after, event))
             if event.get("type") in TERMINAL:
                 return events
@@ -306,6 +306,8 @@ async def bench_case(
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(redis_url)
+    # Replies as the parser built them, as Parley's event log reads them.
+    client.response_callbacks["XRANGE"] = lambda response, **options: response
     attach = {"type": "run.attach", "run_id": run["run_id"], "after": after}
     ask = {"key": run["key"], "run_id": run["run_id"], "after": after}
     samples: dict[str, list[dict[str, Any]]] = {"xrange": []}
