@@ -49,3 +49,15 @@ class MembershipFactory(ScopedFactory):
     tenant = factory.SubFactory(TenantFactory)
     user = factory.SubFactory(UserFactory)
     role = Role.MEMBER
+
+
+def tool_step(call_id, name, arguments=None, *, result=None, error=None, truncated=False):
+    """One stored tool call of an agent's answer (`Message.steps`)."""
+    return {
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+        "result": result,
+        "error": error,
+        "truncated": truncated,
+    }

@@ -26,6 +26,7 @@ from tenants.models import Role
 from tenants.rls import tenant_scope
 from tenants.services.api_keys import api_key_create
 from tests.conftest import as_operator, ws_connect
+from tests.factories import tool_step
 from tests.scripted_model import ScriptedChatModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -133,11 +134,25 @@ async def test_agent_calls_its_tool_and_streams_the_answer(alice, worker, script
     assert model.seen[1][-1].content == "Kenya: capital Nairobi, currency KES"
 
     # Sticky: the next send without `agent` is answered by the agent again ...
-    scripted(AIMessage(content="Still me."))
+    again = scripted(AIMessage(content="Still me."))
     started, frames = await agent_turn(
         socket, "And Japan?", conversation_id=started["conversation_id"]
     )
     assert frames[-1]["type"] == "run.done"
+    # ... knowing what its tool returned in the first turn (the stored calls).
+    history = again.seen[0]
+    assert [m.type for m in history] == ["system", "human", "ai", "tool", "ai", "human"]
+    assert history[2].tool_calls == [
+        {
+            "name": "country_lookup",
+            "args": {"code": "KE"},
+            "id": start["call_id"],
+            "type": "tool_call",
+        }
+    ]
+    assert history[3].tool_call_id == start["call_id"]
+    assert history[3].content == "Kenya: capital Nairobi, currency KES"
+    assert (history[4].content, history[5].content) == (ANSWER, "And Japan?")
     assert (await as_operator(load_run, started["run_id"])).agent == AGENT
     # ... until "none" returns the conversation to plain chat.
     await socket.send(
@@ -382,3 +397,50 @@ async def test_plain_chat_still_streams_from_the_model(alice, backend, worker):
         f["delta"] for f in frames[:-1]
     )
     await socket.close()
+
+
+def test_an_agents_history_carries_its_earlier_tool_calls_and_plain_chat_does_not(alice):
+    from chat.models import Message
+    from chat.runner import thread_messages
+
+    steps = [
+        tool_step("c1", "country_lookup", {"code": "KE"}, result="Kenya: capital Nairobi"),
+        tool_step("c2", "fetch", error="The call did not finish: the run ended first."),
+    ]
+    with tenant_scope(tenant_id=alice.tenant.id):
+        c = Conversation.objects.create(tenant=alice.tenant, user=alice.user, title="t")
+        ask = Message.objects.create(
+            tenant=alice.tenant, conversation=c, role="user", content="KE?"
+        )
+        answer = Message.objects.create(
+            tenant=alice.tenant, conversation=c, parent=ask, role="assistant", steps=steps
+        )  # stopped before any text
+        follow = Message.objects.create(
+            tenant=alice.tenant, conversation=c, parent=answer, role="user", content="Again?"
+        )
+        run = Run.objects.create(
+            tenant=alice.tenant, conversation=c, user=alice.user, user_message=follow
+        )
+        run = Run.objects.select_related("conversation", "user_message").get(id=run.id)
+        plain = thread_messages(run=run)
+        agent = thread_messages(run=run, tool_calls=True)
+    assert plain == [{"role": "user", "content": "KE?"}, {"role": "user", "content": "Again?"}]
+    assert agent == [
+        {"role": "user", "content": "KE?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {"id": "c1", "name": "country_lookup", "args": {"code": "KE"}},
+                {"id": "c2", "name": "fetch", "args": {}},
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "Kenya: capital Nairobi"},
+        {
+            "role": "tool",
+            "tool_call_id": "c2",
+            "content": "The call did not finish: the run ended first.",
+            "status": "error",
+        },
+        {"role": "user", "content": "Again?"},
+    ]

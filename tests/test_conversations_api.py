@@ -28,6 +28,7 @@ from inference.models import UsageRecord
 from tenants.models import ApiKey
 from tenants.rls import in_tenant, operator_scope, tenant_scope
 from tests.conftest import as_operator, chat_page_data, ws_connect
+from tests.factories import tool_step
 
 pytestmark = pytest.mark.django_db
 
@@ -389,22 +390,19 @@ def test_export_json_has_the_whole_tree_and_runs(client, alice):
 
 
 STEPS = [
-    {
-        "call_id": "call_1",
-        "name": "country_lookup",
-        "arguments": {"code": "KE"},
-        "result": "Kenya: capital ```Nairobi```",
-        "error": None,
-        "truncated": True,
-    },
-    {
-        "call_id": "call_2",
-        "name": "fetch",
-        "arguments": {"url": "http://x"},
-        "result": None,
-        "error": "Refused: the scope network.fetch is not granted.",
-        "truncated": False,
-    },
+    tool_step(
+        "call_1",
+        "country_lookup",
+        {"code": "KE"},
+        result="Kenya: capital ```Nairobi```",
+        truncated=True,
+    ),
+    tool_step(
+        "call_2",
+        "fetch",
+        {"url": "http://x"},
+        error="Refused: the scope network.fetch is not granted.",
+    ),
 ]
 
 

@@ -109,7 +109,7 @@ def agent_execute(*, run_id: Any, tenant_id: Any) -> None:
         if run is None:
             logger.info("run %s is not queued (already claimed or gone); skipping", run_id)
             return
-        messages = thread_messages(run=run)
+        messages = thread_messages(run=run, tool_calls=True)
     writer = RunEventWriter(run)
     cancelled = _CancelWatch(run, writer)
     finished: StreamFinished | None = None
