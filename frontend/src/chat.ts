@@ -85,11 +85,19 @@ const thread = new Thread(required<HTMLOListElement>("#messages"), data, {
   chosenAgent: () => agentSelect.value || null,
 });
 
+// The open conversation was deleted: leave it once. The API's answer and the socket's
+// `conversation.updated` both say so; a second navigation would abort the first.
+let leaving = false;
+
 const sidebar = new Sidebar({
   api,
   conversationUrl,
   currentId: () => thread.conversationId,
-  openDeleted: () => location.assign(homeUrl),
+  openDeleted: () => {
+    if (leaving) return;
+    leaving = true;
+    location.assign(homeUrl);
+  },
   say,
 });
 
