@@ -625,7 +625,6 @@ export function titleFrom(content: string): string {
   return line.length > 80 ? `${line.slice(0, 80)}…` : line;
 }
 
-// A tool's arguments as the model gave them (an object, normally), readable.
 // An agent's tool call: its name and arguments, open to read; running until it ends.
 function toolCall(callId: string, name: string, args: unknown): HTMLDetailsElement {
   const details = el("details", { class: "tool running", "data-call-id": callId });
@@ -664,6 +663,7 @@ function storedSteps(steps: ToolStep[]): HTMLDivElement {
   return box;
 }
 
+// A tool's arguments as the model gave them (an object, normally), readable.
 function formatArguments(args: unknown): string {
   if (args === undefined) return "";
   try {
