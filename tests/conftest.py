@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,10 +134,10 @@ def backend(model_server, settings) -> str:
     pool.forget_cache()
 
 
-@pytest.fixture(scope="session")
-def celery_tool_worker_session(django_db_setup, django_db_blocker):
-    """A second real Celery worker (a thread of this process) for the `tools` and
-    `sandbox` queues: an agent run holds the first worker while its tool runs here."""
+@contextmanager
+def _celery_worker(django_db_blocker, queues: list[str], **options: Any) -> Iterator[Any]:
+    """A real Celery worker, a thread of this process, consuming `queues` through the
+    Redis broker."""
     if settings.PARLEY_TASKS_IN_PROCESS:
         pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
     from celery.contrib.testing.worker import start_worker
@@ -150,39 +151,34 @@ def celery_tool_worker_session(django_db_setup, django_db_blocker):
             pool="solo",
             concurrency=1,
             perform_ping_check=False,
-            queues=["tools", "sandbox"],
-            hostname="tools@parley-tests",
-            # Its own blocking loop: two workers of one process cannot share kombu's hub.
-            use_eventloop=False,
+            queues=queues,
             loglevel="WARNING",
             shutdown_timeout=30,
+            **options,
         ) as worker,
     ):
         yield worker
 
 
 @pytest.fixture(scope="session")
+def celery_tool_worker_session(django_db_setup, django_db_blocker):
+    """A second worker for the `tools` and `sandbox` queues: an agent run holds the
+    first worker while its tool runs here."""
+    with _celery_worker(
+        django_db_blocker,
+        ["tools", "sandbox"],
+        hostname="tools@parley-tests",
+        # Its own blocking loop: two workers of one process cannot share kombu's hub.
+        use_eventloop=False,
+    ) as worker:
+        yield worker
+
+
+@pytest.fixture(scope="session")
 def celery_worker_session(django_db_setup, django_db_blocker, celery_tool_worker_session):
-    """A real Celery worker (a thread of this process) consuming the `runs`, `agents` and
-    `default` queues through the Redis broker (and, with it, the tool worker above)."""
-    if settings.PARLEY_TASKS_IN_PROCESS:
-        pytest.skip("the embedded mode runs tasks in-process; no broker to consume")
-    from celery.contrib.testing.worker import start_worker
-
-    from config.celery import app
-
-    with (
-        django_db_blocker.unblock(),
-        start_worker(
-            app,
-            pool="solo",
-            concurrency=1,
-            perform_ping_check=False,
-            queues=["runs", "agents", "default"],
-            loglevel="WARNING",
-            shutdown_timeout=30,
-        ) as worker,
-    ):
+    """The worker for the `runs`, `agents` and `default` queues (and, with it, the tool
+    worker above)."""
+    with _celery_worker(django_db_blocker, ["runs", "agents", "default"]) as worker:
         yield worker
 
 
@@ -414,3 +410,49 @@ def chat_page_data(response) -> dict:
     )
     assert match, "the page carries no chat data"
     return json.loads(match.group(1))
+
+
+@pytest.fixture
+def all_plugins(settings):
+    """Every installed plugin loads (no allowlist), in a registry fresh for this test."""
+    from agents.registry import registry_reset
+
+    settings.PARLEY_PLUGINS = None
+    registry_reset()
+    yield
+    registry_reset()
+
+
+def plugin_install(tmp_path, monkeypatch, *, name: str, source: str) -> None:
+    """Make the module `pp_<name>` with `source` the only plugin the registry finds
+    (entry point `name`), for this test."""
+    from importlib import metadata
+
+    from agents import registry as registry_module
+
+    (tmp_path / f"pp_{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    entry_point = metadata.EntryPoint(
+        name=name, value=f"pp_{name}", group=registry_module.ENTRY_POINT_GROUP
+    )
+    monkeypatch.setattr(
+        registry_module,
+        "_registry",
+        registry_module.PluginRegistry(entry_points=lambda: [entry_point]),
+    )
+
+
+@pytest.fixture
+def fresh_pool(settings):
+    """An inference pool with no configured backend, short timeouts and empty caches."""
+    from inference import pool
+
+    settings.PARLEY_BACKENDS = []
+    settings.PARLEY_DEFAULT_MODEL = ""
+    settings.PARLEY_BACKEND_API_KEY = ""
+    settings.PARLEY_CONNECT_TIMEOUT_S = 2.0
+    settings.PARLEY_FIRST_TOKEN_TIMEOUT_S = 10.0
+    settings.PARLEY_STREAM_IDLE_TIMEOUT_S = 10.0
+    pool.forget_cache()
+    yield
+    pool.forget_cache()

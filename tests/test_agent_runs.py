@@ -6,7 +6,6 @@ chat.agent_runs.agent_model_build; the product path builds PoolChatModel)."""
 from __future__ import annotations
 
 import time
-from importlib import metadata
 from typing import Any
 
 import pytest
@@ -15,9 +14,7 @@ from django.conf import settings
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage
 
-from agents import registry as registry_module
 from agents.pool_model import PoolChatModel
-from agents.registry import registry_reset
 from agents.services import plugin_enable, plugin_scopes_grant, plugin_settings_update
 from chat import agent_runs
 from chat.models import Conversation, Run
@@ -25,7 +22,7 @@ from tenants.access import Actor
 from tenants.models import Role
 from tenants.rls import tenant_scope
 from tenants.services.api_keys import api_key_create
-from tests.conftest import as_operator, ws_connect
+from tests.conftest import as_operator, plugin_install, ws_connect
 from tests.factories import tool_step
 from tests.scripted_model import ScriptedChatModel
 
@@ -36,11 +33,8 @@ ANSWER = "Kenya's capital is Nairobi and it pays in KES."
 
 
 @pytest.fixture(autouse=True)
-def all_plugins(settings):
-    settings.PARLEY_PLUGINS = None
-    registry_reset()
-    yield
-    registry_reset()
+def _all_plugins(all_plugins):
+    """Every test here sees every installed plugin (conftest.all_plugins)."""
 
 
 def call(name: str, **args: Any) -> AIMessage:
@@ -276,16 +270,7 @@ def parley_manifest():
 
 @pytest.fixture
 def napper(tmp_path, monkeypatch):
-    (tmp_path / "pp_napper.py").write_text(NAPPER_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    entry_point = metadata.EntryPoint(
-        name="napper", value="pp_napper", group=registry_module.ENTRY_POINT_GROUP
-    )
-    monkeypatch.setattr(
-        registry_module,
-        "_registry",
-        registry_module.PluginRegistry(entry_points=lambda: [entry_point]),
-    )
+    plugin_install(tmp_path, monkeypatch, name="napper", source=NAPPER_PLUGIN)
     return "napper.sleeper"
 
 

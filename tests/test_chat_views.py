@@ -8,7 +8,6 @@ import uuid
 import pytest
 from django.urls import reverse
 
-from agents.registry import registry_reset
 from agents.services import plugin_update
 from chat.models import Conversation, Message, Run
 from tenants.rls import operator_scope, tenant_scope
@@ -173,14 +172,6 @@ CALCULATOR = {
     "title": "Calculator",
     "description": "Answers questions that need exact numbers, units or dates.",
 }
-
-
-@pytest.fixture
-def all_plugins(settings):
-    settings.PARLEY_PLUGINS = None  # every installed plugin, the built-in calculator among them
-    registry_reset()
-    yield
-    registry_reset()
 
 
 def _enable(person, plugin, *, enabled=True):

@@ -10,12 +10,12 @@ import pytest
 from django.forms.models import model_to_dict
 
 from agents.models import TenantPlugin
-from agents.registry import registry_reset
 from agents.selectors import agents_available, tools_for_run
 from agents.services import plugin_disable, plugin_enable, plugin_settings_update
 from tenants.access import NotFound
 from tenants.models import AuditEvent
 from tenants.rls import operator_scope, tenant_scope
+from tests.conftest import plugin_install
 
 pytestmark = pytest.mark.django_db
 
@@ -25,11 +25,8 @@ URL = "/api/v1/plugins/example_lookup"
 
 
 @pytest.fixture(autouse=True)
-def all_plugins(settings):
-    settings.PARLEY_PLUGINS = None
-    registry_reset()
-    yield
-    registry_reset()
+def _all_plugins(all_plugins):
+    """Every test here sees every installed plugin (conftest.all_plugins)."""
 
 
 def put(client, person, body, url=URL):
@@ -125,20 +122,7 @@ def parley_manifest():
 
 
 def test_null_clears_a_secret(alice, tmp_path, monkeypatch):
-    from importlib import metadata
-
-    from agents import registry as registry_module
-
-    (tmp_path / "pp_optional_key.py").write_text(OPTIONAL_KEY_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    entry_point = metadata.EntryPoint(
-        name="optional_key", value="pp_optional_key", group=registry_module.ENTRY_POINT_GROUP
-    )
-    monkeypatch.setattr(
-        registry_module,
-        "_registry",
-        registry_module.PluginRegistry(entry_points=lambda: [entry_point]),
-    )
+    plugin_install(tmp_path, monkeypatch, name="optional_key", source=OPTIONAL_KEY_PLUGIN)
     with tenant_scope(tenant_id=alice.tenant.id):
         plugin_settings_update(actor=alice.actor, name="optional_key", settings={"token": SECRET})
         row = TenantPlugin.objects.get(tenant=alice.tenant, plugin="optional_key")

@@ -57,17 +57,9 @@ def _listed_order(settings, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _pool(settings):
-    settings.PARLEY_BACKENDS = []
-    settings.PARLEY_DEFAULT_MODEL = ""
-    settings.PARLEY_BACKEND_API_KEY = ""
+def _pool(fresh_pool, settings):
+    """Every test here starts from an empty pool (conftest.fresh_pool)."""
     settings.PARLEY_HEALTH_TTL_S = 60.0
-    settings.PARLEY_CONNECT_TIMEOUT_S = 2.0
-    settings.PARLEY_FIRST_TOKEN_TIMEOUT_S = 10.0
-    settings.PARLEY_STREAM_IDLE_TIMEOUT_S = 10.0
-    pool.forget_cache()
-    yield
-    pool.forget_cache()
 
 
 def collect(events_iter, events: list) -> None:

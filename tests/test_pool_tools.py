@@ -38,16 +38,8 @@ TWO_KM = ToolCall("convert_units", {"value": 2, "from_unit": "km", "to_unit": "m
 
 
 @pytest.fixture(autouse=True)
-def _pool(settings):
-    settings.PARLEY_BACKENDS = []
-    settings.PARLEY_DEFAULT_MODEL = ""
-    settings.PARLEY_BACKEND_API_KEY = ""
-    settings.PARLEY_CONNECT_TIMEOUT_S = 2.0
-    settings.PARLEY_FIRST_TOKEN_TIMEOUT_S = 10.0
-    settings.PARLEY_STREAM_IDLE_TIMEOUT_S = 10.0
-    pool.forget_cache()
-    yield
-    pool.forget_cache()
+def _pool(fresh_pool):
+    """Every test here starts from an empty pool (conftest.fresh_pool)."""
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from importlib import metadata
 from typing import Any
 
 import pytest
@@ -15,9 +14,8 @@ from asgiref.sync import sync_to_async
 from celery import signals
 from langchain_core.messages import AIMessage
 
-from agents import registry as registry_module
 from agents import tool_queue as tool_queue_module
-from agents.registry import plugin_get, registry_reset
+from agents.registry import plugin_get
 from agents.runtime import agent_run
 from agents.scopes import tool_queue
 from agents.services import plugin_scopes_grant
@@ -30,7 +28,7 @@ from agents.tool_queue import (
 )
 from chat.models import Run
 from tenants.rls import tenant_scope
-from tests.conftest import as_operator, ws_connect
+from tests.conftest import as_operator, plugin_install, ws_connect
 from tests.scripted_model import ScriptedChatModel
 from tests.test_agent_runs import AGENT, agent_turn, call, enable
 
@@ -41,11 +39,8 @@ TASK = "agents.tasks.tool_execute"
 
 
 @pytest.fixture(autouse=True)
-def all_plugins(settings):
-    settings.PARLEY_PLUGINS = None
-    registry_reset()
-    yield
-    registry_reset()
+def _all_plugins(all_plugins):
+    """Every test here sees every installed plugin (conftest.all_plugins)."""
 
 
 @pytest.fixture
@@ -249,16 +244,7 @@ def parley_manifest():
 
 @pytest.fixture
 def slowfetch(tmp_path, monkeypatch):
-    (tmp_path / "pp_slowfetch.py").write_text(SLOW_FETCH_PLUGIN)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    entry_point = metadata.EntryPoint(
-        name="slowfetch", value="pp_slowfetch", group=registry_module.ENTRY_POINT_GROUP
-    )
-    monkeypatch.setattr(
-        registry_module,
-        "_registry",
-        registry_module.PluginRegistry(entry_points=lambda: [entry_point]),
-    )
+    plugin_install(tmp_path, monkeypatch, name="slowfetch", source=SLOW_FETCH_PLUGIN)
     import pp_slowfetch
 
     return pp_slowfetch

@@ -63,7 +63,7 @@ from inference.admission import (
     admission,
 )
 from inference.backends import backend_rows, backend_views
-from inference.client import request_body, tool_call_deltas
+from inference.client import chunk_events, request_body
 from inference.limits import CallGuard, CallIdentity, call_guard, estimate_tokens, renewer
 from inference.load import LEASE_S, LoadStore, load_store
 from inference.models import Backend
@@ -75,7 +75,6 @@ from inference.types import (
     StreamEvent,
     StreamFinished,
     StreamStarted,
-    TextDelta,
     Usage,
 )
 from tenants.quotas import Limits
@@ -773,40 +772,16 @@ async def _backend_stream(
                     done = True
                     buffer = b""
                     break
-                chunk = json.loads(payload)
-                if "error" in chunk and not chunk.get("choices"):
-                    raise InferenceError(
-                        "backend_error",
-                        str(chunk["error"].get("message", chunk["error"])),
-                        retryable=not started,
-                    )
-                for choice in chunk.get("choices") or ():
-                    delta = choice.get("delta")
-                    text = delta.get("content") if delta else None
-                    if text:
-                        if not started:
-                            started = True
-                            deadline.at = loop.time() + idle_s
-                        deadline.pause()
-                        yield TextDelta(text)
-                        deadline.resume()
-                    # Parsed only when the chunk has some: text chunks pay one lookup.
-                    calls = delta.get("tool_calls") if delta else None
-                    if calls:
-                        for call in tool_call_deltas(calls, started=started):
-                            if not started:
-                                started = True
-                                deadline.at = loop.time() + idle_s
-                            deadline.pause()
-                            yield call
-                            deadline.resume()
-                    if choice.get("finish_reason"):
-                        finish_reason = choice["finish_reason"]
-                if chunk.get("usage"):
-                    usage = Usage(
-                        prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
-                        completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
-                    )
+                events, finish, chunk_usage = chunk_events(json.loads(payload), started=started)
+                for event in events:
+                    if not started:
+                        started = True
+                        deadline.at = loop.time() + idle_s
+                    deadline.pause()
+                    yield event
+                    deadline.resume()
+                finish_reason = finish or finish_reason
+                usage = chunk_usage or usage
         if response.reusable and response.done and conn is not None:
             connections.put(conn, loop.time())
             conn = None

@@ -111,6 +111,45 @@ def tool_call_deltas(raw: Any, *, started: bool) -> list[ToolCallDelta]:
     return deltas
 
 
+def chunk_events(
+    chunk: dict[str, Any], *, started: bool
+) -> tuple[list[TextDelta | ToolCallDelta], str, Usage | None]:
+    """What one decoded SSE chunk of a streamed completion says, for both clients (this
+    one and inference.apool): its text and tool-call fragments in order, its finish
+    reason ("" if none) and its usage (None if none). An error chunk raises, retryable
+    while nothing has been `started`."""
+    if "error" in chunk and not chunk.get("choices"):
+        raise InferenceError(
+            "backend_error",
+            str(chunk["error"].get("message", chunk["error"])),
+            retryable=not started,
+        )
+    events: list[TextDelta | ToolCallDelta] = []
+    finish_reason = ""
+    for choice in chunk.get("choices") or ():
+        delta = choice.get("delta")
+        if delta:
+            text = delta.get("content")
+            if text:
+                events.append(TextDelta(text))
+            # Parsed only when the chunk has some: text chunks pay one lookup.
+            calls = delta.get("tool_calls")
+            if calls:
+                events += tool_call_deltas(calls, started=started or bool(events))
+        if choice.get("finish_reason"):
+            finish_reason = choice["finish_reason"]
+    raw = chunk.get("usage")
+    usage = (
+        Usage(
+            prompt_tokens=int(raw.get("prompt_tokens") or 0),
+            completion_tokens=int(raw.get("completion_tokens") or 0),
+        )
+        if raw
+        else None
+    )
+    return events, finish_reason, usage
+
+
 class BackendClient:
     def __init__(self, base_url: str, *, api_key: str = "", timeouts: Timeouts | None = None):
         self.base_url = base_url.rstrip("/")
@@ -173,7 +212,6 @@ class BackendClient:
         started = False
         finish_reason = ""
         usage: Usage | None = None
-        completion_chars = 0
         try:
             with (
                 self._client(read_timeout) as client,
@@ -198,32 +236,12 @@ class BackendClient:
                     data = line[5:].strip()
                     if data == "[DONE]":
                         break
-                    chunk = json.loads(data)
-                    if "error" in chunk and not chunk.get("choices"):
-                        raise InferenceError(
-                            "backend_error",
-                            str(chunk["error"].get("message", chunk["error"])),
-                            retryable=not started,
-                        )
-                    for choice in chunk.get("choices") or []:
-                        delta = choice.get("delta") or {}
-                        text = delta.get("content")
-                        if text:
-                            started = True
-                            completion_chars += len(text)
-                            yield TextDelta(text)
-                        calls = delta.get("tool_calls")
-                        if calls:
-                            for call in tool_call_deltas(calls, started=started):
-                                started = True
-                                yield call
-                        if choice.get("finish_reason"):
-                            finish_reason = choice["finish_reason"]
-                    if chunk.get("usage"):
-                        usage = Usage(
-                            prompt_tokens=int(chunk["usage"].get("prompt_tokens") or 0),
-                            completion_tokens=int(chunk["usage"].get("completion_tokens") or 0),
-                        )
+                    events, finish, chunk_usage = chunk_events(json.loads(data), started=started)
+                    for event in events:
+                        started = True
+                        yield event
+                    finish_reason = finish or finish_reason
+                    usage = chunk_usage or usage
         except json.JSONDecodeError as exc:
             raise InferenceError(
                 "backend_error", f"malformed stream chunk: {exc}", retryable=not started
