@@ -9,9 +9,11 @@ class GatewayConfig(AppConfig):
 
     def ready(self) -> None:
         from gateway.services import auth_cache_clear
-        from tenants.models import ApiKey, Plan, Tenant
+        from tenants.models import ApiKey, Membership, Plan, Tenant
 
-        # A revoked key, a suspended tenant, a changed plan: forget remembered callers.
-        for model in (ApiKey, Tenant, Plan):
+        # A revoked key, a suspended tenant, a changed plan, a key's creator given
+        # another role or removed (a key acts with its creator's current role):
+        # forget remembered callers.
+        for model in (ApiKey, Tenant, Plan, Membership):
             post_save.connect(auth_cache_clear, sender=model, dispatch_uid=f"gateway-{model}")
             post_delete.connect(auth_cache_clear, sender=model, dispatch_uid=f"gateway-del-{model}")

@@ -108,9 +108,10 @@ def caller_authenticate(*, authorization: str | None) -> Actor:
 
 # A caller (the key's actor and its tenant's limits) is remembered for a few seconds,
 # by the SHA-256 of the presented key (never the key itself): a busy integrator's calls
-# then skip the key's and the plan's lookups. A key, tenant or plan saved in this
-# process (a revocation, a suspension, a plan change) is forgotten at once
-# (`auth_cache_clear`, on their post_save); elsewhere (another process, a bulk update)
+# then skip the key's and the plan's lookups. A key, tenant, plan or membership saved
+# or deleted in this process (a revocation, a suspension, a plan change, a key's
+# creator demoted or removed) is forgotten at once (`auth_cache_clear`, on their
+# post_save and post_delete: gateway.apps); elsewhere (another process, a bulk update)
 # within AUTH_CACHE_S. Refusals are never remembered: a new key works at once.
 AUTH_CACHE_S = 5.0
 AUTH_CACHE_MAX = 10_000

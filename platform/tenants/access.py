@@ -1,7 +1,7 @@
 """The acting party of a request, socket message or task, and how to find it.
 
 Every read or write of tenant data starts from an `Actor`: its tenant scopes the
-query. Later, API keys become actors too.
+query. API keys are actors too (tenants.services.api_keys.api_key_actor).
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ ROLE_RANK: dict[str, int] = {Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
 @dataclass(frozen=True)
 class Actor:
     """A member of a tenant acting as themselves, or an integrator's API key (then
-    `api_key` is set, `user` is the key's creator if any, and `scopes` limit it)."""
+    `api_key` is set, `user` is the key's creator, its scopes limit it, and `role` is
+    the lower of its scopes' role and its creator's current role:
+    tenants.services.api_keys.api_key_actor)."""
 
     tenant: Tenant
     user: User | None
@@ -88,12 +90,19 @@ def actor_for_request(request: Any) -> Actor | None:
     return actor_for_user(request.user, tenant_id=request.session.get(SESSION_TENANT_KEY))
 
 
+def require_scope(actor: Actor, scope: str) -> None:
+    """Refuse (PermissionDenied, a 403) a key without `scope`; members pass."""
+    from django.core.exceptions import PermissionDenied
+
+    if not actor.has_scope(scope):
+        raise PermissionDenied(f"This API key lacks the {str(scope)!r} scope.")
+
+
 def require_role(actor: Actor, role: str, *, scope: str = "admin") -> None:
     """Refuse (PermissionDenied, a 403) unless the actor holds `role` or above; a key
     must also carry `scope`."""
     from django.core.exceptions import PermissionDenied
 
-    if not actor.has_scope(scope):
-        raise PermissionDenied(f"This API key lacks the {scope!r} scope.")
+    require_scope(actor, scope)
     if not actor.outranks_or_equals(role):
         raise PermissionDenied(f"This needs the {role} role in {actor.tenant.name}.")

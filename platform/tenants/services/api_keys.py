@@ -1,5 +1,15 @@
 """Integrators' API keys: `prk_<prefix>_<secret>`, shown once, stored as a hash of the
-secret, scoped, optionally expiring, revocable (refused at once)."""
+secret, scoped, optionally expiring, revocable (refused at once).
+
+A key acts for the member who created it and never above them: its role is the lower
+of its scopes' role (admin with the `admin` scope, else member) and its creator's
+role in the tenant *now*. A demoted creator's keys are demoted with them; a creator
+who leaves or is removed takes their keys along (revoked, audited, their sockets
+closed: `api_keys_revoke_of_member`). A key whose creator no longer belongs to the
+tenant, or whose account was deactivated or deleted (`created_by` is then NULL), is
+refused: every key is made by a member (`api_key_create`), so a key without one has
+nobody whose rights it could carry.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +25,8 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from tenants.access import Actor, NotFound, require_role
-from tenants.models import ApiKey, Role, Tenant
+from tenants.access import ROLE_RANK, Actor, NotFound, require_role
+from tenants.models import ApiKey, Membership, Role, Tenant
 from tenants.rls import operator_scope, tenant_scope
 from tenants.services.audit import audit_record
 
@@ -25,9 +35,13 @@ LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class ApiKeyRefused(Exception):
-    def __init__(self, message: str) -> None:
+    """`forbidden`: the key is genuine but may not be used now (its tenant is
+    suspended), as opposed to unknown, revoked or expired."""
+
+    def __init__(self, message: str, *, forbidden: bool = False) -> None:
         super().__init__(message)
         self.message = message
+        self.forbidden = forbidden
 
 
 def _hash(secret: str) -> str:
@@ -94,11 +108,34 @@ def api_key_get(*, actor: Actor, key_id: Any) -> ApiKey:
 def api_key_revoke(*, actor: Actor, key_id: Any) -> ApiKey:
     key = api_key_get(actor=actor, key_id=key_id)
     if key.revoked_at is None:
-        key.revoked_at = timezone.now()
-        key.save(update_fields=["revoked_at"])
-        audit_record(actor=actor, action="api_key.revoked", target=key)
-        transaction.on_commit(lambda: _disconnect(key))
+        _revoke(actor, key, reason=None)
     return key
+
+
+def api_keys_revoke_of_member(*, actor: Actor, user_id: Any, reason: str) -> list[ApiKey]:
+    """Revoke the live keys `user_id` created in the actor's tenant (their membership
+    is ending: `reason` says how, in each audit event). For tenants.services.members,
+    which checks who may end a membership: a member who leaves revokes their own."""
+    keys = list(
+        ApiKey.objects.select_for_update().filter(
+            tenant_id=actor.tenant_id, created_by_id=user_id, revoked_at__isnull=True
+        )
+    )
+    for key in keys:
+        _revoke(actor, key, reason=reason)
+    return keys
+
+
+def _revoke(actor: Actor, key: ApiKey, *, reason: str | None) -> None:
+    key.revoked_at = timezone.now()
+    key.save(update_fields=["revoked_at"])
+    audit_record(
+        actor=actor,
+        action="api_key.revoked",
+        target=key,
+        data={"reason": reason} if reason else None,
+    )
+    transaction.on_commit(lambda: _disconnect(key))
 
 
 def _disconnect(key: ApiKey) -> None:
@@ -122,8 +159,10 @@ def api_key_authenticate(raw: str) -> Actor:
 
 
 def api_key_actor(key: ApiKey) -> Actor:
-    """The actor of a key found by its secret (or named by a websocket ticket), or
-    ApiKeyRefused when it was revoked, expired or its tenant suspended."""
+    """The actor of a key found by its secret (or named by a websocket ticket), with
+    the rights its scopes and its creator's current role allow together; ApiKeyRefused
+    when it was revoked, expired, its tenant suspended or its creator is no longer a
+    member."""
     now = timezone.now()
     if key.revoked_at is not None:
         raise ApiKeyRefused("This API key was revoked.")
@@ -131,10 +170,24 @@ def api_key_actor(key: ApiKey) -> Actor:
         raise ApiKeyRefused("This API key has expired.")
     tenant: Tenant = key.tenant
     if not tenant.is_active:
-        raise ApiKeyRefused(f"{tenant.name} is suspended on this platform.")
-    if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
-        with tenant_scope(tenant_id=tenant.id):
+        raise ApiKeyRefused(f"{tenant.name} is suspended on this platform.", forbidden=True)
+    creator = key.created_by
+    with tenant_scope(tenant_id=tenant.id):
+        creator_role = (
+            Membership.objects.filter(tenant=tenant, user=creator)
+            .values_list("role", flat=True)
+            .first()
+            if creator is not None and creator.is_active
+            else None
+        )
+        if creator_role is None:
+            raise ApiKeyRefused(
+                f"The member who created this API key no longer belongs to {tenant.name}: "
+                "ask an admin for a new key."
+            )
+        if key.last_used_at is None or now - key.last_used_at > LAST_USED_RESOLUTION:
             ApiKey.objects.filter(id=key.id).update(last_used_at=now)
-        key.last_used_at = now
-    role = Role.ADMIN if ApiKey.Scope.ADMIN in key.scopes else Role.MEMBER
-    return Actor(tenant=tenant, user=key.created_by, role=role, api_key=key)
+            key.last_used_at = now
+    scope_role = Role.ADMIN if ApiKey.Scope.ADMIN in key.scopes else Role.MEMBER
+    role = min(scope_role, creator_role, key=lambda r: ROLE_RANK.get(r, 0))
+    return Actor(tenant=tenant, user=creator, role=role, api_key=key)

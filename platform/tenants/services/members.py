@@ -4,7 +4,9 @@ Roles rank owner > admin > member. Only admins and owners manage members; nobody
 grants, changes or removes a role above their own (only owners touch owners); nobody
 changes their own role, except an owner stepping down while another owner remains;
 the last owner can neither leave, be removed nor be demoted. Every change is audited;
-removing a member (or their leaving) closes their sockets in that tenant on commit.
+removing a member (or their leaving) revokes the API keys they created there (each
+revocation audited) and closes their sockets in that tenant, the keys' too, on commit.
+A changed role changes what the member's keys may do at once (api_keys.api_key_actor).
 
 Invitations go by link: `/invite/<token>/`, where the token is 256 random bits of which
 only the SHA-256 is stored. The plan's `max_members` counts members and pending
@@ -42,6 +44,7 @@ from tenants.selectors import (
     membership_of,
     owner_count,
 )
+from tenants.services.api_keys import api_keys_revoke_of_member
 from tenants.services.audit import audit_record
 
 INVITATION_PATH = "/invite/{token}/"
@@ -161,7 +164,8 @@ def _membership_end(
     actor: Actor, membership: Membership, *, action: str, last_owner: str, farewell: str
 ) -> None:
     """End a membership (removal or leaving): never the last owner's; audited; the
-    person's open sockets in this tenant are closed."""
+    API keys the person created in this tenant are revoked (a key never outlives its
+    creator's membership); the person's open sockets in this tenant are closed."""
     if membership.role == Role.OWNER and owner_count(tenant_id=actor.tenant_id, lock=True) <= 1:
         raise ValidationError(last_owner)
     audit_record(
@@ -171,6 +175,7 @@ def _membership_end(
         target_label=membership.user.get_username(),
         data={"role": membership.role, **_person(membership)},
     )
+    api_keys_revoke_of_member(actor=actor, user_id=membership.user_id, reason=action)
     membership.delete()
     _close_sockets(membership, farewell)
 
