@@ -12,6 +12,7 @@ from django.utils import timezone
 from tenants.models import ApiKey, AuditEvent
 from tenants.rls import operator_scope
 from tests.conftest import ws_connect
+from tests.ws_handshake import ws_refusal
 
 pytestmark = pytest.mark.django_db
 
@@ -171,17 +172,16 @@ async def test_a_key_opens_a_websocket_without_origin_and_revocation_closes_it(a
     }
     assert (await socket.communicator.receive_output(timeout=5))["type"] == "websocket.close"
 
-    connected, code, _ = await ws_connect(
+    frame, code = await ws_refusal(
         origin=None, headers=[(b"authorization", f"Bearer {secret}".encode())]
     )
-    assert (connected, code) == (False, 4401)
+    assert (frame["code"], code) == ("unauthenticated", 4401)
+    assert frame["message"] == "This API key was revoked."
 
 
 async def test_a_bad_key_on_the_websocket_is_refused():
-    connected, code, _ = await ws_connect(
-        origin=None, headers=[(b"authorization", b"Bearer prk_nope")]
-    )
-    assert (connected, code) == (False, 4401)
+    frame, code = await ws_refusal(origin=None, headers=[(b"authorization", b"Bearer prk_nope")])
+    assert (frame["code"], code) == ("unauthenticated", 4401)
 
 
 def _in_tenant(person, fn, **kwargs):

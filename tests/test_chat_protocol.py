@@ -18,6 +18,7 @@ from chat.runner import prompt_build
 from tenants.rls import operator_scope, tenant_scope
 from tests import asyncapi
 from tests.conftest import as_operator, ws_connect
+from tests.ws_handshake import ws_refusal
 
 LONG_PROMPT = "Write a long story about a lighthouse keeper, in at least 300 words."
 
@@ -284,8 +285,8 @@ async def test_a_ticket_opens_one_socket_once_from_any_origin(alice, client):
     assert await socket.receive() == {"type": "pong"}
     await socket.close()
 
-    connected, code, _ = await ws_connect(origin="https://shop.example", path=path)
-    assert not connected and code == 4401  # spent
+    _, code = await ws_refusal(origin="https://shop.example", path=path)
+    assert code == 4401  # spent
 
 
 @pytest.mark.django_db(transaction=True)
@@ -308,8 +309,8 @@ async def test_tickets_are_refused_when_bad_or_their_key_was_revoked(alice, clie
     body = await sync_to_async(_ticket)(client, HTTP_AUTHORIZATION=f"Bearer {secret}")
     await sync_to_async(_in_tenant)(alice, api_key_revoke, key_id=key.id)
     for path in (body["url"], "/ws/v1/?ticket=pwt_forged", "/ws/v1/?ticket=junk"):
-        connected, code, _ = await ws_connect(origin=None, path=path)
-        assert not connected and code == 4401, path
+        frame, code = await ws_refusal(origin=None, path=path)
+        assert (frame["code"], code) == ("unauthenticated", 4401), path
     anonymous = await sync_to_async(client.post)("/api/v1/ws/tickets")
     assert anonymous.status_code == 401
 

@@ -9,6 +9,7 @@ from asgiref.sync import sync_to_async
 
 from chat.models import Conversation, Message, Run
 from tests.conftest import as_operator, ws_connect
+from tests.ws_handshake import ws_refusal
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.llm]
 
@@ -222,18 +223,18 @@ async def test_bad_frames_get_error_frames_and_the_socket_still_completes_a_turn
 
 
 async def test_unauthenticated_sockets_are_refused(db):
-    connected, code, _ = await ws_connect()
-    assert (connected, code) == (False, 4401)
-    connected, code, _ = await ws_connect(cookie="forged-session-id")
-    assert (connected, code) == (False, 4401)
+    frame, code = await ws_refusal()
+    assert (frame["code"], code) == ("unauthenticated", 4401)
+    frame, code = await ws_refusal(cookie="forged-session-id")
+    assert (frame["code"], code) == ("unauthenticated", 4401)
 
 
 async def test_user_without_a_tenant_is_refused(db):
     from tests.factories import UserFactory
 
     user = await sync_to_async(UserFactory)()
-    connected, _, _ = await ws_connect(user)
-    assert not connected
+    _, code = await ws_refusal(user)
+    assert code == 4401
 
 
 async def test_cross_origin_browser_socket_is_refused(alice):

@@ -16,6 +16,7 @@ from tenants.models import ApiKey, AuditEvent, Membership, Tenant
 from tenants.rls import operator_scope
 from tests.conftest import as_operator, ws_connect
 from tests.factories import UserFactory
+from tests.ws_handshake import ws_refusal
 
 pytestmark = pytest.mark.django_db
 
@@ -120,8 +121,9 @@ async def test_suspension_refuses_new_sockets(alice, operator):
     await database_sync_to_async(tenant_suspend)(
         operator=operator, tenant_id=alice.tenant.id, reason="Audit"
     )
-    connected, code, _ = await ws_connect(alice.user)
-    assert (connected, code) == (False, 4403)
+    frame, code = await ws_refusal(alice.user)
+    assert (frame["code"], code) == ("forbidden", 4403)
+    assert "suspended" in frame["message"]
 
 
 @pytest.mark.django_db(transaction=True)

@@ -21,7 +21,8 @@ class TicketOut(Schema):
 @router.post("/tickets", response={201: TicketOut})
 def ticket_create(request: HttpRequest) -> Status:
     """A ticket for `/ws/v1/?ticket=...`, valid once, for `expires_in` seconds. Hand it to
-    the browser page that opens the socket; never hand it your API key."""
+    the browser page that opens the socket; never hand it your API key. A key needs the
+    `chat` scope (else 403), and its scopes are checked again when the ticket is used."""
     try:
         ticket, ttl = ticket_issue(actor=actor_of(request))
     except TicketRefused as exc:

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 from typing import Any
-from urllib.parse import parse_qs
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -26,39 +25,32 @@ from chat.notify import conversation_group
 from chat.runner import TERMINAL_EVENTS
 from chat.selectors import run_get
 from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
-from chat.tickets import TicketRefused, ticket_redeem
-from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user
+from chat.tickets import TicketRefused, socket_credentials, ticket_redeem
+from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user, require_scope
+from tenants.models import ApiKey
 from tenants.notify import api_key_group, tenant_group, user_group
 from tenants.rls import in_tenant, tenant_scope
 
 logger = logging.getLogger(__name__)
 
-# Close codes (the application range 4000-4999).
+# Close codes (the application range 4000-4999), and the codes of the `error` frame
+# that tells a refused handshake why (docs/protocol.md, Connecting).
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
+UNAUTHENTICATED = "unauthenticated"
+FORBIDDEN = "forbidden"
 
 RELAY_POLL_S = 15.0
 OWN_RUNS_KEPT = 32
 
 
 class AccessRefused(Exception):
+    """A refused handshake: the close code (4401 / 4403) and the `error` frame's code."""
+
     def __init__(self, code: int, message: str) -> None:
         super().__init__(message)
-        self.code = code
-
-
-def _bearer_token(scope: dict[str, Any]) -> str | None:
-    for name, value in scope.get("headers", []):
-        if name == b"authorization":
-            scheme, _, token = value.decode("latin1").partition(" ")
-            if scheme.lower() == "bearer":
-                return token.strip()
-    return None
-
-
-def _ticket(scope: dict[str, Any]) -> str | None:
-    values = parse_qs(scope.get("query_string", b"").decode("latin1")).get("ticket")
-    return values[0] if values else None
+        self.code, self.message = code, message
+        self.error = FORBIDDEN if code == CLOSE_FORBIDDEN else UNAUTHENTICATED
 
 
 class FrameBucket:
@@ -89,14 +81,20 @@ class ChatConsumer(AsyncWebsocketConsumer):
         self.own_runs: dict[str, None] = {}
         self.bucket = FrameBucket(settings.PARLEY_WS_FRAMES_PER_S, settings.PARLEY_WS_FRAME_BURST)
         self.groups: list[str] = []
-        refusal = None
         try:
             self.actor = await database_sync_to_async(self.find_actor)()
-        except AccessRefused as exc:
-            self.actor, refusal = None, exc
-        if self.actor is None:
-            # A refused handshake carries no frame; the close code says why.
-            await self.close(code=refusal.code if refusal else CLOSE_UNAUTHENTICATED)
+            if self.actor is None:
+                raise AccessRefused(
+                    CLOSE_UNAUTHENTICATED,
+                    "Sign in, or connect with an API key or a websocket ticket.",
+                )
+        except AccessRefused as refusal:
+            # Accepted, then closed: a close before accepting reaches the client as
+            # HTTP 403, without the code (which only the origin check answers).
+            self.actor = None
+            await self.accept()
+            await self.send_frame(protocol.error_frame(refusal.error, refusal.message))
+            await self.close(code=refusal.code)
             return
         self.groups = [tenant_group(self.actor.tenant_id)]
         if self.actor.api_key is not None:
@@ -111,21 +109,30 @@ class ChatConsumer(AsyncWebsocketConsumer):
 
     def find_actor(self) -> Actor | None:
         """The ticket in the query string, else the API key of the `Authorization: Bearer`
-        header, else the session's member."""
+        header (it needs the `chat` scope), else the session's member. A socket that
+        presents a ticket or a key (chat.tickets.socket_credentials, which also decided
+        that its origin went unchecked) is never signed in by its session cookie."""
+        from django.core.exceptions import PermissionDenied
+
         from tenants.services.api_keys import ApiKeyRefused, api_key_authenticate
 
-        ticket = _ticket(self.scope)
-        if ticket is not None:
+        credentials = socket_credentials(self.scope)
+        if credentials.ticket is not None:
             try:
-                return ticket_redeem(ticket)
+                return ticket_redeem(credentials.ticket)
             except TicketRefused as exc:
-                raise AccessRefused(CLOSE_UNAUTHENTICATED, exc.message) from None
-        token = _bearer_token(self.scope)
-        if token is not None:
+                code = CLOSE_FORBIDDEN if exc.forbidden else CLOSE_UNAUTHENTICATED
+                raise AccessRefused(code, exc.message) from None
+        if credentials.api_key is not None:
             try:
-                return api_key_authenticate(token)
+                key_actor = api_key_authenticate(credentials.api_key)
+                require_scope(key_actor, ApiKey.Scope.CHAT)
             except ApiKeyRefused as exc:
-                raise AccessRefused(CLOSE_UNAUTHENTICATED, exc.message) from None
+                code = CLOSE_FORBIDDEN if exc.forbidden else CLOSE_UNAUTHENTICATED
+                raise AccessRefused(code, exc.message) from None
+            except PermissionDenied as exc:
+                raise AccessRefused(CLOSE_FORBIDDEN, str(exc)) from None
+            return key_actor
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
             return None

@@ -6,7 +6,10 @@ allowed origin (AllowedHostsOriginValidator), so another site cannot ride a
 member's cookie. Integrators' sockets carry an API key in the Authorization
 header, which browsers cannot set, or a single-use ticket their backend obtained
 with such a key (`?ticket=`, for pages on the integrator's own site): neither rides
-on ambient credentials, so their origin is not checked.
+on ambient credentials, so their origin is not checked. Which kind a socket is, is
+decided once, by `chat.tickets.socket_credentials`, for this router and for the
+consumer alike: a socket that skipped the origin check is authenticated by its
+ticket or key alone, never by its cookie.
 """
 
 import gc
@@ -22,6 +25,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chat.tickets import socket_credentials  # noqa: E402
 from gateway.asgi import PREFIX as GATEWAY_PREFIX  # noqa: E402
 from gateway.asgi import application as gateway_app  # noqa: E402
 
@@ -30,10 +34,8 @@ browser_websocket_app = AllowedHostsOriginValidator(websocket_app)
 
 
 async def websocket_entry(scope, receive, send):
-    headers = dict(scope.get("headers", []))
-    has_key = headers.get(b"authorization", b"").lower().startswith(b"bearer ")
-    has_ticket = b"ticket=" in scope.get("query_string", b"")
-    app = websocket_app if has_key or has_ticket else browser_websocket_app
+    presented = socket_credentials(scope).presented
+    app = websocket_app if presented else browser_websocket_app
     return await app(scope, receive, send)
 
 
