@@ -1,7 +1,13 @@
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
 
+from tenants.auth_views import AdminLoginForm
 from tenants.models import AuditEvent, Membership, Plan, Tenant, User
+
+# The admin's login is throttled like every password login (in the authentication
+# backend: tenants.services.login_throttle); this form reads the username the same way
+# and says when an attempt was refused.
+admin.site.login_form = AdminLoginForm
 
 
 @admin.register(User)

@@ -1,15 +1,23 @@
 """Sign-in pages: password login (throttled), password reset, and a tenant's OpenID
 Connect single sign-on. The logic lives in tenants.services.login_throttle and
-tenants.services.sso; these views carry it over HTTP."""
+tenants.services.sso; these views carry it over HTTP.
+
+The throttle itself is in the authentication backend, so it holds for every login
+form; the forms here (the product's, and the Django admin's: tenants.admin) read the
+username with the throttle's normalisation and say when an attempt was refused."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
+from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import login
 from django.contrib.auth import views as auth_views
+from django.contrib.auth.forms import AuthenticationForm, UsernameField
+from django.core.exceptions import ValidationError
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render, resolve_url
 from django.urls import reverse
@@ -19,21 +27,15 @@ from django.views.decorators.http import require_GET
 
 from tenants.access import SESSION_TENANT_KEY
 from tenants.services.login_throttle import (
-    login_throttle_check,
-    login_throttle_failure,
+    client_ip,
+    login_refusal_of,
     login_throttle_reset,
-    login_throttle_success,
+    username_normalize,
 )
 from tenants.services.sso import SSOError, sso_login_finish, sso_login_start
 
 SSO_SESSION_KEY = "parley_sso_pending"
 _SLUG = re.compile(r"^[-a-z0-9_]{1,63}$")
-
-
-def client_ip(request: HttpRequest) -> str | None:
-    # Behind a proxy, the ASGI server must put the client's address here
-    # (uvicorn --forwarded-allow-ips): else every client shares the proxy's count.
-    return request.META.get("REMOTE_ADDR") or None
 
 
 def _safe_next(request: HttpRequest, value: str | None) -> str:
@@ -47,29 +49,54 @@ def _safe_next(request: HttpRequest, value: str | None) -> str:
 # --- password login ----------------------------------------------------------------------
 
 
-class LoginView(auth_views.LoginView):
-    """Django's login, refusing attempts (429, without checking the password) for a
-    username or an address that failed too often lately."""
+class LoginUsernameField(UsernameField):
+    """The username as the throttle counts it (login_throttle.username_normalize)."""
 
-    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
-        username = str(request.POST.get("username", ""))[:254]
-        ip = client_ip(request)
-        refusal = login_throttle_check(username=username, ip=ip)
-        if refusal is not None:
-            # An unbound form: validating it would check the password.
-            form = self.form_class(request, initial={"username": username})
-            response = self.render_to_response(
-                self.get_context_data(form=form, throttled=refusal.message), status=429
-            )
-            response["Retry-After"] = str(refusal.retry_after_s)
-            return response
-        form = self.get_form()
-        if form.is_valid():
-            login_throttle_success(username=username)
-            return self.form_valid(form)
-        if username and request.POST.get("password"):
-            login_throttle_failure(username=username, ip=ip)
-        return self.form_invalid(form)
+    def to_python(self, value: Any) -> str:
+        return username_normalize(forms.CharField.to_python(self, value))
+
+
+class ThrottleMessageMixin:
+    """A login form that, when the throttle refused the attempt, says so (and when to
+    try again) instead of "wrong password"."""
+
+    request: HttpRequest | None
+
+    def clean(self) -> dict[str, Any]:
+        try:
+            return super().clean()  # type: ignore[misc]
+        except ValidationError:
+            refusal = login_refusal_of(self.request)
+            if refusal is not None:
+                raise ValidationError(refusal.message, code="throttled") from None
+            raise
+
+
+class LoginForm(ThrottleMessageMixin, AuthenticationForm):
+    username = LoginUsernameField(widget=forms.TextInput(attrs={"autofocus": True}))
+
+
+class AdminLoginForm(ThrottleMessageMixin, AdminAuthenticationForm):
+    username = LoginUsernameField(widget=forms.TextInput(attrs={"autofocus": True}))
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login; an attempt the throttle refused (a username or an address that
+    failed too often lately, refused without checking the password) answers 429."""
+
+    form_class = LoginForm
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        refusal = login_refusal_of(self.request)
+        if refusal is None:
+            return super().form_invalid(form)
+        # An unbound form: the page shows the refusal, not "didn't match".
+        unbound = self.form_class(self.request, initial={"username": form.data.get("username")})
+        response = self.render_to_response(
+            self.get_context_data(form=unbound, throttled=refusal.message), status=429
+        )
+        response["Retry-After"] = str(refusal.retry_after_s)
+        return response
 
 
 # --- password reset ------------------------------------------------------------------------

@@ -98,6 +98,12 @@ MIDDLEWARE = [
 ROOT_URLCONF = "config.urls"
 ASGI_APPLICATION = "config.asgi.application"
 AUTH_USER_MODEL = "tenants.User"
+# Every password check goes through the login throttle; ModelBackend stays listed for
+# sessions signed in without a password (SSO, sign-up): tenants.services.login_throttle.
+AUTHENTICATION_BACKENDS = [
+    "tenants.services.login_throttle.ThrottledModelBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "chat:home"
 LOGOUT_REDIRECT_URL = "login"
