@@ -27,6 +27,19 @@ from tenants.services.tenants import (
 
 
 class OperatorSession(SessionAuth):
+    """A signed-in operator's session (CSRF-checked like every session). Anyone else who
+    presents credentials gets 404 before any other check: a member's session, and any
+    API key (keys belong to tenants, never to operators). No credentials at all is the
+    API's usual 401."""
+
+    def __call__(self, request: HttpRequest) -> User | None:
+        user = request.user
+        if not (user.is_authenticated and getattr(user, "is_operator", False)):
+            if user.is_authenticated or "authorization" in request.headers:
+                raise NotFound
+            return None
+        return super().__call__(request)
+
     def authenticate(self, request: HttpRequest, key: str | None) -> User | None:
         user = request.user
         return user if user.is_authenticated else None
