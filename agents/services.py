@@ -1,6 +1,11 @@
 """A tenant's plugins: tenant admins enable them, grant scopes to their tools and fill
 in their settings. Every change is audited; secret settings are sealed before they are
-stored and never reach an audit event, a log line or a response."""
+stored and never reach an audit event, a log line or a response.
+
+A stored secret never follows a changed destination: changing a setting that says
+where the plugin connects (a URL or host: `"format": "uri"` and the like in its
+schema) needs every secret that is kept to be sent again, as single sign-on needs the
+client secret again when its issuer changes (tenants.services.sso)."""
 
 from __future__ import annotations
 
@@ -25,6 +30,12 @@ from tenants.services.audit import audit_record
 # How a secret comes back in a PUT: as shown by GET (`true`: it is set) or omitted, it
 # keeps its stored value; `null` (or `false`) clears it; a string replaces it.
 
+# JSON Schema formats of a setting that names where the plugin sends requests.
+DESTINATION_FORMATS = frozenset(
+    {"uri", "uri-reference", "iri", "iri-reference", "uri-template", "hostname", "idn-hostname"}
+    | {"ipv4", "ipv6"}
+)
+
 
 def _loaded(name: str) -> LoadedPlugin:
     try:
@@ -43,6 +54,16 @@ def _row_for_update(*, actor: Actor, name: str) -> TenantPlugin:
 def _save(row: TenantPlugin, actor: Actor, fields: list[str]) -> None:
     row.updated_by = actor.user
     row.save(update_fields=[*fields, "updated_by", "updated_at"])
+
+
+def settings_destinations(schema: Mapping[str, Any]) -> frozenset[str]:
+    """The top-level settings that name a destination (DESTINATION_FORMATS)."""
+    properties = schema.get("properties", {})
+    return frozenset(
+        name
+        for name, prop in properties.items()
+        if isinstance(prop, Mapping) and prop.get("format") in DESTINATION_FORMATS
+    )
 
 
 def _settings_refused(name: str, problems: list[str], secrets: list[str]) -> ValidationError:
@@ -135,7 +156,8 @@ def plugin_scopes_grant(*, actor: Actor, name: str, scopes: list[str]) -> Tenant
 def plugin_settings_update(*, actor: Actor, name: str, settings: Mapping[str, Any]) -> TenantPlugin:
     """Replace the plugin's settings for the tenant, validated against its schema and its
     own check. A secret omitted (or sent back as `true`, as GET shows it) keeps its
-    stored value; `null` clears it."""
+    stored value; `null` clears it. A changed destination setting (a URL, a host) keeps
+    no stored secret: they must be sent again (else ValidationError)."""
     require_role(actor, Role.ADMIN)
     plugin = _loaded(name)
     manifest = plugin.manifest
@@ -146,10 +168,12 @@ def plugin_settings_update(*, actor: Actor, name: str, settings: Mapping[str, An
         row = _row_for_update(actor=actor, name=name)
         stored = settings_unseal(manifest, row.settings)
         wanted = dict(settings)
+        kept: list[str] = []  # secrets taken over from the stored settings
         for key in secrets:
             if key not in wanted or wanted[key] is True:
                 if key in stored:
                     wanted[key] = stored[key]
+                    kept.append(key)
                 else:
                     wanted.pop(key, None)
             elif wanted[key] is None or wanted[key] is False:
@@ -159,6 +183,17 @@ def plugin_settings_update(*, actor: Actor, name: str, settings: Mapping[str, An
         except SettingsError as exc:
             values = [str(wanted[k]) for k in secrets if k in wanted]
             raise _settings_refused(name, exc.problems, values) from None
+        moved = sorted(
+            key
+            for key in settings_destinations(manifest.settings_schema)
+            if clean.get(key) != stored.get(key)
+        )
+        if moved and kept:
+            raise ValidationError(
+                f"Changing {', '.join(moved)} of plugin {name!r} needs "
+                f"{', '.join(sorted(kept))} again: a stored secret is never sent to a new "
+                "destination. Send the secret with the new setting (or null to clear it)."
+            )
         if clean != stored:
             changed = sorted(
                 key for key in set(clean) | set(stored) if clean.get(key) != stored.get(key)
