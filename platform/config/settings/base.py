@@ -410,7 +410,14 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    # uvicorn logs request paths with their query strings: no websocket ticket in them.
+    "filters": {"redact_tickets": {"()": "config.log_redact.TicketRedactFilter"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.string("PARLEY_LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        "uvicorn.access": {"filters": ["redact_tickets"]},
+        "uvicorn.error": {"filters": ["redact_tickets"]},
+    },
 }
