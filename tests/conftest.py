@@ -50,6 +50,13 @@ def django_db_setup(django_db_setup, django_db_blocker):
         yield
         return
     owner = connection.settings_dict["USER"]
+
+    def close_pool() -> None:
+        # The connection pool (DATABASE_POOL) is made once per alias, with the
+        # credentials of its time; the next connection makes a new one.
+        if connection.settings_dict.get("OPTIONS", {}).get("pool"):
+            connection.close_pool()
+
     with django_db_blocker.unblock(), connection.cursor() as cursor:
         cursor.execute(
             "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = %s) THEN "
@@ -60,6 +67,9 @@ def django_db_setup(django_db_setup, django_db_blocker):
         # Test-only: pytest-django empties tables between transactional tests.
         cursor.execute(f"GRANT TRUNCATE ON ALL TABLES IN SCHEMA public TO {APP_ROLE}")
     connection.close()
+    # The pool the owner migrated through would go on handing out owner connections,
+    # and every test would bypass row level security.
+    close_pool()
     connection.settings_dict["USER"] = APP_ROLE
     settings.DATABASES["default"]["USER"] = APP_ROLE
     try:
@@ -67,6 +77,9 @@ def django_db_setup(django_db_setup, django_db_blocker):
     finally:
         for conn in connections.all():
             conn.close()
+        # The application role's pool must not serve the owner's terminating query
+        # below (it would end its own backend).
+        close_pool()
         connection.settings_dict["USER"] = owner
         settings.DATABASES["default"]["USER"] = owner
         # Worker and executor threads keep their own connections; end them so the

@@ -124,6 +124,7 @@ TEMPLATES = [
 ]
 
 # --- data -------------------------------------------------------------------
+DATABASES: dict[str, dict[str, Any]]
 if EMBEDDED:
     DATABASES = {
         "default": {
@@ -139,8 +140,40 @@ if EMBEDDED:
     }
 else:
     DATABASES = {"default": env.database("DATABASE_URL")}
-    DATABASES["default"]["CONN_MAX_AGE"] = env.integer("DATABASE_CONN_MAX_AGE", default=60)
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+    # One connection pool per process (psycopg_pool, through Django): a request, a
+    # consumer call or a task borrows a connection and gives it back when it ends, so
+    # a process never holds more than DATABASE_POOL_MAX_SIZE connections however many
+    # threads it runs (under ASGI every request has a thread of its own; persistent
+    # per-thread connections piled up). A borrower waits up to DATABASE_POOL_TIMEOUT_S
+    # for a free connection. Budget: processes x max size <= PostgreSQL's
+    # max_connections (docs/security.md), or put PgBouncer in front.
+    if env.boolean("DATABASE_POOL", default=True):
+        _pool_min = env.integer("DATABASE_POOL_MIN_SIZE", default=1, minimum=0)
+        _pool_max = env.integer("DATABASE_POOL_MAX_SIZE", default=10, minimum=1)
+        if _pool_min > _pool_max:
+            raise ImproperlyConfigured(
+                f"DATABASE_POOL_MIN_SIZE ({_pool_min}) must not exceed "
+                f"DATABASE_POOL_MAX_SIZE ({_pool_max})."
+            )
+        if env.integer("DATABASE_CONN_MAX_AGE", default=0, minimum=0):
+            raise ImproperlyConfigured(
+                "DATABASE_CONN_MAX_AGE must be 0 with the connection pool (the pool keeps "
+                "the connections); set DATABASE_POOL=false for persistent connections."
+            )
+        DATABASES["default"]["CONN_MAX_AGE"] = 0  # Django's pool requires it
+        DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {
+            "min_size": _pool_min,
+            "max_size": _pool_max,
+            "timeout": env.floating("DATABASE_POOL_TIMEOUT_S", default=30.0, minimum=0.1),
+            "name": "parley",
+        }
+    else:
+        # No pool in the process (e.g. PgBouncer pools instead): a connection per
+        # request or task, kept DATABASE_CONN_MAX_AGE seconds by its thread.
+        DATABASES["default"]["CONN_MAX_AGE"] = env.integer(
+            "DATABASE_CONN_MAX_AGE", default=0, minimum=0
+        )
 # The application connects as DATABASE_URL's role, which must not own the tables
 # (row level security); `migrate` connects as DATABASE_OWNER_URL's role, the owner.
 PARLEY_DATABASE_OWNER: dict[str, Any] | None = None

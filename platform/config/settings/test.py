@@ -31,7 +31,11 @@ if not EMBEDDED:  # noqa: F405
         "NAME": os.environ.get("PARLEY_TEST_DB_NAME", "test_parley")
     }
     CACHES["default"]["KEY_PREFIX"] = f"{PARLEY_REDIS_PREFIX}:cache"  # noqa: F405
-    # Worker threads in tests must not keep connections to the test database open.
+    # The tests run on the connection pool, as production does (DATABASE_POOL, on by
+    # default; tests/test_db_pool.py); tests/conftest.py's django_db_setup closes the
+    # pool the owner migrated through before the tests switch to the application role.
+    # Without the pool (DATABASE_POOL=false), worker threads in tests must still not
+    # keep connections to the test database open.
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 # Static files come from the finders; tests never collect them.
 STATIC_ROOT = None

@@ -20,7 +20,7 @@ class Command(DjangoMigrate):
             return super().handle(*args, **options)
         app_role = connection.settings_dict["USER"]
         saved = {key: connection.settings_dict.get(key) for key in owner}
-        connection.close()
+        _disconnect(connection)
         connection.settings_dict.update(owner)
         try:
             super().handle(*args, **options)
@@ -29,5 +29,14 @@ class Command(DjangoMigrate):
                 if options["verbosity"]:
                     self.stdout.write(f"Granted the application role {app_role!r} its privileges.")
         finally:
-            connection.close()
+            _disconnect(connection)
             connection.settings_dict.update(saved)
+
+
+def _disconnect(connection) -> None:
+    """Close the connection and, with DATABASE_POOL, the pool: a pool keeps the
+    credentials it was made with, so an application role's pool would run the schema
+    changes as that role, and the owner's would serve the application afterwards."""
+    connection.close()
+    if connection.settings_dict.get("OPTIONS", {}).get("pool"):
+        connection.close_pool()
