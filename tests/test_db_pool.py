@@ -334,9 +334,10 @@ TASKS = 30
 
 
 def test_prefork_worker_children_hold_no_more_than_their_pools(processes, monkeypatch):
-    """A prefork worker: each child has a pool of its own (Celery closes a pool a
-    forked child inherited, and ends each task's). 30 watchdog passes (each reads and
-    writes runs) on 3 children with pools of 2: all succeed, never more than 3 x 2."""
+    """A prefork worker: each child makes a pool of its own (the parent never connects,
+    and Celery's Django fixup closes a child's pool around each task). 30 watchdog
+    passes (each a query of runs) on 3 children with pools of 2: all succeed, and the
+    worker never holds more than 3 x 2 connections."""
     from chat.tasks import runs_reap_task
 
     app_name = f"parley-pool-worker-{uuid.uuid4().hex[:8]}"
