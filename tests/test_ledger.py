@@ -19,6 +19,7 @@ from inference.limits import (
     month_of,
 )
 from inference.models import UsageRecord
+from inference.types import MAX_TOKEN_COUNT
 from tenants.models import ApiKey
 from tenants.quotas import Limits
 from tenants.rls import operator_scope, tenant_scope
@@ -237,3 +238,64 @@ def test_month_rollover(make_limiter, alice, settings):
         assert client.pexpiretime(f"{base}:2031-01") == int(
             datetime(2031, 2, 8, tzinfo=UTC).timestamp() * 1000
         )
+
+
+# --- numbers out of range ------------------------------------------------------------
+
+
+def test_the_ledger_keeps_a_row_whatever_its_numbers(alice, caplog):
+    """A call's row is written even when a count is out of range (a bug, a backend
+    reporting nonsense): clamped to [0, MAX_TOKEN_COUNT], and logged."""
+    largest = usage_record_create(
+        tenant_id=alice.tenant.id,
+        model="m",
+        prompt_tokens=MAX_TOKEN_COUNT,
+        completion_tokens=MAX_TOKEN_COUNT,
+        reserved_tokens=MAX_TOKEN_COUNT,
+        outcome="completed",
+    )
+    beyond = usage_record_create(
+        tenant_id=alice.tenant.id,
+        model="m",
+        prompt_tokens=2**31,
+        completion_tokens=-5,
+        reserved_tokens=10**30,
+        outcome="partial",
+    )
+    with tenant_scope(tenant_id=alice.tenant.id):
+        rows = {r.id: r for r in UsageRecord.objects.all()}
+    assert (rows[largest.id].total_tokens, rows[largest.id].reserved_tokens) == (
+        2 * MAX_TOKEN_COUNT,
+        MAX_TOKEN_COUNT,
+    )
+    assert (rows[beyond.id].prompt_tokens, rows[beyond.id].completion_tokens) == (
+        MAX_TOKEN_COUNT,
+        0,
+    )
+    assert rows[beyond.id].reserved_tokens == MAX_TOKEN_COUNT
+    assert "reserved_tokens=" in caplog.text and "completion_tokens=-5" in caplog.text
+    # A row's total, and the month's, are summed in SQL without overflowing.
+    month = month_of(datetime.now(UTC))
+    assert usage_month_total(tenant_id=alice.tenant.id, start=month.start, end=month.end) == (
+        3 * MAX_TOKEN_COUNT
+    )
+
+
+def test_a_huge_reservation_is_held_and_settled_exactly(make_limiter, alice):
+    """An estimate or a usage beyond MAX_TOKEN_COUNT (a max_tokens the edge did not
+    bound) is clamped: the stores, Redis' Lua numbers included, hold it exactly, and
+    the tenant's next calls are counted as before."""
+    limiter = make_limiter()
+    who = CallIdentity(alice.tenant.id)
+    limits = Limits(tokens_per_minute=10**12, monthly_token_budget=10**12)
+    with limiter.call_guard(identity=who, limits=limits, estimated_tokens=10**20) as guard:
+        assert limiter.budget_state(alice.tenant.id) == (0, MAX_TOKEN_COUNT)
+        record = guard.commit(
+            prompt_tokens=10**20, completion_tokens=3, model="m", outcome="completed"
+        )
+    assert (record.prompt_tokens, record.completion_tokens) == (MAX_TOKEN_COUNT, 3)
+    assert record.reserved_tokens == MAX_TOKEN_COUNT
+    assert limiter.budget_state(alice.tenant.id) == (MAX_TOKEN_COUNT, 0)
+    with limiter.call_guard(identity=who, limits=limits, estimated_tokens=100) as guard:
+        guard.commit(prompt_tokens=60, completion_tokens=40, model="m", outcome="completed")
+    assert limiter.budget_state(alice.tenant.id) == (MAX_TOKEN_COUNT + 100, 0)

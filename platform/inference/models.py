@@ -70,9 +70,11 @@ class UsageRecord(models.Model):
     reference = models.CharField(max_length=64, blank=True)
     model = models.CharField(max_length=200)
     backend = models.CharField(max_length=500, blank=True)
-    prompt_tokens = models.PositiveIntegerField(default=0)
-    completion_tokens = models.PositiveIntegerField(default=0)
-    reserved_tokens = models.PositiveIntegerField(default=0)
+    # Each at most inference.types.MAX_TOKEN_COUNT (the ledger clamps); 64 bits so that
+    # a row's total and any sum over rows computed in SQL cannot overflow.
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    reserved_tokens = models.PositiveBigIntegerField(default=0)
     outcome = models.CharField(max_length=16, choices=Outcome.choices)
     created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 

@@ -5,8 +5,32 @@ The pool knows models, messages and tenants, never conversations.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+# The most tokens one call may ask for (`max_tokens`) or be counted for (a reservation,
+# a backend's usage): far beyond any model's context, and exact everywhere a count goes
+# (a PostgreSQL integer; the Lua numbers of the limit scripts, which write larger ones
+# with an exponent). Larger numbers are refused at the edge and clamped inside.
+MAX_TOKEN_COUNT = 2**31 - 1
+
+# The sampling parameters of vLLM's OpenAI-compatible server that a ChatRequest may
+# carry to the backend (`ChatRequest.sampling`), checked by the caller.
+SAMPLING_PARAMETERS = frozenset(
+    {
+        "stop",
+        "seed",
+        "top_p",
+        "top_k",
+        "min_p",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "response_format",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -29,8 +53,19 @@ class ChatRequest:
     # sent to the backend only when set.
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    # Sampling parameters (SAMPLING_PARAMETERS: stop, seed, top_p, ...) with values the
+    # caller has checked, put in the backend's request as they are; None: none.
+    sampling: Mapping[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_TOKEN_COUNT:
+            raise ValueError(
+                f"ChatRequest.max_tokens must be between 1 and {MAX_TOKEN_COUNT}, "
+                f"not {self.max_tokens}"
+            )
+        if self.sampling and not SAMPLING_PARAMETERS.issuperset(self.sampling):
+            unknown = sorted(set(self.sampling) - SAMPLING_PARAMETERS)
+            raise ValueError(f"ChatRequest.sampling: unknown parameters {unknown}")
         for tool in self.tools or ():
             function = tool.get("function") if isinstance(tool, dict) else None
             if (
