@@ -6,11 +6,13 @@ per request; Django serves the settings, and the ORM runs off the loop in the fe
 blocking steps of `gateway.services` and `inference.apool`. Each chunk of a stream is
 one ASGI `send`.
 
-What Django's stack did for these paths is done here: the body size limit
-(DATA_UPLOAD_MAX_MEMORY_SIZE, 413), the HTTPS redirect and HSTS of the production
-settings (SecurityMiddleware), `X-Content-Type-Options: nosniff`, and a client that
-disconnects cancels its call (as Django's ASGI handler does), so the pool gives back
-its slot and books what the stream produced.
+What Django's stack did for these paths is done here: the Host header checked against
+ALLOWED_HOSTS (HttpRequest.get_host, with Django's own functions: a 400 otherwise), the
+body size limit (DATA_UPLOAD_MAX_MEMORY_SIZE, 413), the HTTPS redirect (to the checked
+host) and HSTS of the production settings (SecurityMiddleware),
+`X-Content-Type-Options: nosniff`, and a client that disconnects cancels its call (as
+Django's ASGI handler does), so the pool gives back its slot and books what the stream
+produced.
 """
 
 from __future__ import annotations
@@ -18,16 +20,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from contextlib import suppress
 from typing import Any
 
 from django.conf import settings
+from django.http.request import split_domain_port, validate_host
 
 from gateway import services
 from gateway.errors import ApiError
 
 logger = logging.getLogger(__name__)
+# Where Django reports a refused Host (django.core.handlers.exception).
+disallowed_host_logger = logging.getLogger("django.security.DisallowedHost")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -47,6 +53,42 @@ def _header(scope: Scope, name: bytes) -> str | None:
     for key, value in scope["headers"]:
         if key == name:
             return str(value.decode("latin-1"))
+    return None
+
+
+def _header_values(scope: Scope, name: bytes) -> str | None:
+    """A header's values joined with commas, as Django's ASGIRequest puts a repeated
+    header in META (so two Host headers make no valid host); None without it."""
+    values = [value.decode("latin-1") for key, value in scope["headers"] if key == name]
+    return ",".join(values) if values else None
+
+
+def _host(scope: Scope, secure: bool) -> str | None:
+    """The request's host as Django's HttpRequest.get_host finds and checks it, or
+    None where Django raises DisallowedHost: X-Forwarded-Host (with
+    USE_X_FORWARDED_HOST), else Host, else the server's address; split by Django's
+    `split_domain_port` and matched against ALLOWED_HOSTS (DEBUG's localhost
+    variants when it is empty) by its `validate_host`."""
+    raw = _header_values(scope, b"x-forwarded-host") if settings.USE_X_FORWARDED_HOST else None
+    if raw is None:
+        raw = _header_values(scope, b"host")
+    if raw is None:
+        server = scope.get("server")
+        name, port = (server[0], str(server[1])) if server else ("unknown", "0")
+        if settings.USE_X_FORWARDED_PORT:
+            port = _header_values(scope, b"x-forwarded-port") or port
+        raw = name if port == ("443" if secure else "80") else f"{name}:{port}"
+    allowed = settings.ALLOWED_HOSTS
+    if settings.DEBUG and not allowed:
+        allowed = [".localhost", "127.0.0.1", "[::1]"]
+    domain, _ = split_domain_port(raw)
+    if domain and validate_host(domain, allowed):
+        return raw
+    disallowed_host_logger.error(
+        "Invalid HTTP_HOST header: %r.%s",
+        raw,
+        f" You may need to add {domain!r} to ALLOWED_HOSTS." if domain else "",
+    )
     return None
 
 
@@ -105,7 +147,12 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     too_large = ApiError(413, "The request body is too large.", code="body_too_large")
     length = _header(scope, b"content-length")
-    if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+    if (
+        limit is not None
+        and length is not None
+        and length.isdigit()
+        and (len(length) > 18 or int(length) > limit)  # (int() refuses 4300+ digits)
+    ):
         raise too_large
     parts: list[bytes] = []
     size = 0
@@ -184,13 +231,29 @@ async def _models(scope: Scope, send: Send) -> None:
     await _send_json(send, scope, 200, answer)
 
 
+def _redirect_exempt(path: str) -> bool:
+    patterns = getattr(settings, "SECURE_REDIRECT_EXEMPT", ())
+    return any(re.search(pattern, path.lstrip("/")) for pattern in patterns)
+
+
 async def application(scope: Scope, receive: Receive, send: Send) -> None:
     """HTTP under /v1/: /v1/chat/completions (POST), /v1/models (GET), and an
-    OpenAI-shaped 404 for anything else."""
+    OpenAI-shaped 404 for anything else; a Host that ALLOWED_HOSTS does not allow is
+    a 400 before anything else (as Django answers it)."""
     assert scope["type"] == "http"
     path, method = scope["path"], scope["method"]
-    if getattr(settings, "SECURE_SSL_REDIRECT", False) and not _is_secure(scope):
-        host = _header(scope, b"host") or ""
+    secure = _is_secure(scope)
+    host = _host(scope, secure)
+    if host is None:
+        error = ApiError(400, "The Host header does not name this server.", code="invalid_host")
+        await _send_error(send, scope, error)
+        return
+    if (
+        getattr(settings, "SECURE_SSL_REDIRECT", False)
+        and not secure
+        and not _redirect_exempt(path)
+    ):
+        host = getattr(settings, "SECURE_SSL_HOST", None) or host
         query = scope.get("query_string", b"").decode("latin-1")
         location = f"https://{host}{scope.get('raw_path', path.encode()).decode('latin-1')}"
         location += f"?{query}" if query else ""

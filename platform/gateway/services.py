@@ -16,16 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
 from django.utils import timezone
 
+from config.inputs import (
+    INVALID_JSON,
+    InvalidInput,
+    contains_lone_surrogate,
+    contains_nul,
+    json_loads,
+)
 from gateway import formats
 from gateway.agents import agent_events, agent_tools
 from gateway.errors import (
@@ -39,6 +48,7 @@ from inference import apool
 from inference.backends import backend_rows
 from inference.models import Backend
 from inference.types import (
+    MAX_TOKEN_COUNT,
     ChatRequest,
     InferenceError,
     StreamEvent,
@@ -53,27 +63,11 @@ from tenants.rls import tenant_scope
 
 PURPOSE = "openai.chat.completions"
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-# Accepted with any value and not forwarded: they change nothing of the answer.
-IGNORED = {"user", "store", "metadata", "service_tier"}
-# Accepted only with the value that changes nothing (the pool forwards no other).
-NEUTRAL = {
-    "n": 1,
-    "top_p": 1,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "logprobs": False,
-    "parallel_tool_calls": True,
-}
-HANDLED = {
-    "model",
-    "messages",
-    "stream",
-    "stream_options",
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-}
 MAX_MODEL_CHARS = 200  # the ledger's column
+MAX_STOP = 16  # stop strings
+MAX_STOP_CHARS = 1000
+MAX_LOGIT_BIAS = 300  # tokens, as OpenAI
+MAX_TOP_LOGPROBS = 20
 
 
 # --- the caller -------------------------------------------------------------------
@@ -215,7 +209,9 @@ class CompletionParams:
     stream: bool = False
     include_usage: bool = False
     max_tokens: int | None = None
+    max_tokens_param: str = "max_tokens"  # the name it was given as
     temperature: float | None = None
+    sampling: dict[str, Any] | None = None  # for ChatRequest.sampling
 
 
 def _invalid(message: str, *, param: str | None = None, code: str = "invalid_value") -> ApiError:
@@ -274,35 +270,240 @@ def _messages(value: Any) -> list[dict[str, Any]]:
     return messages
 
 
-def _int_at_least_1(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise _invalid(f"'{name}' must be an integer of at least 1.", param=name)
+# --- the parameters: each checked for its type and range (400 naming it otherwise) ---
+
+
+def _integer(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"'{name}' must be an integer.", param=name)
+    if not lo <= value <= hi:
+        raise _invalid(f"'{name}' must be an integer from {lo} to {hi}.", param=name)
     return value
+
+
+def _number(name: str, value: Any, lo: float, hi: float, *, above: bool = False) -> float:
+    """A finite number in [lo, hi], or (lo, hi] when `above`."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise _invalid(f"'{name}' must be a number.", param=name)
+    if not lo <= value <= hi or (above and value == lo):
+        least = f"more than {lo:g}" if above else f"at least {lo:g}"
+        raise _invalid(f"'{name}' must be {least} and at most {hi:g}.", param=name)
+    return float(value)
+
+
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _invalid(f"'{name}' must be true or false.", param=name)
+    return value
+
+
+def _unsupported(name: str, why: str) -> ApiError:
+    return _invalid(
+        f"The parameter '{name}' is not supported by this server: {why}.",
+        param=name,
+        code="unsupported_parameter",
+    )
+
+
+def _stop(value: Any) -> list[str] | None:
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _invalid("'stop' must be a string or a list of non-empty strings.", param="stop")
+    if len(stops) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise _invalid(
+            f"'stop' takes at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters.",
+            param="stop",
+        )
+    return stops or None
+
+
+def _logit_bias(value: Any) -> dict[str, float] | None:
+    if not isinstance(value, dict):
+        raise _invalid(
+            "'logit_bias' must be an object mapping token ids to a bias from -100 to 100.",
+            param="logit_bias",
+        )
+    if len(value) > MAX_LOGIT_BIAS:
+        raise _invalid(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens.", param="logit_bias")
+    bias = {}
+    for token, amount in value.items():
+        # (At most 10 digits before int(), which refuses very long digit strings.)
+        if not (
+            token.isascii()
+            and token.isdigit()
+            and len(token) <= 10
+            and int(token) <= MAX_TOKEN_COUNT
+        ):
+            raise _invalid(
+                f"'logit_bias' keys must be token ids (non-negative integers), not {token!r:.40}.",
+                param="logit_bias",
+            )
+        bias[str(int(token))] = _number("logit_bias", amount, -100, 100)
+    return bias or None
+
+
+_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """`text` (the default: nothing to send), `json_object`, or `json_schema` with a
+    name and a schema: as OpenAI defines them, and vLLM enforces them."""
+    param = "response_format"
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind not in ("text", "json_object", "json_schema") or set(value) - {"type", "json_schema"}:
+        raise _invalid(
+            '\'response_format\' must be {"type": "text"}, {"type": "json_object"} '
+            'or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}.',
+            param=param,
+        )
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    spec = value.get("json_schema")
+    if (
+        not isinstance(spec, dict)
+        or set(spec) - {"name", "description", "schema", "strict"}
+        or not isinstance(spec.get("name"), str)
+        or not _SCHEMA_NAME.fullmatch(spec["name"])
+        or not isinstance(spec.get("schema"), dict)
+        or not isinstance(spec.get("description") or "", str)
+        or not isinstance(spec.get("strict", False), bool | None)
+    ):
+        raise _invalid(
+            "'response_format.json_schema' needs a 'name' (letters, digits, _ and -, at most "
+            "64) and a 'schema' (a JSON Schema object); 'description' and 'strict' are "
+            "optional.",
+            param="response_format.json_schema",
+        )
+    return {"type": "json_schema", "json_schema": spec}
+
+
+# The sampling parameters sent on to the backend (inference.types.SAMPLING_PARAMETERS),
+# vLLM's ranges: the check of each returns what to send (None: nothing).
+SAMPLING: dict[str, Callable[[Any], Any]] = {
+    "stop": _stop,
+    "seed": lambda v: _integer("seed", v, -(2**63), 2**63 - 1),
+    "top_p": lambda v: _number("top_p", v, 0, 1, above=True),
+    # 0 and -1 both mean no top-k (older vLLM versions refuse 0).
+    "top_k": lambda v: _integer("top_k", v, -1, MAX_TOKEN_COUNT) or -1,
+    "min_p": lambda v: _number("min_p", v, 0, 1),
+    "presence_penalty": lambda v: _number("presence_penalty", v, -2, 2),
+    "frequency_penalty": lambda v: _number("frequency_penalty", v, -2, 2),
+    "repetition_penalty": lambda v: _number("repetition_penalty", v, 0, 2, above=True),
+    "logit_bias": _logit_bias,
+    "response_format": _response_format,
+}
+
+
+def _n(value: Any) -> None:
+    if _integer("n", value, 1, 128) != 1:
+        raise _unsupported("n", "one choice per request (n=1)")
+
+
+def _logprobs(value: Any) -> None:
+    if _boolean("logprobs", value):
+        raise _unsupported("logprobs", "token log probabilities are not returned")
+
+
+def _top_logprobs(value: Any) -> None:
+    if _integer("top_logprobs", value, 0, MAX_TOP_LOGPROBS):
+        raise _unsupported("top_logprobs", "token log probabilities are not returned")
+
+
+def _user(value: Any) -> None:
+    if not isinstance(value, str):
+        raise _invalid("'user' must be a string.", param="user")
+
+
+def _ignored(value: Any) -> None:
+    pass
+
+
+# Accepted and not sent on: values that change nothing of the answer (no tools are
+# served here, so `parallel_tool_calls` has nothing to apply to).
+ACCEPTED: dict[str, Callable[[Any], None]] = {
+    "n": _n,
+    "logprobs": _logprobs,
+    "top_logprobs": _top_logprobs,
+    "parallel_tool_calls": lambda v: _ignored(_boolean("parallel_tool_calls", v)),
+    "user": _user,
+    "store": _ignored,
+    "metadata": _ignored,
+    "service_tier": _ignored,
+}
+# Read by completion_params_parse itself.
+HANDLED = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+    }
+)
+UNSUPPORTED = frozenset({"tools", "tool_choice", "functions", "function_call"})
+
+
+def _max_tokens(data: dict[str, Any]) -> tuple[int | None, str]:
+    """`max_completion_tokens` (else the older `max_tokens`), and its name."""
+    found: tuple[int | None, str] = (None, "max_tokens")
+    for name in ("max_tokens", "max_completion_tokens"):
+        value = data.get(name)
+        if value is not None:
+            found = (_integer(name, value, 1, MAX_TOKEN_COUNT), name)
+    return found
+
+
+def _body_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON object: not JSON, nested deeper than MAX_JSON_DEPTH or
+    holding a NUL in any string is a 400 (config.inputs)."""
+    try:
+        data = json_loads(body)
+    except InvalidInput as exc:
+        param = _bad_text_param(body) if exc.code != INVALID_JSON else None
+        raise _invalid(exc.message, param=param, code=exc.code) from None
+    if not isinstance(data, dict):
+        raise _invalid("The request body must be a JSON object.", code=INVALID_JSON)
+    return data
+
+
+def _bad_text_param(body: bytes) -> str | None:
+    """The top-level field whose value holds text json_loads refused (a NUL, a lone
+    surrogate), to name it in the error; None when it is a field's name."""
+    data = json.loads(body)  # parsed before the text was refused: valid, not too deep
+    if isinstance(data, dict):
+        for name, value in data.items():
+            if contains_nul(value) or contains_lone_surrogate(value):
+                return None if contains_nul(name) or contains_lone_surrogate(name) else name
+    return None
 
 
 def completion_params_parse(*, body: bytes) -> CompletionParams:
     """The request body, checked: 400 with the offending parameter otherwise."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise _invalid("The request body is not valid JSON.", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise _invalid("The request body must be a JSON object.", code="invalid_json")
+    data = _body_object(body)
+    sampling: dict[str, Any] = {}
     for name, value in data.items():
-        if name in HANDLED or name in IGNORED or value is None:
+        if value is None or name in HANDLED:
             continue
-        if name in NEUTRAL and value == NEUTRAL[name] and type(value) is type(NEUTRAL[name]):
+        check = SAMPLING.get(name)
+        if check is not None:
+            checked = check(value)
+            if checked is not None:
+                sampling[name] = checked
             continue
-        if name in NEUTRAL or name in ("stop", "seed", "tools", "tool_choice", "functions"):
-            raise _invalid(
-                f"The parameter '{name}' is not supported by this server"
-                + (f" (only {NEUTRAL[name]!r})." if name in NEUTRAL else "."),
-                param=name,
-                code="unsupported_parameter",
-            )
+        accept = ACCEPTED.get(name)
+        if accept is not None:
+            accept(value)
+            continue
+        if name in UNSUPPORTED:
+            raise _unsupported(name, "tools and function calling are not served here")
         raise _invalid(
             f"Unrecognized request argument supplied: {name}",
             param=name,
@@ -339,43 +540,57 @@ def completion_params_parse(*, body: bytes) -> CompletionParams:
         if requested is not None and not isinstance(requested, bool):
             raise _invalid("'include_usage' must be a boolean.", param="stream_options")
         include_usage = bool(requested)
-    max_tokens = _int_at_least_1(data, "max_completion_tokens") or _int_at_least_1(
-        data, "max_tokens"
-    )
+    max_tokens, max_tokens_param = _max_tokens(data)
     temperature = data.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-            raise _invalid("'temperature' must be a number.", param="temperature")
-        if not 0 <= temperature <= 2:
-            raise _invalid("'temperature' must be between 0 and 2.", param="temperature")
-        temperature = float(temperature)
+        temperature = _number("temperature", temperature, 0, 2)
     return CompletionParams(
         model=model,
         messages=messages,
         stream=bool(stream),
         include_usage=bool(include_usage),
         max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
         temperature=temperature,
+        sampling=sampling or None,
     )
 
 
-def _model_check(model: str) -> None:
-    """404 for a model no backend serves (before the call takes any of its limits);
-    a model that a backend serves, routable or not, is the pool's to answer."""
-    if not any(model in row.served_models for row in backend_rows()):
+def _model_check(model: str) -> int | None:
+    """The model's context length (the largest of the backends serving it; None when
+    one of them does not tell), or 404 for a model no backend serves (before the call
+    takes any of its limits); a model that a backend serves, routable or not, is the
+    pool's to answer."""
+    lengths = [row.max_model_len for row in backend_rows() if model in row.served_models]
+    if not lengths:
         raise ApiError(
             404,
             f"The model {model!r} does not exist; /v1/models lists the models you can use.",
             param="model",
             code="model_not_found",
         )
+    known = [length for length in lengths if length]
+    return max(known) if len(known) == len(lengths) else None
 
 
-def _caller_and_model(*, authorization: str | None, model: str | None) -> tuple[Actor, Limits]:
-    caller = caller_cached(authorization=authorization)
-    if model is not None:
-        _model_check(model)
-    return caller
+def _caller_and_model(
+    *, authorization: str | None, model: str | None
+) -> tuple[Actor, Limits, int | None]:
+    """The caller, its limits, and the model's context length (`_model_check`)."""
+    actor, limits = caller_cached(authorization=authorization)
+    context = _model_check(model) if model is not None else None
+    return actor, limits, context
+
+
+def _max_tokens_check(params: CompletionParams, context: int | None) -> None:
+    """No more tokens asked for than the model's context holds, as vLLM refuses them
+    (its check counts the prompt too; the gateway does not tokenize)."""
+    if context is not None and params.max_tokens is not None and params.max_tokens > context:
+        raise _invalid(
+            f"'{params.max_tokens_param}' is {params.max_tokens}, more than the context "
+            f"length of {params.model!r} ({context} tokens).",
+            param=params.max_tokens_param,
+        )
 
 
 # --- /v1/chat/completions: the answer -----------------------------------------------------
@@ -458,15 +673,19 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         if params and params.model and params.model.startswith(AGENT_MODEL_PREFIX)
         else None
     )
-    actor, limits = await apool.blocking(
+    actor, limits, context = await apool.blocking(
         _caller_and_model,
         authorization=authorization,
         model=params.model if params and agent is None else None,
     )
     if invalid is not None or params is None:
         raise invalid or _invalid("The request body is invalid.")
+    _max_tokens_check(params, context)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     if agent is not None:
+        if params.sampling:
+            name = next(iter(params.sampling))
+            raise _unsupported(name, "an agent's model calls take no sampling parameters")
         tools = await apool.blocking(agent_tools, actor=actor, agent=agent)
         return Completion(
             params=params,
@@ -486,6 +705,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         model=params.model,
         max_tokens=params.max_tokens,
         temperature=params.temperature,
+        sampling=params.sampling,
         tenant_id=str(actor.tenant_id),
         api_key_id=str(actor.api_key.id),
         purpose=PURPOSE,
