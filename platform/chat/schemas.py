@@ -8,11 +8,33 @@ from typing import Any
 
 from ninja import Field, Schema
 
+from chat.models import Run
 from chat.selectors import BranchStep, MessageTree
+
+# A model's name as a run stores it (longer ones could not be stored).
+MODEL_MAX_CHARS = Run._meta.get_field("model").max_length
 
 
 class ErrorOut(Schema):
-    detail: str
+    """Every error of the REST API but schema validation (config.api documents it for
+    every operation)."""
+
+    detail: str = Field(description="What was wrong, for a person to read.")
+
+
+class ValidationErrorItem(Schema):
+    type: str = Field(description="The kind of error, e.g. missing, uuid_parsing.")
+    loc: list[str | int] = Field(
+        description='Where: ["body", "payload", "title"], ["query", "limit"].'
+    )
+    msg: str
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorOut(Schema):
+    """422: a body or parameter that does not fit the operation's schema."""
+
+    detail: list[ValidationErrorItem]
 
 
 class ConversationOut(Schema):
@@ -35,7 +57,7 @@ class ConversationPage(Schema):
 
 class ConversationIn(Schema):
     content: str = Field(description="The first message.")
-    model: str = ""
+    model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100, description="Retries with it return the first run.")
 
 
@@ -49,18 +71,18 @@ class MessageIn(Schema):
         None,
         description="The message this one answers; left out: the tip of the current branch.",
     )
-    model: str = ""
+    model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100)
 
 
 class EditIn(Schema):
     content: str = Field(description="The edited text: a new sibling of the message.")
-    model: str = ""
+    model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100)
 
 
 class RegenerateIn(Schema):
-    model: str = ""
+    model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100)
 
 
@@ -141,7 +163,8 @@ class RunOut(Schema):
     assistant_message_id: uuid.UUID | None
     state: str
     model: str
-    backend: str
+    # Not the backend that served it: members never see the pool's internal addresses
+    # (operators see backends in /api/v1/operator/pool).
     client_id: str
     prompt_tokens: int
     completion_tokens: int

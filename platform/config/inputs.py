@@ -9,6 +9,8 @@ else reads it: one definition of what Parley refuses as input.
   client could take it. It is refused like a NUL.
 - JSON nested deeper than `MAX_JSON_DEPTH` is refused before it is parsed, so no
   parser, validator or walker downstream can run out of stack on it.
+- A date and time (`Timestamp` in API schemas) must be one PostgreSQL can compare and
+  store: an offset from UTC under 16 hours, and a year from 1 to 9999 in UTC too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import AfterValidator
 
 MAX_JSON_DEPTH = 64
 NUL = "\x00"
@@ -92,6 +97,28 @@ def text_check(value: str, *, name: str = "text") -> str:
     if _SURROGATE.search(value):
         raise InvalidInput(f"{name} must be valid Unicode text (it holds a lone surrogate).")
     return value
+
+
+# PostgreSQL refuses a time zone displacement of 16 hours or more (Python allows 24).
+MAX_UTC_OFFSET = timedelta(hours=16)
+
+
+def datetime_check(value: datetime, *, name: str = "The date") -> datetime:
+    """`value`, or InvalidInput when a database could not take it: an offset from UTC
+    of 16 hours or more, or a moment outside the years 1 to 9999 once in UTC."""
+    offset = value.utcoffset()
+    if offset is not None:
+        if abs(offset) >= MAX_UTC_OFFSET:
+            raise InvalidInput(f"{name} has an offset from UTC of 16 hours or more.")
+        try:
+            value.astimezone(UTC)
+        except OverflowError:
+            raise InvalidInput(f"{name} is outside the years 1 to 9999 in UTC.") from None
+    return value
+
+
+# A date and time in an API schema, checked by datetime_check (a 422 otherwise).
+Timestamp = Annotated[datetime, AfterValidator(datetime_check)]
 
 
 def json_loads(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:

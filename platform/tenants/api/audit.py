@@ -7,6 +7,7 @@ from datetime import datetime
 from django.http import HttpRequest
 from ninja import Query, Router, Schema
 
+from config.inputs import Timestamp
 from tenants.api.auth import actor_of
 from tenants.selectors_audit import AuditFilter, audit_list
 
@@ -37,8 +38,8 @@ class AuditQuery(Schema):
     actor: str | None = None
     target_type: str | None = None
     target_id: str | None = None
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
     before_id: int | None = None
     limit: int = 50
 

@@ -8,6 +8,7 @@ from datetime import datetime
 from django.http import HttpRequest
 from ninja import Router, Schema, Status
 
+from config.inputs import Timestamp
 from tenants.api.auth import actor_of
 from tenants.models import ApiKey
 from tenants.services.api_keys import api_key_create, api_key_get, api_key_list, api_key_revoke
@@ -38,7 +39,7 @@ class KeyCreated(KeyOut):
 class KeyIn(Schema):
     name: str
     scopes: list[str]
-    expires_at: datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 @router.get("", response=list[KeyOut], url_name="api_keys")
