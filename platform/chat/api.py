@@ -17,7 +17,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import Router, Status
 
-from chat.eventlog import event_log, run_log_key
+from chat.eventlog import cursor_parse, event_log, run_log_key
 from chat.models import Message, Run
 from chat.schemas import (
     BranchIn,
@@ -296,10 +296,8 @@ def runs_events(request: HttpRequest, run_id: str, after: int = 0):
     actor = chat_actor(request)
     streaming = "text/event-stream" in request.headers.get("Accept", "")
     if streaming and request.headers.get("Last-Event-ID"):
-        try:
-            after = int(request.headers["Last-Event-ID"])
-        except ValueError:
-            raise ValidationError("Last-Event-ID must be an event's sequence number.") from None
+        after = cursor_parse(request.headers["Last-Event-ID"], name="Last-Event-ID")
+    after = cursor_parse(after)
     result = run_events(actor=actor, run_id=run_id, after=after)
     run = result.run
     message = _answer(run) if run.is_terminal else None

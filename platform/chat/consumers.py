@@ -26,6 +26,7 @@ from chat.runner import TERMINAL_EVENTS
 from chat.selectors import run_get
 from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
 from chat.tickets import TicketRefused, socket_credentials, ticket_redeem
+from config import inputs
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user, require_scope
 from tenants.models import ApiKey
 from tenants.notify import api_key_group, tenant_group, user_group
@@ -403,8 +404,8 @@ def _client_id_of(raw: str | bytes | None) -> str | None:
     if raw is None or len(raw) > 4096:
         return None
     try:
-        frame = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        frame = inputs.json_loads(raw)  # depth-bounded, no NUL: echoed back as it is
+    except inputs.InvalidInput:
         return None
     value = frame.get("client_id") if isinstance(frame, dict) else None
     return value if isinstance(value, str) and len(value) <= 100 else None

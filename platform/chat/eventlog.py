@@ -22,13 +22,36 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
+from config.inputs import InvalidInput
 from config.redis_clients import async_redis
 
 Event = dict[str, Any]
 
+# The largest sequence number, and so the largest cursor a reader may give: a signed
+# 64-bit integer (Redis stream ids take 64-bit parts; databases and JSON clients
+# keep 63 bits exactly).
+MAX_SEQ = 2**63 - 1
+
 
 class EventLogError(Exception):
     pass
+
+
+def cursor_parse(value: Any, *, name: str = "after") -> int:
+    """A reader's cursor (the last sequence number it has; 0 for everything) as the
+    client gave it: an integer, or its decimal digits (a query string or the SSE
+    `Last-Event-ID` header), from 0 to MAX_SEQ. Else InvalidInput, saying so as `name`.
+    The one check of a cursor for the REST API, its Server-Sent Events and the socket."""
+    if isinstance(value, str):
+        digits = value.strip()
+        # ASCII digits only: int() would also take "٣", "1_0" and "+5".
+        if digits.isascii() and digits.isdigit() and len(digits) <= len(str(MAX_SEQ)):
+            value = int(digits)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise InvalidInput(
+            f"{name} must be an event's sequence number: an integer from 0 to {MAX_SEQ}."
+        )
+    return value
 
 
 def run_log_key(*, tenant_id: Any, run_id: Any) -> str:

@@ -11,6 +11,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from chat.eventlog import cursor_parse
+from config import inputs
+
 # Error codes sent in `error` frames.
 INVALID_JSON = "invalid_json"
 INVALID_FRAME = "invalid_frame"
@@ -67,13 +70,24 @@ def parse(raw: str | bytes | None, *, max_bytes: int) -> dict[str, Any]:
     """Decode one client frame into a dict with a known `type`, or raise FrameError."""
     if raw is None:
         raise FrameError(INVALID_FRAME, "Empty frame.")
-    size = len(raw.encode("utf-8")) if isinstance(raw, str) else len(raw)
-    if size > max_bytes:
-        raise FrameError(FRAME_TOO_LARGE, f"The frame is {size} bytes; the limit is {max_bytes}.")
+    # (A websocket text frame is valid UTF-8; a str from elsewhere may not be.)
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    if len(data) > max_bytes:
+        raise FrameError(
+            FRAME_TOO_LARGE, f"The frame is {len(data)} bytes; the limit is {max_bytes}."
+        )
+    if inputs.json_depth_exceeds(data):
+        raise FrameError(
+            INVALID_JSON, f"The frame nests deeper than {inputs.MAX_JSON_DEPTH} levels."
+        )
     try:
-        frame = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FrameError(INVALID_JSON, f"The frame is not valid JSON: {exc.args[0]}") from None
+        # NUL and lone surrogates refused (config.inputs): whatever reads the frame
+        # later gets text that a database and a client can take.
+        frame = inputs.json_loads(data)
+    except inputs.InvalidInput as exc:
+        if exc.code == inputs.INVALID_JSON:
+            raise FrameError(INVALID_JSON, "The frame is not valid JSON.") from None
+        raise FrameError(INVALID_FRAME, exc.message, _client_id_text(data)) from None
     if not isinstance(frame, dict):
         raise FrameError(INVALID_FRAME, "A frame must be a JSON object with a 'type'.")
     client_id = frame.get("client_id") if isinstance(frame.get("client_id"), str) else None
@@ -89,6 +103,19 @@ def parse(raw: str | bytes | None, *, max_bytes: int) -> dict[str, Any]:
     if "client_id" in frame and (client_id is None or not 0 < len(client_id) <= 100):
         raise FrameError(INVALID_FRAME, "'client_id' must be a string of 1 to 100 characters.")
     return frame
+
+
+def _client_id_text(data: bytes) -> str | None:
+    """The client id of a frame refused for the text in it (JSON, not too deep), when
+    the id itself is text: so the client can tell which frame it was."""
+    frame = json.loads(data)
+    value = frame.get("client_id") if isinstance(frame, dict) else None
+    if not isinstance(value, str) or not 0 < len(value) <= 100:
+        return None
+    try:
+        return inputs.text_check(value)
+    except inputs.InvalidInput:
+        return None
 
 
 def _string(frame: dict[str, Any], name: str, *, limit: int = 200) -> str:
@@ -188,10 +215,12 @@ def run_ref(frame: dict[str, Any]) -> RunRef:
     """`run.cancel` and `run.attach`: a run id, and for attach a cursor (the last
     sequence number the client has; 0 or absent for everything)."""
     after = frame.get("after", 0)
-    if isinstance(after, bool) or not isinstance(after, int) or after < 0:
-        raise FrameError(
-            INVALID_FRAME, "'after' must be a sequence number (0 or more).", frame.get("client_id")
-        )
+    try:
+        if not isinstance(after, int):  # a JSON integer (a query string's is text)
+            raise inputs.InvalidInput("'after' must be an integer.")
+        after = cursor_parse(after, name="'after'")  # the one check of a cursor
+    except inputs.InvalidInput as exc:
+        raise FrameError(INVALID_FRAME, exc.message, frame.get("client_id")) from None
     coalesce = frame.get("coalesce", False)
     if not isinstance(coalesce, bool):
         raise FrameError(INVALID_FRAME, "'coalesce' must be true or false.", frame.get("client_id"))

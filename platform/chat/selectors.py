@@ -11,7 +11,7 @@ import binascii
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from django.contrib.postgres.search import SearchHeadline, SearchQuery, SearchRank, SearchVector
@@ -19,8 +19,9 @@ from django.core.exceptions import ValidationError
 from django.db import connection
 from django.db.models import Q, QuerySet
 
-from chat.eventlog import event_log, run_log_key
+from chat.eventlog import cursor_parse, event_log, run_log_key
 from chat.models import Conversation, Message, Run
+from config.inputs import json_loads
 from tenants.access import Actor, NotFound
 
 if TYPE_CHECKING:
@@ -94,12 +95,14 @@ def _cursor_encode(conversation: Conversation) -> str:
 def _cursor_decode(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        stamp, conversation_id = json.loads(raw)
+        # json_loads: a crafted cursor is client input (no NUL, bounded depth).
+        stamp, conversation_id = json_loads(raw)
         when = datetime.fromisoformat(stamp)
         if when.tzinfo is None:
             raise ValueError("naive")
+        when.astimezone(UTC)  # an offset past the year 9999 would overflow in the query
         return when, uuid.UUID(conversation_id)
-    except (ValueError, TypeError, UnicodeDecodeError, binascii.Error):
+    except (ValueError, TypeError, OverflowError, UnicodeDecodeError, binascii.Error):
         raise ValidationError(
             "Bad cursor: pass the next_cursor of a previous page unchanged."
         ) from None
@@ -398,9 +401,9 @@ class RunEvents:
 
 
 def run_events(*, actor: Actor, run_id: Any, after: int = 0) -> RunEvents:
-    """The run's events after sequence number `after`, without waiting."""
-    if after < 0:
-        raise ValidationError("after must be 0 or more.")
+    """The run's events after sequence number `after`, without waiting (InvalidInput
+    for a cursor out of range)."""
+    after = cursor_parse(after)
     # The row first, then the log: the worker stores the ended run before it logs the
     # last event, so a row read first is never "more ended" than the log read after it.
     run = run_get(actor=actor, run_id=run_id)
