@@ -43,6 +43,15 @@ def server_types() -> set[str]:
     return set(_message_names("sendServerFrames"))
 
 
+def client_fields() -> dict[str, list[str]]:
+    """Client frame type -> the names of its fields (`type` included)."""
+    messages = document()["components"]["messages"]
+    return {
+        kind: sorted(messages[component]["payload"]["properties"])
+        for kind, component in _message_names("receiveClientFrames").items()
+    }
+
+
 @cache
 def _validator(operation: str, kind: str) -> Draft7Validator | None:
     component = _message_names(operation).get(kind)
