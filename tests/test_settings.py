@@ -98,6 +98,7 @@ def test_production_mode_uses_postgres_and_redis(tmp_path):
         ({**PRODUCTION, "PARLEY_BACKENDS": "vllm-0:8000"}, "PARLEY_BACKENDS"),
         ({"PARLEY_MAX_TOKENS": "lots"}, "PARLEY_MAX_TOKENS"),
         ({"PARLEY_MAX_TOKENS": "0"}, "PARLEY_MAX_TOKENS"),
+        ({"PARLEY_MAX_TOKENS": str(2**31)}, "PARLEY_MAX_TOKENS"),
         ({"DJANGO_DEBUG": "maybe"}, "DJANGO_DEBUG"),
     ],
 )

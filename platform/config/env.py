@@ -63,10 +63,14 @@ def boolean(name: str, default: Any = _MISSING) -> bool:
     return _read(name, env.bool, default)
 
 
-def integer(name: str, default: Any = _MISSING, *, minimum: int | None = None) -> int:
+def integer(
+    name: str, default: Any = _MISSING, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     value = _read(name, env.int, default)
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {value}.")
+    if maximum is not None and value > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, not {value}.")
     return value
 
 

@@ -292,7 +292,8 @@ PARLEY_RUN_WATCHDOG_INTERVAL_S = env.floating(
 PARLEY_SYSTEM_PROMPT = env.string(
     "PARLEY_SYSTEM_PROMPT", default="You are Parley, a helpful and concise assistant."
 )
-PARLEY_MAX_TOKENS = env.integer("PARLEY_MAX_TOKENS", default=512, minimum=1)
+# At most what one call may ask for (inference.types.MAX_TOKEN_COUNT, the 32-bit count).
+PARLEY_MAX_TOKENS = env.integer("PARLEY_MAX_TOKENS", default=512, minimum=1, maximum=2**31 - 1)
 # Sampling temperature sent with chat turns; unset: the model server's default.
 PARLEY_TEMPERATURE = (
     env.floating("PARLEY_TEMPERATURE", minimum=0.0) if env.present("PARLEY_TEMPERATURE") else None
