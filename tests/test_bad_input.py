@@ -161,6 +161,13 @@ def test_a_body_over_the_upload_limit_is_a_json_413(client, alice, settings):
         assert not Message.objects.exists()
 
 
+@pytest.mark.django_db
+def test_a_content_length_that_is_no_number_is_not_a_500(client, alice):
+    client.force_login(alice.user)
+    response = client.get(f"{API}/conversations", CONTENT_LENGTH="many")
+    assert response.status_code == 200
+
+
 # --- REST: query strings and paths ---------------------------------------------------
 
 

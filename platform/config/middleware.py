@@ -70,7 +70,7 @@ class InputCheckMiddleware:
             text_check(key, name="A query parameter's name")
             for value in values:
                 text_check(value, name=f"The query parameter {key!r}")
-        if api and int(request.META.get("CONTENT_LENGTH") or 0) > _upload_limit():
+        if api and _content_length(request) > _upload_limit():
             raise RequestDataTooBig(too_large_detail())
         if request.method == "POST" and request.content_type in FORM_TYPES:
             for key, values in request.POST.lists():
@@ -83,6 +83,15 @@ API_PREFIX = "/api/"
 # Form posts whose fields are checked here. (Not multipart: parsing it here would
 # leave views no raw body; Django's form fields refuse NUL themselves.)
 FORM_TYPES = ("application/x-www-form-urlencoded",)
+
+
+def _content_length(request: HttpRequest) -> int:
+    # The server has checked the header's form; a value that is not a number is
+    # Django's to refuse, not this check's to crash on.
+    try:
+        return int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        return 0
 
 
 def _upload_limit() -> int:
