@@ -65,6 +65,13 @@ start_redis() {
 if [ -z "${DATABASE_URL:-}" ]; then
   up 127.0.0.1 "$PG_PORT" || start_postgres || { say "PostgreSQL did not come up"; exit 1; }
   DATABASE_URL="postgres://postgres@127.0.0.1:$PG_PORT/parley"
+  # The suite makes its own test database; `parley` itself is what manage.py commands
+  # outside pytest (the migrations check) connect to, so it should exist too.
+  if command -v psql >/dev/null && ! psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc \
+      "SELECT 1 FROM pg_database WHERE datname = 'parley'" 2>/dev/null | grep -q 1; then
+    say "creating the database parley"
+    psql -h 127.0.0.1 -p "$PG_PORT" -U postgres -qc "CREATE DATABASE parley" >&2 || true
+  fi
 fi
 if [ -z "${REDIS_URL:-}" ]; then
   up 127.0.0.1 "$REDIS_PORT" || start_redis || { say "Redis did not come up"; exit 1; }
