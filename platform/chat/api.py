@@ -17,8 +17,9 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from ninja import Router, Status
 
-from chat.eventlog import cursor_parse, event_log, run_log_key
+from chat.eventlog import cursor_parse
 from chat.models import Message, Run
+from chat.relay import LogTrimmed, run_relay
 from chat.schemas import (
     BranchIn,
     ConversationIn,
@@ -45,7 +46,6 @@ from chat.selectors import (
     run_events,
     run_get,
     run_list,
-    run_log_trimmed,
 )
 from chat.services.conversations import (
     conversation_branch_switch,
@@ -267,9 +267,6 @@ def runs_cancel(request: HttpRequest, run_id: str):
     return run_cancel(actor=chat_actor(request), run_id=run_id)
 
 
-SSE_KEEPALIVE_S = 15.0
-
-
 @runs.get(
     "/{run_id}/events",
     response=RunEventsOut,
@@ -308,12 +305,10 @@ def runs_events(request: HttpRequest, run_id: str, after: int = 0):
             "trimmed": result.trimmed,
             "message": message,
         }
-    if result.trimmed:
-        return _sse_response(_sse_once(_sse_frame(run.last_seq, _trimmed(run))))
     if not result.events and run.is_terminal and after >= run.last_seq:
         # EventSource reconnects whenever a stream ends; 204 tells it to stop.
         return HttpResponse(status=204)
-    return _sse_response(_sse_live(run, after, result.events))
+    return _sse_response(_sse_relay(run, after, result.events))
 
 
 def _trimmed(run: Run) -> dict[str, Any]:
@@ -346,40 +341,17 @@ def _sse_frame(seq: int, event: dict[str, Any]) -> bytes:
     return f"id: {seq}\nevent: {event.get('type', 'message')}\ndata: {data}\n\n".encode()
 
 
-async def _sse_once(frame: bytes) -> AsyncIterator[bytes]:
-    yield frame
-
-
-async def _sse_live(
+async def _sse_relay(
     run: Run, after: int, first: list[tuple[int, dict[str, Any]]]
 ) -> AsyncIterator[bytes]:
-    """Events as they are logged, until the terminal one. An async generator: the ASGI
-    server sends each frame as it is yielded (a sync iterator would be buffered)."""
-    from chat.runner import TERMINAL_EVENTS
-
-    run_id = str(run.id)
-    log, key = event_log(), run_log_key(tenant_id=run.tenant_id, run_id=run.id)
-    events = first
-    while True:
-        for seq, event in events:
-            yield _sse_frame(seq, {**event, "run_id": run_id, "seq": seq})
-            after = seq
-            if event.get("type") in TERMINAL_EVENTS:
-                return
-        events = await log.read(key, after, SSE_KEEPALIVE_S)
-        if events:
-            continue
-        # Quiet for a while: is the run still there, and its log?
-        current = await database_sync_to_async(_run_reread)(run)
-        if current is None:
-            return  # deleted with its conversation
-        if run_log_trimmed(run=current, after=after):
-            yield _sse_frame(current.last_seq, await database_sync_to_async(_trimmed)(current))
-            return
-        yield b": keep-alive\n\n"
-
-
-def _run_reread(run: Run) -> Run | None:
-    # The response streams after the request's transaction: scope this read itself.
-    with tenant_scope(tenant_id=run.tenant_id):
-        return Run.objects.filter(id=run.id, tenant_id=run.tenant_id).first()
+    """The run's relay (chat.relay.run_relay) as Server-Sent Events; a trimmed log is
+    one `run.trimmed` event. An async generator: the ASGI server sends each frame as it
+    is yielded (a sync iterator would be buffered)."""
+    async for item in run_relay(run, after=after, first=first):
+        if item is None:
+            yield b": keep-alive\n\n"
+        elif isinstance(item, LogTrimmed):
+            trimmed = await database_sync_to_async(_trimmed)(item.run)
+            yield _sse_frame(item.run.last_seq, trimmed)
+        else:
+            yield _sse_frame(item["seq"], item)

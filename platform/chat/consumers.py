@@ -19,10 +19,9 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import protocol
-from chat.eventlog import event_log, run_log_key
 from chat.models import Run
 from chat.notify import conversation_group
-from chat.runner import TERMINAL_EVENTS
+from chat.relay import LogTrimmed, run_relay
 from chat.selectors import run_get
 from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
 from chat.tickets import TicketRefused, socket_credentials, ticket_redeem
@@ -41,7 +40,6 @@ CLOSE_FORBIDDEN = 4403
 UNAUTHENTICATED = "unauthenticated"
 FORBIDDEN = "forbidden"
 
-RELAY_POLL_S = 15.0
 OWN_RUNS_KEPT = 32
 
 
@@ -267,14 +265,7 @@ class ChatConsumer(AsyncWebsocketConsumer):
     async def started(self, run: Run, client_id: str | None) -> None:
         """`run.started`, then the run's events from the first (a retried send with the
         same client id gets the first run's frames again, not a second run)."""
-        frame: dict[str, Any] = {
-            "type": "run.started",
-            "run_id": str(run.id),
-            "conversation_id": str(run.conversation_id),
-            "user_message_id": str(run.user_message_id),
-        }
-        if client_id:
-            frame["client_id"] = client_id
+        frame = protocol.run_started_frame(run, client_id=client_id)
         self.own_runs[frame["run_id"]] = None
         while len(self.own_runs) > OWN_RUNS_KEPT:
             del self.own_runs[next(iter(self.own_runs))]
@@ -301,27 +292,18 @@ class ChatConsumer(AsyncWebsocketConsumer):
         task = self.relays.pop(run_id, None)
         if task is not None:  # attach again: the new cursor replaces the old relay
             task.cancel()
-        key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
-        if run.is_terminal and run.last_seq and await _log_trimmed(key):
-            # Finished long ago: the log is gone, the answer is stored.
-            if after < run.last_seq:
-                await self.send_frame(_terminal_from_row(run))
-            return
-        self.relays[run_id] = asyncio.ensure_future(self.relay(run_id, key, after, coalesce))
+        self.relays[run_id] = asyncio.ensure_future(self.relay(run, after, coalesce))
 
-    async def relay(self, run_id: str, key: str, after: int, coalesce: bool = False) -> None:
-        """Send every event of the run after `after`, live, until its terminal event.
-        With `coalesce`, consecutive token events read together share one frame."""
-        log = event_log()
+    async def relay(self, run: Run, after: int, coalesce: bool) -> None:
+        """Send the run's frames after `after` (chat.relay.run_relay); a trimmed log
+        ends with the terminal frame rebuilt from the stored run."""
+        run_id = str(run.id)
         try:
-            while True:
-                events = await log.read(key, after, RELAY_POLL_S)
-                frames = _coalesced(run_id, events) if coalesce else _frames(run_id, events)
-                for frame in frames:
-                    await self.send_frame(frame)
-                    after = frame["seq"]
-                    if frame["type"] in TERMINAL_EVENTS:
-                        return
+            async for item in run_relay(run, after=after, coalesce=coalesce):
+                if isinstance(item, LogTrimmed):
+                    await self.send_frame(_terminal_from_row(item.run))
+                elif item is not None:
+                    await self.send_frame(item)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -335,49 +317,6 @@ class ChatConsumer(AsyncWebsocketConsumer):
         finally:
             if self.relays.get(run_id) is asyncio.current_task():
                 self.relays.pop(run_id, None)
-
-
-COALESCE_MAX_CHARS = 16384  # the most text one coalesced token frame carries
-
-
-def _frames(run_id: str, events: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    return [{**event, "run_id": run_id, "seq": seq} for seq, event in events]
-
-
-def _coalesced(run_id: str, events: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Consecutive `token` events as one frame: the joined deltas, `first_seq` and `seq`
-    (the last event's). A client resuming from that `seq` misses nothing."""
-    frames: list[dict[str, Any]] = []
-    pending: list[str] = []
-    first = size = 0
-
-    def flush(last: int) -> None:
-        nonlocal pending, size
-        if pending:
-            frame: dict[str, Any] = {"type": "token", "delta": "".join(pending)}
-            frames.append({**frame, "run_id": run_id, "seq": last, "first_seq": first})
-            pending, size = [], 0
-
-    last = 0
-    for seq, event in events:
-        if event.get("type") == "token":
-            delta = event.get("delta", "")
-            if pending and size + len(delta) > COALESCE_MAX_CHARS:
-                flush(last)
-            if not pending:
-                first = seq
-            pending.append(delta)
-            size += len(delta)
-        else:
-            flush(last)
-            frames.append({**event, "run_id": run_id, "seq": seq})
-        last = seq
-    flush(last)
-    return frames
-
-
-async def _log_trimmed(key: str) -> bool:
-    return await database_sync_to_async(event_log().last_seq)(key) == 0
 
 
 def _terminal_from_row(run: Run) -> dict[str, Any]:

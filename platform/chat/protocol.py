@@ -25,6 +25,9 @@ UNAVAILABLE = "unavailable"
 
 RATE_LIMITED = "rate_limited"
 
+# The events that end a run's log: exactly one, always its last.
+TERMINAL_EVENTS = ("run.done", "run.error")
+
 CLIENT_TYPES = ("chat.send", "chat.regenerate", "run.cancel", "run.attach", "ping")
 # The fields of each client frame that name a tenant's object: each is resolved through
 # the actor (another tenant's object answers `not_found`) and is tested with an outsider.
@@ -61,6 +64,20 @@ class FrameError(Exception):
 
 def error_frame(code: str, message: str, client_id: str | None = None) -> dict[str, Any]:
     frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if client_id:
+        frame["client_id"] = client_id
+    return frame
+
+
+def run_started_frame(run: Any, *, client_id: str | None = None) -> dict[str, Any]:
+    """`run.started` of a queued run (a chat.models.Run): to the socket that sent the
+    frame, with its `client_id`, and to the member's other sockets, without."""
+    frame: dict[str, Any] = {
+        "type": "run.started",
+        "run_id": str(run.id),
+        "conversation_id": str(run.conversation_id),
+        "user_message_id": str(run.user_message_id),
+    }
     if client_id:
         frame["client_id"] = client_id
     return frame

@@ -15,6 +15,7 @@ from django.utils import timezone
 from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
+from chat.protocol import run_started_frame
 from chat.selectors import _uuid, conversation_get, run_get
 from chat.services.conversations import conversation_frame
 from tenants.access import Actor, NotFound, Unavailable
@@ -121,12 +122,7 @@ def _run_create(
     conversation.save(update_fields=["current_leaf", "updated_at"])
     run_id, tenant_id = run.id, actor.tenant_id
     agent = run.agent
-    started = {
-        "type": "run.started",
-        "run_id": str(run.id),
-        "conversation_id": str(conversation.id),
-        "user_message_id": str(user_message.id),
-    }
+    started = run_started_frame(run)
     listed = conversation_frame(conversation) if new_conversation else None
 
     def hand_over() -> None:
