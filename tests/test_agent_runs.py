@@ -1,7 +1,7 @@
 """A conversation answered by a plugin's agent, end to end: the websocket, a real Celery
 worker on the `agents` queue, the third-party example plugin's tools, and a scripted
 LangChain chat model in place of the inference pool (injected through
-chat.agent_runs.agent_model_build; the product path builds PoolChatModel)."""
+chat.agent_turn.agent_model_build; the product path builds PoolChatModel)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessage
 
 from agents.pool_model import PoolChatModel
 from agents.services import plugin_enable, plugin_scopes_grant, plugin_settings_update
-from chat import agent_runs
+from chat import agent_turn as agent_runs
 from chat.models import Conversation, Run
 from tenants.access import Actor
 from tenants.models import Role
@@ -386,7 +386,7 @@ async def test_plain_chat_still_streams_from_the_model(alice, backend, worker):
 
 def test_an_agents_history_carries_its_earlier_tool_calls_and_plain_chat_does_not(alice):
     from chat.models import Message
-    from chat.runner import thread_messages
+    from chat.prompts import thread_messages
 
     steps = [
         tool_step("c1", "country_lookup", {"code": "KE"}, result="Kenya: capital Nairobi"),

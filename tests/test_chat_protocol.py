@@ -14,7 +14,7 @@ from django.utils import timezone
 from chat import protocol
 from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
-from chat.runner import prompt_build
+from chat.prompts import prompt_build
 from tenants.rls import operator_scope, tenant_scope
 from tests import asyncapi
 from tests.conftest import as_operator, ws_connect

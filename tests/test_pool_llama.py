@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
-from chat.runner import run_execute
 from inference import pool
 from inference.backends import backends_refresh
 from inference.local_process import LocalModelServer

@@ -34,9 +34,10 @@ import pytest
 from channels.db import database_sync_to_async as sync_to_async
 from django.utils import timezone
 
+from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import EventLogError, event_log, run_log_key
 from chat.models import Conversation, Message, Run
-from chat.runner import TERMINAL_EVENTS, run_execute
+from chat.protocol import TERMINAL_EVENTS
 from chat.services.runs import chat_send
 from chat.steps import UNFINISHED
 from chat.watchdog import runs_reap
@@ -610,7 +611,7 @@ def test_a_stalled_worker_that_comes_back_stops_without_overwriting_the_watchdog
     """The worker's heartbeats stop reaching the database (a stalled process, a network
     partition) while it keeps streaming. The watchdog ends the run; the worker then
     finds its appends refused (or its run closed at its next heartbeat) and stops."""
-    import chat.runner
+    import chat.execution
 
     server = synthetic_server(tokens=300, delay_s=0.01)
     settings.PARLEY_BACKENDS = [server.url]
@@ -623,7 +624,7 @@ def test_a_stalled_worker_that_comes_back_stops_without_overwriting_the_watchdog
         with tenant_scope(tenant_id=run.tenant_id):  # sees the row, writes nothing
             return Run.objects.filter(id=run.id, state=Run.State.RUNNING).exists()
 
-    monkeypatch.setattr(chat.runner, "_heartbeat", beat_lost)
+    monkeypatch.setattr(chat.execution, "run_heartbeat", beat_lost)
     run = queued_run(alice)
     thread, errors = _execute_in_thread(run)
     reaped, deadline = 0, time.monotonic() + 30
@@ -649,7 +650,7 @@ def test_a_stalled_worker_that_comes_back_stops_without_overwriting_the_watchdog
     assert len(text) < len("".join(server.pieces))  # it really was cut short
     with operator_scope():
         assert Message.objects.filter(role=Message.Role.ASSISTANT).count() == 1
-    assert not [r for r in caplog.records if r.name == "chat.runner" and r.levelname == "ERROR"]
+    assert not [r for r in caplog.records if r.name == "chat.execution" and r.levelname == "ERROR"]
 
 
 def test_a_run_waiting_for_its_first_token_keeps_beating(

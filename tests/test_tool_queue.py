@@ -45,7 +45,7 @@ def _all_plugins(all_plugins):
 
 @pytest.fixture
 def scripted(monkeypatch):
-    from chat import agent_runs
+    from chat import agent_turn as agent_runs
 
     def install(*replies: AIMessage) -> ScriptedChatModel:
         model = ScriptedChatModel(script=iter(replies))

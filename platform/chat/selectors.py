@@ -28,7 +28,8 @@ if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
 
 
-def _uuid(value: Any) -> uuid.UUID:
+def id_parse(value: Any) -> uuid.UUID:
+    """An id a client sent, as a UUID; NotFound when it is none."""
     try:
         return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
     except (ValueError, TypeError, AttributeError):
@@ -41,14 +42,14 @@ def conversation_list(*, actor: Actor) -> QuerySet[Conversation]:
 
 def conversation_get(*, actor: Actor, conversation_id: Any) -> Conversation:
     try:
-        return conversation_list(actor=actor).get(id=_uuid(conversation_id))
+        return conversation_list(actor=actor).get(id=id_parse(conversation_id))
     except Conversation.DoesNotExist:
         raise NotFound from None
 
 
 def run_get(*, actor: Actor, run_id: Any) -> Run:
     try:
-        return Run.objects.get(tenant=actor.tenant, user=actor.user, id=_uuid(run_id))
+        return Run.objects.get(tenant=actor.tenant, user=actor.user, id=id_parse(run_id))
     except Run.DoesNotExist:
         raise NotFound from None
 
@@ -73,7 +74,7 @@ def message_get(*, actor: Actor, message_id: Any) -> Message:
     """A message of one of the actor's own conversations."""
     message = (
         Message.objects.select_related("conversation")
-        .filter(tenant=actor.tenant, conversation__user=actor.user, id=_uuid(message_id))
+        .filter(tenant=actor.tenant, conversation__user=actor.user, id=id_parse(message_id))
         .first()
     )
     if message is None:

@@ -1,34 +1,33 @@
+"""Chat's Celery tasks, each a few lines. The tenant comes from the server that queued
+the run, never from a client: it scopes every query of the run (row level security).
+
+Nothing in chat imports this module but chat.services.runs, which hands runs to
+workers. The title task is defined next to what queues it (chat.titles, at the end of
+a successful run) and imported here so that a worker registers it."""
+
 from celery import shared_task
 
-from chat.runner import run_execute
+from chat.agent_turn import agent_turn_execute
+from chat.chat_turn import chat_turn_execute
+from chat.titles import conversation_title_task
+from chat.watchdog import runs_reap
+
+__all__ = ["agent_execute_task", "conversation_title_task", "run_execute_task", "runs_reap_task"]
 
 
 @shared_task(name="chat.tasks.run_execute", acks_late=True)
 def run_execute_task(run_id: str, tenant_id: str) -> None:
-    # The tenant comes from the server that queued the run, never from a client: it
-    # scopes every query of the run (row level security).
-    run_execute(run_id=run_id, tenant_id=tenant_id)
+    chat_turn_execute(run_id=run_id, tenant_id=tenant_id)
 
 
 @shared_task(name="chat.tasks.agent_execute", acks_late=True)
 def agent_execute_task(run_id: str, tenant_id: str) -> None:
-    # A run answered by an agent: on the `agents` queue, so long tool loops do not hold
-    # the workers that stream plain chat.
-    from chat.agent_runs import agent_execute
-
-    agent_execute(run_id=run_id, tenant_id=tenant_id)
-
-
-@shared_task(name="chat.tasks.conversation_title", acks_late=True)
-def conversation_title_task(conversation_id: str, tenant_id: str, model: str = "") -> None:
-    from chat.titles import conversation_title_generate
-
-    conversation_title_generate(conversation_id=conversation_id, tenant_id=tenant_id, model=model)
+    # On the `agents` queue, so long tool loops do not hold the workers that stream
+    # plain chat.
+    agent_turn_execute(run_id=run_id, tenant_id=tenant_id)
 
 
 @shared_task(name="chat.tasks.runs_reap", ignore_result=True)
 def runs_reap_task() -> int:
     """The run watchdog (Celery beat, every PARLEY_RUN_WATCHDOG_INTERVAL_S)."""
-    from chat.watchdog import runs_reap
-
     return runs_reap()

@@ -12,9 +12,11 @@ import logging
 import re
 from typing import Any
 
+from celery import shared_task
 from django.db import transaction
 
 from chat.models import Conversation, Message, Run
+from chat.services.conversations import conversation_title_auto_set
 from inference import pool
 from inference.types import ChatRequest, TextDelta
 from tenants.rls import tenant_scope
@@ -31,7 +33,7 @@ TITLE_INSTRUCTION = (
 
 
 def title_after_run(*, run: Run) -> None:
-    """The runner's hook after a run succeeded: queue a title when this was the
+    """The run lifecycle's hook after a run succeeded: queue a title when this was the
     conversation's first answer and its title is still automatic. Never raises: a
     title is not worth failing a run for."""
     try:
@@ -55,10 +57,14 @@ def title_after_run(*, run: Run) -> None:
 
 
 def _enqueue(*args: Any) -> None:
-    from chat.tasks import conversation_title_task
     from config.celery import enqueue
 
     enqueue(conversation_title_task, *args)
+
+
+@shared_task(name="chat.tasks.conversation_title", acks_late=True)
+def conversation_title_task(conversation_id: str, tenant_id: str, model: str = "") -> None:
+    conversation_title_generate(conversation_id=conversation_id, tenant_id=tenant_id, model=model)
 
 
 def title_first_line(content: str) -> str:
@@ -127,8 +133,6 @@ def title_request(
 def conversation_title_generate(*, conversation_id: Any, tenant_id: Any, model: str = "") -> str:
     """Ask the pool for a title and store it while the title is still automatic.
     Returns the title stored or kept ("" when there was nothing to title)."""
-    from chat.services.conversations import conversation_title_auto_set
-
     with tenant_scope(tenant_id=tenant_id):
         conversation = Conversation.objects.filter(
             id=conversation_id, tenant_id=tenant_id, title_auto=True

@@ -13,7 +13,7 @@ PARLEY_RUN_WATCHDOG_INTERVAL_S; a thread of `serve` in embedded mode) ends:
 
 Each run is taken with one conditional UPDATE that also records `last_seq`, so two
 watchdogs, or a worker that wakes up, never both end it (the worker's own end checks
-the same row, see `chat.runner._persist`). The partial text is rebuilt from the event
+the same row, see `chat.services.run_state.run_close`). The partial text is rebuilt from the event
 log's token deltas, the source of truth while a run is live, and stored as the
 assistant message before the terminal `run.error` is appended with the next sequence
 number: attached sockets end exactly where the log does. A stalled worker that comes
@@ -33,7 +33,8 @@ from django.utils import timezone
 
 from chat.eventlog import Event, EventLogError, event_log, run_log_key
 from chat.models import Message, Run
-from chat.runner import TERMINAL_EVENTS, run_answer_store
+from chat.protocol import TERMINAL_EVENTS
+from chat.services.run_state import run_answer_keep
 from chat.steps import tool_steps
 from tenants.rls import operator_scope, tenant_scope
 
@@ -162,11 +163,9 @@ def _close(run: Run) -> None:
             steps = tool_steps(e for _, e in events)
             end = _last_seq(events) + 1
             with tenant_scope(tenant_id=run.tenant_id):
-                if message is None:
-                    message = run_answer_store(run=run, text=text, steps=steps)
-                else:
-                    Message.objects.filter(id=message.id).update(content=text, steps=steps)
-                Run.objects.filter(id=run.id).update(assistant_message=message, last_seq=end)
+                message = run_answer_keep(
+                    run=run, message=message, text=text, steps=steps, last_seq=end
+                )
             try:
                 log.append(
                     key,

@@ -16,7 +16,8 @@ from django.utils.text import slugify
 
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
-from chat.selectors import _uuid, branch_leaf, conversation_get, message_tree
+from chat.selectors import branch_leaf, conversation_get, id_parse, message_tree
+from chat.services.run_state import run_cancel_request
 from tenants.access import Actor, NotFound
 from tenants.rls import tenant_scope
 
@@ -75,15 +76,13 @@ def conversation_rename(*, actor: Actor, conversation_id: Any, title: str) -> Co
 def conversation_delete(*, actor: Actor, conversation_id: Any) -> None:
     """Delete the conversation with its messages and runs. Live runs are cancelled
     first, so their workers stop generating."""
-    from chat.services.runs import run_cancel
-
     with transaction.atomic():
         conversation = _locked(actor=actor, conversation_id=conversation_id)
         live = Run.objects.filter(
             conversation=conversation, state__in=[Run.State.QUEUED, Run.State.RUNNING]
-        ).values_list("id", flat=True)
-        for run_id in list(live):
-            run_cancel(actor=actor, run_id=run_id)
+        )
+        for run in list(live):
+            run_cancel_request(run=run)
         frame_send(
             tenant_id=conversation.tenant_id,
             user_id=conversation.user_id,
@@ -104,7 +103,7 @@ def conversation_branch_switch(
     with transaction.atomic():
         conversation = _locked(actor=actor, conversation_id=conversation_id)
         try:
-            message = conversation.messages.get(id=_uuid(message_id))
+            message = conversation.messages.get(id=id_parse(message_id))
         except Message.DoesNotExist:
             raise NotFound from None
         leaf = branch_leaf(conversation=conversation, message=message)

@@ -12,12 +12,12 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
 from chat.protocol import run_started_frame
-from chat.selectors import _uuid, conversation_get, run_get
+from chat.selectors import conversation_get, id_parse, run_get
 from chat.services.conversations import conversation_frame
+from chat.services.run_state import run_cancel_request
 from tenants.access import Actor, NotFound, Unavailable
 from tenants.models import User
 from tenants.rls import tenant_scope
@@ -64,7 +64,7 @@ CURRENT = _Current()
 
 def _message_get(*, conversation: Conversation, message_id: Any) -> Message:
     try:
-        return conversation.messages.get(id=_uuid(message_id))
+        return conversation.messages.get(id=id_parse(message_id))
     except Message.DoesNotExist:
         raise NotFound from None
 
@@ -227,7 +227,7 @@ def run_regenerate(*, actor: Actor, message_id: Any, model: str = "", client_id:
     """Answer a user message again (given the message or an answer to it): the new
     answer is a sibling of the earlier ones and becomes the current branch."""
     _chat_user(actor)
-    message_uuid = _uuid(message_id)
+    message_uuid = id_parse(message_id)
 
     def create() -> Run:
         message = (
@@ -256,36 +256,12 @@ def run_regenerate(*, actor: Actor, message_id: Any, model: str = "", client_id:
 
 
 def run_cancel(*, actor: Actor, run_id: Any) -> Run:
-    """Stop a run. A queued run ends `cancelled` at once; a running one is flagged and
-    its worker stops at its next check (within a fraction of a second while tokens
-    flow), keeping the partial answer. A finished run is returned as it is."""
+    """Stop one of the actor's runs (chat.services.run_state.run_cancel_request): a
+    queued run ends `cancelled` at once; a running one stops at its worker's next check
+    (within a fraction of a second while tokens flow), keeping the partial answer. A
+    finished run is returned as it is."""
     run = run_get(actor=actor, run_id=run_id)
-    key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
-    now = timezone.now()
-    cancelled_queued = Run.objects.filter(id=run.id, state=Run.State.QUEUED).update(
-        state=Run.State.CANCELLED,
-        cancel_requested_at=now,
-        finished_at=now,
-        error_code="cancelled",
-        error_message="Cancelled by the user.",
-        last_seq=1,
-    )
-    if cancelled_queued:
-        # No worker will claim it: this is its whole event log.
-        log = event_log()
-        log.append(
-            key,
-            1,
-            {
-                "type": "run.error",
-                "code": "cancelled",
-                "message": "Cancelled by the user.",
-                "message_id": None,
-            },
-        )
-        log.expire(key, settings.PARLEY_RUN_LOG_TTL_S)
-    elif Run.objects.filter(id=run.id, state=Run.State.RUNNING).update(cancel_requested_at=now):
-        event_log().cancel_request(key, settings.PARLEY_RUN_LOG_TTL_S)
+    run_cancel_request(run=run)
     run.refresh_from_db()
     return run
 
