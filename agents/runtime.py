@@ -160,7 +160,8 @@ def bound_text(text: str, limit: int) -> tuple[str, bool]:
     return (text, False) if len(text) <= limit else (text[:limit], True)
 
 
-def _result_text(output: Any) -> str:
+def tool_result_text(output: Any) -> str:
+    """What a tool returned, as the text its `tool.end` event and the model see."""
     if isinstance(output, ToolMessage):
         output = output.content
     if isinstance(output, str):
@@ -291,7 +292,7 @@ class _Loop:
             tool = self.guard(name)
             if call.get("error"):  # an invalid tool call: arguments that do not parse
                 raise ValueError(f"The arguments are not valid JSON: {call['error']}")
-            result = _result_text(self.invoke(tool, arguments, call_id=call_id, name=name))
+            result = tool_result_text(self.invoke(tool, arguments, call_id=call_id, name=name))
         except _Stop:
             raise
         except ToolRefused as exc:

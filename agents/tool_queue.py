@@ -42,7 +42,7 @@ from django.conf import settings
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
-from agents.runtime import _result_text, tool_invoke_in_process
+from agents.runtime import tool_invoke_in_process, tool_result_text
 from agents.scopes import ToolRefused, tool_guard, tool_queue
 
 logger = logging.getLogger(__name__)
@@ -336,4 +336,4 @@ def tool_execute(
     except Exception as exc:  # a tool may raise anything; the model gets to see it
         reply({"error": f"{type(exc).__name__}: {exc}"})
         return
-    reply({"result": _result_text(output)})
+    reply({"result": tool_result_text(output)})
