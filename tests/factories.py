@@ -1,6 +1,7 @@
 import factory
 from factory.django import DjangoModelFactory
 
+from chat.models import Conversation, Message, Run
 from tenants.models import Membership, Role, Tenant, User
 from tenants.rls import operator_scope
 
@@ -49,6 +50,43 @@ class MembershipFactory(ScopedFactory):
     tenant = factory.SubFactory(TenantFactory)
     user = factory.SubFactory(UserFactory)
     role = Role.MEMBER
+
+
+class ConversationFactory(ScopedFactory):
+    """A conversation of `user` in `tenant` (pass both: a member's, as the app makes them)."""
+
+    class Meta:
+        model = Conversation
+
+    tenant = factory.SubFactory(TenantFactory)
+    user = factory.SubFactory(UserFactory)
+    title = factory.Sequence(lambda n: f"Conversation {n}")
+
+
+class MessageFactory(ScopedFactory):
+    """A message of `conversation` (in its tenant), by default the user's."""
+
+    class Meta:
+        model = Message
+
+    conversation = factory.SubFactory(ConversationFactory)
+    tenant = factory.SelfAttribute("conversation.tenant")
+    parent = None
+    role = Message.Role.USER
+    content = "Say something."
+
+
+class RunFactory(ScopedFactory):
+    """A run answering `user_message`, in its conversation, for its conversation's user;
+    queued unless `state` says otherwise."""
+
+    class Meta:
+        model = Run
+
+    user_message = factory.SubFactory(MessageFactory)
+    conversation = factory.SelfAttribute("user_message.conversation")
+    tenant = factory.SelfAttribute("conversation.tenant")
+    user = factory.SelfAttribute("conversation.user")
 
 
 def tool_step(call_id, name, arguments=None, *, result=None, error=None, truncated=False):

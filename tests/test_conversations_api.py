@@ -28,7 +28,7 @@ from inference.models import UsageRecord
 from tenants.models import ApiKey
 from tenants.rls import in_tenant, operator_scope, tenant_scope
 from tests.conftest import as_operator, chat_page_data, ws_connect
-from tests.factories import tool_step
+from tests.factories import ConversationFactory, MessageFactory, RunFactory, tool_step
 
 pytestmark = pytest.mark.django_db
 
@@ -39,10 +39,8 @@ API = "/api/v1"
 
 
 def conversation(person, title="A chat", *, updated_at=None, **fields) -> Conversation:
+    c = ConversationFactory(tenant=person.tenant, user=person.user, title=title, **fields)
     with operator_scope():
-        c = Conversation.objects.create(
-            tenant=person.tenant, user=person.user, title=title, **fields
-        )
         if updated_at is not None:
             Conversation.objects.filter(pk=c.pk).update(updated_at=updated_at)
             c.refresh_from_db()
@@ -50,10 +48,8 @@ def conversation(person, title="A chat", *, updated_at=None, **fields) -> Conver
 
 
 def message(c: Conversation, role: str, content: str, parent=None, **fields) -> Message:
+    m = MessageFactory(conversation=c, parent=parent, role=role, content=content)
     with operator_scope():
-        m = Message.objects.create(
-            tenant_id=c.tenant_id, conversation=c, parent=parent, role=role, content=content
-        )
         if fields:
             Message.objects.filter(pk=m.pk).update(**fields)
             m.refresh_from_db()
@@ -66,15 +62,7 @@ def leaf(c: Conversation, m: Message | None) -> None:
 
 
 def run_for(c: Conversation, question: Message, answer=None, **fields) -> Run:
-    with operator_scope():
-        return Run.objects.create(
-            tenant_id=c.tenant_id,
-            conversation=c,
-            user_id=c.user_id,
-            user_message=question,
-            assistant_message=answer,
-            **fields,
-        )
+    return RunFactory(conversation=c, user_message=question, assistant_message=answer, **fields)
 
 
 def branched(person) -> dict[str, Any]:

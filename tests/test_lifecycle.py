@@ -11,11 +11,11 @@ import pytest
 from django.utils import timezone
 
 from chat.eventlog import event_log, run_log_key
-from chat.models import Conversation, Message, Run
+from chat.models import Conversation, Run
 from tenants.models import ApiKey, AuditEvent, Membership, Tenant
 from tenants.rls import operator_scope
 from tests.conftest import as_operator, ws_connect
-from tests.factories import UserFactory
+from tests.factories import ConversationFactory, MessageFactory, RunFactory, UserFactory
 from tests.ws_handshake import ws_refusal
 
 pytestmark = pytest.mark.django_db
@@ -36,16 +36,8 @@ def suspend(client, operator, tenant, reason="Unpaid invoices"):
 
 
 def with_conversation(person, text="Quarterly numbers"):
-    with operator_scope():
-        conversation = Conversation.objects.create(
-            tenant=person.tenant, user=person.user, title=text
-        )
-        message = Message.objects.create(
-            tenant=person.tenant, conversation=conversation, role="user", content=f"{text}?"
-        )
-        run = Run.objects.create(
-            tenant=person.tenant, conversation=conversation, user=person.user, user_message=message
-        )
+    conversation = ConversationFactory(tenant=person.tenant, user=person.user, title=text)
+    run = RunFactory(user_message=MessageFactory(conversation=conversation, content=f"{text}?"))
     return conversation, run
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import event_log, run_log_key
-from chat.models import Conversation, Message, Run
+from chat.models import Message, Run
 from inference import pool
 from inference.client import BackendClient, Timeouts
 from inference.types import (
@@ -22,7 +22,7 @@ from inference.types import (
     Usage,
 )
 from tenants.rls import operator_scope
-from tests.factories import MembershipFactory
+from tests.factories import ConversationFactory, MembershipFactory, MessageFactory, RunFactory
 from tests.synthetic import DEFAULT_MODEL, SyntheticServer, refused_url
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -448,17 +448,8 @@ def test_the_pool_never_retries_once_a_token_was_yielded(settings, synthetic_ser
 def queued_run(db):
     membership = MembershipFactory()
     tenant, user = membership.tenant, membership.user
-    with operator_scope():
-        conversation = Conversation.objects.create(tenant=tenant, user=user, title="synthetic")
-        question = Message.objects.create(
-            tenant=tenant,
-            conversation=conversation,
-            role=Message.Role.USER,
-            content="Say something.",
-        )
-        run = Run.objects.create(
-            tenant=tenant, conversation=conversation, user=user, user_message=question
-        )
+    conversation = ConversationFactory(tenant=tenant, user=user, title="synthetic")
+    run = RunFactory(user_message=MessageFactory(conversation=conversation))
     assert run.state == Run.State.QUEUED
     key = run_log_key(tenant_id=run.tenant_id, run_id=run.id)
     yield run

@@ -45,6 +45,7 @@ from inference import pool
 from inference.local_process import free_port
 from tenants.rls import in_tenant, operator_scope, tenant_scope
 from tests.conftest import as_operator, session_cookie, ws_connect
+from tests.factories import ConversationFactory, MessageFactory, RunFactory
 from tests.test_settings import PRODUCTION, manage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,18 +93,12 @@ def log_ttl(run: Run) -> int:
 
 
 def queued_run(person: Any, content: str = "Say something.") -> Run:
+    conversation = ConversationFactory(tenant=person.tenant, user=person.user, title="resilience")
+    question = MessageFactory(conversation=conversation, content=content)
     with tenant_scope(tenant_id=person.tenant.id):
-        conversation = Conversation.objects.create(
-            tenant=person.tenant, user=person.user, title="resilience"
-        )
-        question = Message.objects.create(
-            tenant=person.tenant, conversation=conversation, role=Message.Role.USER, content=content
-        )
         conversation.current_leaf = question
         conversation.save(update_fields=["current_leaf"])
-        return Run.objects.create(
-            tenant=person.tenant, conversation=conversation, user=person.user, user_message=question
-        )
+    return RunFactory(user_message=question)
 
 
 def running_run(person: Any, pieces: list[str], *, heartbeat_age_s: float) -> Run:
