@@ -6,41 +6,17 @@ server sends that the document does not describe fails the test that saw it.
 
 from __future__ import annotations
 
-from functools import cache
-from pathlib import Path
 from typing import Any
 
-import yaml
-from jsonschema import Draft7Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT7
-
-DOCUMENT = Path(__file__).resolve().parents[1] / "docs" / "asyncapi.yaml"
-BASE = "urn:parley:asyncapi"
-
-
-@cache
-def document() -> dict[str, Any]:
-    return yaml.safe_load(DOCUMENT.read_text())
-
-
-def _message_names(operation: str) -> dict[str, str]:
-    """Frame type -> component message name, for the messages of one operation."""
-    doc = document()
-    names = {}
-    for ref in doc["operations"][operation]["messages"]:
-        channel_message = ref["$ref"].rsplit("/", 1)[1]
-        component = doc["channels"]["chat"]["messages"][channel_message]["$ref"].rsplit("/", 1)[1]
-        names[doc["components"]["messages"][component]["name"]] = component
-    return names
+from chat.asyncapi import CLIENT, DOCUMENT, SERVER, document, message_names, validator
 
 
 def client_types() -> set[str]:
-    return set(_message_names("receiveClientFrames"))
+    return set(message_names(CLIENT))
 
 
 def server_types() -> set[str]:
-    return set(_message_names("sendServerFrames"))
+    return set(message_names(SERVER))
 
 
 def client_fields() -> dict[str, list[str]]:
@@ -48,34 +24,21 @@ def client_fields() -> dict[str, list[str]]:
     messages = document()["components"]["messages"]
     return {
         kind: sorted(messages[component]["payload"]["properties"])
-        for kind, component in _message_names("receiveClientFrames").items()
+        for kind, component in message_names(CLIENT).items()
     }
-
-
-@cache
-def _validator(operation: str, kind: str) -> Draft7Validator | None:
-    component = _message_names(operation).get(kind)
-    if component is None:
-        return None
-    registry: Registry[Any] = Registry().with_resource(
-        BASE, Resource.from_contents(document(), default_specification=DRAFT7)
-    )
-    return Draft7Validator(
-        {"$ref": f"{BASE}#/components/messages/{component}/payload"}, registry=registry
-    )
 
 
 def errors(frame: Any, *, sent_by: str) -> list[str]:
     """Why `frame` does not match the document ([] when it does); `sent_by` is
     "server" or "client"."""
-    operation = "sendServerFrames" if sent_by == "server" else "receiveClientFrames"
+    operation = SERVER if sent_by == "server" else CLIENT
     kind = frame.get("type") if isinstance(frame, dict) else None
-    validator = _validator(operation, kind) if isinstance(kind, str) else None
-    if validator is None:
+    check = validator(operation, kind) if isinstance(kind, str) else None
+    if check is None:
         return [f"no {sent_by} frame of type {kind!r} in {DOCUMENT.name}"]
     return [
         f"{'/'.join(map(str, e.absolute_path)) or '(frame)'}: {e.message}"
-        for e in validator.iter_errors(frame)
+        for e in check.iter_errors(frame)
     ]
 
 

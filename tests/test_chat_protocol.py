@@ -32,8 +32,77 @@ def _in_tenant(person, fn, **kwargs):
 
 
 def test_the_document_names_every_frame_type_of_the_server():
-    assert asyncapi.client_types() == set(protocol.CLIENT_TYPES)
+    assert asyncapi.client_types() == set(protocol.FRAMES)
     assert asyncapi.server_types() == set(protocol.SERVER_TYPES)
+
+
+def test_the_frame_table_names_a_handler_and_fields_of_each_frame_type():
+    from chat.consumers import ChatConsumer
+
+    fields = asyncapi.client_fields()
+    for kind, frame_type in protocol.FRAMES.items():
+        assert callable(getattr(ChatConsumer, frame_type.handler, None)), kind
+        assert set(frame_type.ids) <= set(fields[kind]), kind
+
+
+@pytest.mark.parametrize(
+    ("frame", "message"),
+    [
+        ({"type": "chat.send"}, "'content' must be a non-empty string."),
+        ({"type": "chat.send", "content": " "}, "'content' must be a non-empty string."),
+        (
+            {"type": "chat.send", "content": "hi", "parent_message_id": "m"},
+            "'parent_message_id' needs the message's 'conversation_id'.",
+        ),
+        (
+            {"type": "chat.send", "content": "hi", "conversation_id": "", "parent_message_id": "m"},
+            "'parent_message_id' needs the message's 'conversation_id'.",
+        ),
+        (
+            {"type": "chat.send", "content": "hi", "document_ids": [""]},
+            "'document_ids' must be a list of ids.",
+        ),
+        (
+            {"type": "chat.send", "content": "hi", "document_ids": ["d"] * 101},
+            "At most 100 documents per message.",
+        ),
+        (
+            {"type": "chat.send", "content": "hi", "model": "m" * 201},
+            "'model' must be a string of at most 200 characters.",
+        ),
+        ({"type": "chat.regenerate"}, "'message_id' is required."),
+        ({"type": "chat.regenerate", "message_id": ""}, "'message_id' is required."),
+        (
+            {"type": "chat.regenerate", "message_id": 7},
+            "'message_id' must be a string of at most 100 characters.",
+        ),
+        ({"type": "run.attach", "run_id": "r", "after": "3"}, "'after' must be an integer."),
+        (
+            {"type": "run.attach", "run_id": "r", "after": 3.0},
+            "'after' must be an event's sequence number: an integer from 0 to 9223372036854775807.",
+        ),
+        (
+            {"type": "run.attach", "run_id": "r", "after": -1},
+            "'after' must be an event's sequence number: an integer from 0 to 9223372036854775807.",
+        ),
+        (
+            {"type": "run.attach", "run_id": "r", "coalesce": "yes"},
+            "'coalesce' must be true or false.",
+        ),
+    ],
+    ids=lambda v: json.dumps(v)[:50] if isinstance(v, dict) else "",
+)
+def test_a_refused_frame_says_what_is_wrong(frame, message):
+    """The schema's `x-error` of the field at fault (docs/asyncapi.yaml), with the code
+    invalid_frame and the frame's client id."""
+    parsed = protocol.parse(json.dumps({**frame, "client_id": "c-1"}), max_bytes=65536)
+    with pytest.raises(protocol.FrameError) as refused:
+        protocol.check(parsed)
+    assert (refused.value.code, refused.value.message, refused.value.client_id) == (
+        protocol.INVALID_FRAME,
+        message,
+        "c-1",
+    )
 
 
 CLIENT_FRAMES: list[Any] = [
@@ -79,7 +148,7 @@ CLIENT_FRAMES: list[Any] = [
 def test_the_server_accepts_exactly_the_client_frames_the_document_allows(frame):
     try:
         parsed = protocol.parse(json.dumps(frame), max_bytes=65536)
-        protocol.PARSERS[parsed["type"]](parsed)
+        protocol.check(parsed)
         accepted = True
     except protocol.FrameError:
         accepted = False

@@ -161,7 +161,7 @@ def frames(draw: st.DrawFn) -> tuple[Any, str | None]:
 
 def _parse(frame: Any) -> Any:
     parsed = protocol.parse(json.dumps(frame), max_bytes=65536)
-    return protocol.PARSERS[parsed["type"]](parsed)
+    return protocol.check(parsed)
 
 
 @hypothesis_settings(PROPERTIES, max_examples=400)

@@ -278,9 +278,10 @@ def test_every_route_with_an_id_has_an_entry():
 
 
 def test_every_websocket_message_has_an_entry():
-    assert set(WS_MATRIX) == set(protocol.CLIENT_TYPES)
-    for kind, fields in protocol.ID_FIELDS.items():
-        assert set(WS_MATRIX[kind]) == set(fields), kind
+    """The id fields of each frame type come from the frame table (chat.protocol.FRAMES)."""
+    assert set(WS_MATRIX) == set(protocol.FRAMES)
+    for kind, frame_type in protocol.FRAMES.items():
+        assert set(WS_MATRIX[kind]) == set(frame_type.ids), kind
 
 
 def _url(route: str, object_id: Any) -> str:

@@ -179,20 +179,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
                 )
             frame = protocol.parse(raw, max_bytes=settings.PARLEY_WS_MAX_FRAME_BYTES)
             client_id = frame.get("client_id")
-            kind = frame["type"]
-            value = protocol.PARSERS[kind](frame)
-            if kind == "ping":
-                await self.send_frame(
-                    {"type": "pong", **({"client_id": client_id} if client_id else {})}
-                )
-            elif kind == "chat.send":
-                await self.on_chat_send(value)
-            elif kind == "chat.regenerate":
-                await self.on_regenerate(value)
-            elif kind == "run.cancel":
-                await self.on_cancel(value)
-            elif kind == "run.attach":
-                await self.on_attach(value)
+            value = protocol.check(frame)
+            # The frame table names the method that answers each type.
+            await getattr(self, protocol.FRAMES[frame["type"]].handler)(value)
         except protocol.FrameError as exc:
             await self.send_frame(protocol.error_frame(exc.code, exc.message, exc.client_id))
         except Exception:
@@ -202,6 +191,11 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     protocol.INTERNAL_ERROR, "The server could not handle this frame.", client_id
                 )
             )
+
+    async def on_ping(self, ping: protocol.Ping) -> None:
+        await self.send_frame(
+            {"type": "pong", **({"client_id": ping.client_id} if ping.client_id else {})}
+        )
 
     async def call_service(
         self, fn: Any, frame_client_id: str | None, not_found: str, /, **kwargs: Any

@@ -1,16 +1,23 @@
-"""Websocket protocol v1: validating client frames and shaping server frames.
+"""Websocket protocol v1: checking client frames and shaping server frames.
 
-Client frames: CLIENT_TYPES; server frames: SERVER_TYPES (docs/asyncapi.yaml describes
-each). Every frame of a run after
-`run.started` carries the run id and the event's sequence number.
+Client frames: the frame table FRAMES (type -> the consumer's handler, the typed value
+it gets, the fields naming a tenant's object); each is checked by its schema in
+docs/asyncapi.yaml (chat.asyncapi). Server frames: SERVER_TYPES. Every frame of a run
+after `run.started` carries the run id and the event's sequence number.
+
+A new client frame type: its message in docs/asyncapi.yaml, one FRAMES entry and the
+handler it names; the TypeScript types are generated from the document
+(tests/gen_types.py).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chat import asyncapi
 from chat.eventlog import cursor_parse
 from config import inputs
 
@@ -28,16 +35,6 @@ RATE_LIMITED = "rate_limited"
 # The events that end a run's log: exactly one, always its last.
 TERMINAL_EVENTS = ("run.done", "run.error")
 
-CLIENT_TYPES = ("chat.send", "chat.regenerate", "run.cancel", "run.attach", "ping")
-# The fields of each client frame that name a tenant's object: each is resolved through
-# the actor (another tenant's object answers `not_found`) and is tested with an outsider.
-ID_FIELDS: dict[str, tuple[str, ...]] = {
-    "chat.send": ("conversation_id", "parent_message_id", "document_ids"),
-    "chat.regenerate": ("message_id",),
-    "run.cancel": ("run_id",),
-    "run.attach": ("run_id",),
-    "ping": (),
-}
 # Frames the server sends (each is described in docs/asyncapi.yaml).
 SERVER_TYPES = (
     "run.started",
@@ -111,10 +108,10 @@ def parse(raw: str | bytes | None, *, max_bytes: int) -> dict[str, Any]:
     kind = frame.get("type")
     if not isinstance(kind, str) or not kind:
         raise FrameError(INVALID_FRAME, "The frame has no 'type'.", client_id)
-    if kind not in CLIENT_TYPES:
+    if kind not in FRAMES:
         raise FrameError(
             UNKNOWN_TYPE,
-            f"Unknown frame type {kind[:64]!r}; expected one of {', '.join(CLIENT_TYPES)}.",
+            f"Unknown frame type {kind[:64]!r}; expected one of {', '.join(FRAMES)}.",
             client_id,
         )
     if "client_id" in frame and (client_id is None or not 0 < len(client_id) <= 100):
@@ -135,24 +132,37 @@ def _client_id_text(data: bytes) -> str | None:
         return None
 
 
-def _string(frame: dict[str, Any], name: str, *, limit: int = 200) -> str:
-    value = frame.get(name)
-    if value is None or value == "":
-        return ""
-    if not isinstance(value, str) or len(value) > limit:
-        raise FrameError(
-            INVALID_FRAME,
-            f"{name!r} must be a string of at most {limit} characters.",
-            frame.get("client_id"),
-        )
-    return value
+def check(frame: dict[str, Any]) -> Any:
+    """A frame from `parse`, checked by its schema (docs/asyncapi.yaml), as the value its
+    handler takes; else FrameError `invalid_frame` saying what is wrong (the schema's
+    `x-error` of the field, else a sentence naming it)."""
+    client_id = frame.get("client_id")
+    validator = asyncapi.validator(asyncapi.CLIENT, frame["type"])
+    assert validator is not None  # parse() let through only the table's types
+    error = next(iter(validator.iter_errors(frame)), None)
+    if error is not None:
+        schema = asyncapi.payload(asyncapi.CLIENT, frame["type"])
+        raise FrameError(INVALID_FRAME, _error_text(schema, error), client_id)
+    return FRAMES[frame["type"]].value(frame)
 
 
-def _required_id(frame: dict[str, Any], name: str) -> str:
-    value = _string(frame, name, limit=100)
-    if not value:
-        raise FrameError(INVALID_FRAME, f"{name!r} is required.", frame.get("client_id"))
-    return value
+def _error_text(schema: dict[str, Any], error: Any) -> str:
+    """What a person reads of a schema error: `x-error` of the field (a sentence, or one
+    per JSON Schema keyword with `*` for the rest), or of the frame for errors of the
+    whole frame (`dependencies`); else "'<field>' is required." or jsonschema's words."""
+    if error.validator == "required":
+        name = next(n for n in error.validator_value if n not in error.instance)
+    elif error.absolute_path:
+        name = str(error.absolute_path[0])
+    else:
+        name = ""
+    texts = schema["properties"].get(name, {}).get("x-error") if name else schema.get("x-error")
+    if isinstance(texts, dict):  # a missing field is "required" unless the map says else
+        fallback = None if error.validator == "required" else texts.get("*")
+        texts = texts.get(error.validator, fallback)
+    if isinstance(texts, str):
+        return texts
+    return f"{name!r} is required." if error.validator == "required" else error.message
 
 
 @dataclass(frozen=True)
@@ -168,40 +178,26 @@ class ChatSend:
     agent: str = ""
     document_ids: tuple[str, ...] = ()
 
-
-def chat_send(frame: dict[str, Any]) -> ChatSend:
-    client_id = frame.get("client_id")
-    content = frame.get("content")
-    if not isinstance(content, str) or not content.strip():
-        raise FrameError(INVALID_FRAME, "'content' must be a non-empty string.", client_id)
-    conversation_id = _string(frame, "conversation_id", limit=100) or None
-    has_parent = "parent_message_id" in frame
-    parent = frame.get("parent_message_id")
-    if parent is not None and (not isinstance(parent, str) or not 0 < len(parent) <= 100):
-        raise FrameError(
-            INVALID_FRAME, "'parent_message_id' must be a message id or null.", client_id
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> ChatSend:
+        conversation_id = frame.get("conversation_id") or None
+        has_parent = "parent_message_id" in frame
+        if has_parent and conversation_id is None:  # "" is none too, which no schema says
+            raise FrameError(
+                INVALID_FRAME,
+                "'parent_message_id' needs the message's 'conversation_id'.",
+                frame.get("client_id"),
+            )
+        return cls(
+            content=frame["content"],
+            conversation_id=conversation_id,
+            model=frame.get("model") or "",
+            client_id=frame.get("client_id"),
+            parent_message_id=frame.get("parent_message_id"),
+            has_parent=has_parent,
+            agent=frame.get("agent") or "",
+            document_ids=tuple(frame.get("document_ids", ())),
         )
-    if has_parent and conversation_id is None:
-        raise FrameError(
-            INVALID_FRAME, "'parent_message_id' needs the message's 'conversation_id'.", client_id
-        )
-    documents = frame.get("document_ids", [])
-    if not isinstance(documents, list) or not all(
-        isinstance(d, str) and 0 < len(d) <= 100 for d in documents
-    ):
-        raise FrameError(INVALID_FRAME, "'document_ids' must be a list of ids.", client_id)
-    if len(documents) > 100:
-        raise FrameError(INVALID_FRAME, "At most 100 documents per message.", client_id)
-    return ChatSend(
-        content=content,
-        conversation_id=conversation_id,
-        model=_string(frame, "model"),
-        client_id=client_id,
-        parent_message_id=parent,
-        has_parent=has_parent,
-        agent=_string(frame, "agent"),
-        document_ids=tuple(documents),
-    )
 
 
 @dataclass(frozen=True)
@@ -210,50 +206,68 @@ class Regenerate:
     model: str
     client_id: str | None
 
-
-def chat_regenerate(frame: dict[str, Any]) -> Regenerate:
-    return Regenerate(
-        message_id=_required_id(frame, "message_id"),
-        model=_string(frame, "model"),
-        client_id=frame.get("client_id"),
-    )
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> Regenerate:
+        return cls(
+            message_id=frame["message_id"],
+            model=frame.get("model") or "",
+            client_id=frame.get("client_id"),
+        )
 
 
 @dataclass(frozen=True)
 class RunRef:
+    """`run.cancel` and `run.attach`: a run id, and for attach a cursor (the last
+    sequence number the client has; 0 or absent for everything)."""
+
     run_id: str
     after: int
     client_id: str | None
     # `run.attach` only: consecutive token events may share a frame (fast catch-up).
     coalesce: bool = False
 
-
-def run_ref(frame: dict[str, Any]) -> RunRef:
-    """`run.cancel` and `run.attach`: a run id, and for attach a cursor (the last
-    sequence number the client has; 0 or absent for everything)."""
-    after = frame.get("after", 0)
-    try:
-        if not isinstance(after, int):  # a JSON integer (a query string's is text)
-            raise inputs.InvalidInput("'after' must be an integer.")
-        after = cursor_parse(after, name="'after'")  # the one check of a cursor
-    except inputs.InvalidInput as exc:
-        raise FrameError(INVALID_FRAME, exc.message, frame.get("client_id")) from None
-    coalesce = frame.get("coalesce", False)
-    if not isinstance(coalesce, bool):
-        raise FrameError(INVALID_FRAME, "'coalesce' must be true or false.", frame.get("client_id"))
-    return RunRef(
-        run_id=_required_id(frame, "run_id"),
-        after=after,
-        client_id=frame.get("client_id"),
-        coalesce=coalesce,
-    )
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> RunRef:
+        try:
+            # The one check of a cursor (JSON Schema also takes 3.0 for an integer).
+            after = cursor_parse(frame.get("after", 0), name="'after'")
+        except inputs.InvalidInput as exc:
+            raise FrameError(INVALID_FRAME, exc.message, frame.get("client_id")) from None
+        return cls(
+            run_id=frame["run_id"],
+            after=after,
+            client_id=frame.get("client_id"),
+            coalesce=frame.get("coalesce", False),
+        )
 
 
-# The validator of each client frame type (after `parse`): FrameError or a typed value.
-PARSERS: dict[str, Any] = {
-    "chat.send": chat_send,
-    "chat.regenerate": chat_regenerate,
-    "run.cancel": run_ref,
-    "run.attach": run_ref,
-    "ping": lambda frame: frame,
+@dataclass(frozen=True)
+class Ping:
+    client_id: str | None
+
+    @classmethod
+    def of(cls, frame: dict[str, Any]) -> Ping:
+        return cls(client_id=frame.get("client_id"))
+
+
+@dataclass(frozen=True)
+class FrameType:
+    """One client frame type. Its schema is its message in docs/asyncapi.yaml."""
+
+    handler: str  # the name of the chat.consumers.ChatConsumer method that answers it
+    value: Callable[[dict[str, Any]], Any]  # the checked frame as that method's argument
+    # The fields that name a tenant's object: each is resolved through the actor (another
+    # tenant's object answers `not_found`) and tested with an outsider
+    # (tests/test_isolation_matrix.py).
+    ids: tuple[str, ...] = ()
+
+
+FRAMES: dict[str, FrameType] = {
+    "chat.send": FrameType(
+        "on_chat_send", ChatSend.of, ids=("conversation_id", "parent_message_id", "document_ids")
+    ),
+    "chat.regenerate": FrameType("on_regenerate", Regenerate.of, ids=("message_id",)),
+    "run.cancel": FrameType("on_cancel", RunRef.of, ids=("run_id",)),
+    "run.attach": FrameType("on_attach", RunRef.of, ids=("run_id",)),
+    "ping": FrameType("on_ping", Ping.of),
 }
