@@ -2,6 +2,16 @@
 // token on unsafe methods; the page carries it (read from the DOM, which works whether
 // or not the token cookie is readable by scripts).
 
+import type {
+  BranchStepOut,
+  ConversationOut,
+  MessageOut,
+  MessageTreeOut,
+  SearchHitOut,
+  SearchOut,
+  ToolStepOut,
+} from "./api.gen";
+
 export class ApiError extends Error {
   constructor(
     readonly status: number,
@@ -11,54 +21,14 @@ export class ApiError extends Error {
   }
 }
 
-export interface Conversation {
-  id: string;
-  title: string;
-  title_auto: boolean;
-  current_leaf_id: string | null;
-  updated_at: string;
-}
-
-// A tool call stored with an agent's answer (a message's `steps`).
-export interface ToolStep {
-  call_id: string;
-  name: string;
-  arguments: unknown;
-  result: string | null;
-  error: string | null;
-  truncated: boolean;
-}
-
-export interface TreeMessage {
-  id: string;
-  parent_id: string | null;
-  role: string;
-  content: string;
-  steps: ToolStep[];
-}
-
-export interface TreeStep {
-  message_id: string;
-  role: string;
-  sibling_ids: string[];
-  sibling_index: number;
-  sibling_count: number;
-}
-
-export interface MessageTree {
-  conversation_id: string;
-  current_leaf_id: string | null;
-  messages: TreeMessage[];
-  branch: TreeStep[];
-}
-
-export interface SearchHit {
-  conversation: Conversation;
-  rank: number;
-  message_id: string | null;
-  role: string | null;
-  snippet: string;
-}
+// The REST schemas are generated (api.gen.ts, by tests/gen_types.py), named here as the
+// page knows them.
+export type Conversation = ConversationOut;
+export type ToolStep = ToolStepOut;
+export type TreeMessage = MessageOut;
+export type TreeStep = BranchStepOut;
+export type MessageTree = MessageTreeOut;
+export type SearchHit = SearchHitOut;
 
 const SAFE_METHODS = new Set(["GET", "HEAD", "OPTIONS"]);
 
@@ -114,7 +84,7 @@ export class Api {
     return this.call("DELETE", `conversations/${encodeURIComponent(conversationId)}`);
   }
 
-  search(query: string): Promise<{ query: string; items: SearchHit[] }> {
+  search(query: string): Promise<SearchOut> {
     return this.call("GET", `conversations/search?q=${encodeURIComponent(query)}&limit=20`);
   }
 }
