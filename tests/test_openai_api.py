@@ -659,6 +659,95 @@ def test_https_is_required_as_the_production_settings_say(parley, key, settings,
     assert proxied.headers["x-content-type-options"] == "nosniff"
 
 
+async def _asgi_get(app: Any, path: str, headers: dict[str, str], query: str = "") -> Any:
+    """One GET through an ASGI application: its status and headers."""
+    sent: list[dict[str, Any]] = []
+    requested = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await asyncio.sleep(3600)  # the client stays until the answer is sent
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": query.encode(),
+        "root_path": "",
+        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}
+
+
+SECURITY_HEADERS = ("strict-transport-security", "x-content-type-options", "location")
+
+
+@pytest.mark.parametrize(
+    ("options", "headers", "query"),
+    [
+        ({}, {}, ""),
+        ({"SECURE_SSL_REDIRECT": True}, {}, "a=1&b=%20"),
+        ({"SECURE_SSL_REDIRECT": True, "SECURE_SSL_HOST": "secure.localhost"}, {}, ""),
+        ({"SECURE_SSL_REDIRECT": True}, {"X-Forwarded-Proto": "https"}, ""),
+        ({"SECURE_HSTS_SECONDS": 600}, {"X-Forwarded-Proto": "https"}, ""),
+        ({"SECURE_HSTS_SECONDS": 600}, {"X-Forwarded-Proto": "http"}, ""),
+        (
+            {"SECURE_HSTS_SECONDS": 600, "SECURE_HSTS_PRELOAD": True},
+            {"X-Forwarded-Proto": "https"},
+            "",
+        ),
+        (
+            {"SECURE_HSTS_SECONDS": 31536000, "SECURE_HSTS_INCLUDE_SUBDOMAINS": True},
+            {"X-Forwarded-Proto": "https"},
+            "",
+        ),
+    ],
+)
+def test_v1_answers_with_the_security_headers_of_a_django_page(settings, options, headers, query):
+    """gateway.asgi re-implements what Django's SecurityMiddleware does (the HTTPS
+    redirect, HSTS, nosniff): /v1/ and a Django page answer the same request, under the
+    same settings, with the same status and security headers."""
+    from django.core.asgi import get_asgi_application
+
+    from gateway.asgi import application as gateway_app
+
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    for name, value in options.items():
+        setattr(settings, name, value)
+    django_app = get_asgi_application()  # its middleware reads the settings now
+    request_headers = {"Host": "localhost:8000", **headers}
+
+    async def both() -> tuple[Any, Any]:
+        page = await _asgi_get(django_app, "/healthz", request_headers, query)
+        api = await _asgi_get(gateway_app, "/v1/models", request_headers, query)
+        return page, api
+
+    (page_status, page_headers), (api_status, api_headers) = asyncio.run(both())
+    redirected = page_status == 301
+    assert (api_status == 301) == redirected
+    assert api_status == 301 or api_status == 401  # no key: refused after the checks
+    for name in SECURITY_HEADERS:
+        expected = page_headers.get(name)
+        if name == "location" and expected:
+            expected = expected.replace("/healthz", "/v1/models")
+        assert api_headers.get(name) == expected, name
+
+
 def test_a_caller_is_remembered_briefly_and_forgotten_when_changed(alice, monkeypatch):
     from django.db import connection
     from django.test.utils import CaptureQueriesContext

@@ -19,6 +19,5 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    path("v1/", include("gateway.urls")),
     path("", include("chat.urls")),
 ]

@@ -261,7 +261,11 @@ async def application(scope: Scope, receive: Receive, send: Send) -> None:
             {
                 "type": "http.response.start",
                 "status": 301,
-                "headers": [(b"location", location.encode("latin-1")), (b"content-length", b"0")],
+                "headers": [
+                    (b"location", location.encode("latin-1")),
+                    (b"content-length", b"0"),
+                    *_common_headers(scope),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": b""})

@@ -12,8 +12,6 @@ import json
 import math
 from typing import Any
 
-from django.http import JsonResponse
-
 from inference.admission import AdmissionTimeout
 from inference.limits import LimitExceeded
 from inference.types import InferenceError
@@ -54,12 +52,6 @@ class ApiError(Exception):
                 "code": self.code,
             }
         }
-
-    def response(self) -> JsonResponse:
-        response = JsonResponse(self.body(), status=self.status)
-        for name, value in self.headers.items():
-            response[name] = value
-        return response
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
