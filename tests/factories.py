@@ -64,14 +64,20 @@ class ConversationFactory(ScopedFactory):
 
 
 class MessageFactory(ScopedFactory):
-    """A message of `conversation` (in its tenant), by default the user's."""
+    """A message of `conversation` (in its tenant), by default the user's. Given a
+    `parent`, it goes in the parent's conversation: `MessageFactory(parent=question,
+    role=Message.Role.ASSISTANT, content=...)` is an answer."""
 
     class Meta:
         model = Message
 
-    conversation = factory.SubFactory(ConversationFactory)
-    tenant = factory.SelfAttribute("conversation.tenant")
     parent = None
+    conversation = factory.Maybe(
+        "parent",
+        yes_declaration=factory.SelfAttribute("parent.conversation"),
+        no_declaration=factory.SubFactory(ConversationFactory),
+    )
+    tenant = factory.SelfAttribute("conversation.tenant")
     role = Message.Role.USER
     content = "Say something."
 

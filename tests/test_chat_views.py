@@ -9,34 +9,21 @@ import pytest
 from django.urls import reverse
 
 from agents.services import plugin_update
-from chat.models import Conversation, Message, Run
+from chat.models import Conversation, Run
 from tenants.rls import operator_scope, tenant_scope
 from tests.conftest import chat_page_data
-from tests.factories import UserFactory
+from tests.factories import ConversationFactory, MessageFactory, RunFactory, UserFactory
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def conversation(alice):
-    with operator_scope():
-        return _conversation(alice)
-
-
-def _conversation(alice):
-    conversation = Conversation.objects.create(
+    conversation = ConversationFactory(
         tenant=alice.tenant, user=alice.user, title="Quarterly numbers"
     )
-    question = Message.objects.create(
-        tenant=alice.tenant, conversation=conversation, role="user", content="How did Q3 go?"
-    )
-    Message.objects.create(
-        tenant=alice.tenant,
-        conversation=conversation,
-        parent=question,
-        role="assistant",
-        content="Revenue grew <b>12%</b>.",
-    )
+    question = MessageFactory(conversation=conversation, content="How did Q3 go?")
+    MessageFactory(parent=question, role="assistant", content="Revenue grew <b>12%</b>.")
     return conversation
 
 
@@ -52,54 +39,36 @@ def test_owner_sees_the_conversation_with_its_thread(client, alice, conversation
     assert "Revenue grew \\u003Cb\\u003E12%\\u003C/b\\u003E." in page
 
 
-def _message(conversation, role, content, parent=None):
-    return Message.objects.create(
-        tenant=conversation.tenant,
-        conversation=conversation,
-        parent=parent,
-        role=role,
-        content=content,
-    )
-
-
 @pytest.fixture
 def branched(alice):
     """Q1 answered three times (A1, A2, A3: regenerated), a follow-up Q2 under A2 whose
     answer is being generated, and the current branch on A2's side."""
     with operator_scope():
-        conversation = Conversation.objects.create(
-            tenant=alice.tenant, user=alice.user, title="Branches"
-        )
-        q1 = _message(conversation, "user", "First question")
-        a1 = _message(conversation, "assistant", "First answer", q1)
-        a2 = _message(conversation, "assistant", "Second answer, cut short", q1)
-        a3 = _message(conversation, "assistant", "Third answer", q1)
-        q2 = _message(conversation, "user", "Follow-up", a2)
+        conversation = ConversationFactory(tenant=alice.tenant, user=alice.user, title="Branches")
+        q1 = MessageFactory(conversation=conversation, content="First question")
+        a1 = MessageFactory(parent=q1, role="assistant", content="First answer")
+        a2 = MessageFactory(parent=q1, role="assistant", content="Second answer, cut short")
+        a3 = MessageFactory(parent=q1, role="assistant", content="Third answer")
+        q2 = MessageFactory(parent=a2, content="Follow-up")
         conversation.current_leaf = q2
         conversation.save()
 
-        def run(user_message, state, answer=None, **fields):
-            return Run.objects.create(
-                tenant=alice.tenant,
-                conversation=conversation,
-                user=alice.user,
-                user_message=user_message,
-                assistant_message=answer,
-                state=state,
-                **fields,
-            )
-
-        run(q1, Run.State.SUCCEEDED, a1)
-        run(
-            q1,
-            Run.State.CANCELLED,
-            a2,
+        RunFactory(user_message=q1, assistant_message=a1, state=Run.State.SUCCEEDED)
+        RunFactory(
+            user_message=q1,
+            assistant_message=a2,
+            state=Run.State.CANCELLED,
             error_code="cancelled",
             error_message="Cancelled by the user.",
         )
-        run(q1, Run.State.SUCCEEDED, a3)
-        live = run(q2, Run.State.RUNNING)
-        run(q2, Run.State.FAILED, error_code="no_backend", error_message="No backend.")
+        RunFactory(user_message=q1, assistant_message=a3, state=Run.State.SUCCEEDED)
+        live = RunFactory(user_message=q2, state=Run.State.RUNNING)
+        RunFactory(
+            user_message=q2,
+            state=Run.State.FAILED,
+            error_code="no_backend",
+            error_message="No backend.",
+        )
     return conversation, {"q1": q1, "a1": a1, "a2": a2, "a3": a3, "q2": q2, "live": live}
 
 
