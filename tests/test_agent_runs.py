@@ -17,13 +17,13 @@ from langchain_core.messages import AIMessage
 from agents.pool_model import PoolChatModel
 from agents.services import plugin_enable, plugin_scopes_grant, plugin_settings_update
 from chat import agent_turn as agent_runs
-from chat.models import Conversation, Run
+from chat.models import Run
 from tenants.access import Actor
 from tenants.models import Role
 from tenants.rls import tenant_scope
 from tenants.services.api_keys import api_key_create
 from tests.conftest import as_operator, plugin_install, ws_connect
-from tests.factories import tool_step
+from tests.factories import ConversationFactory, MessageFactory, RunFactory, tool_step
 from tests.scripted_model import ScriptedChatModel
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -176,16 +176,9 @@ def test_agent_runs_go_to_the_agents_queue_and_the_watchdog_stays_on_default():
 
 
 def test_the_product_path_builds_the_pool_model(alice):
-    with tenant_scope(tenant_id=alice.tenant.id):
-        conversation = Conversation.objects.create(tenant=alice.tenant, user=alice.user)
-        message = conversation.messages.create(tenant=alice.tenant, role="user", content="hi")
-        run = Run.objects.create(
-            tenant=alice.tenant,
-            conversation=conversation,
-            user=alice.user,
-            user_message=message,
-            agent=AGENT,
-        )
+    conversation = ConversationFactory(tenant=alice.tenant, user=alice.user)
+    message = MessageFactory(conversation=conversation, content="hi")
+    run = RunFactory(user_message=message, agent=AGENT)
     model = agent_runs.agent_model_build(run=run)
     assert isinstance(model, PoolChatModel)
     assert model.reference == str(run.id) and model.tenant_id == str(alice.tenant.id)
@@ -385,27 +378,18 @@ async def test_plain_chat_still_streams_from_the_model(alice, backend, worker):
 
 
 def test_an_agents_history_carries_its_earlier_tool_calls_and_plain_chat_does_not(alice):
-    from chat.models import Message
     from chat.prompts import thread_messages
 
     steps = [
         tool_step("c1", "country_lookup", {"code": "KE"}, result="Kenya: capital Nairobi"),
         tool_step("c2", "fetch", error="The call did not finish: the run ended first."),
     ]
+    c = ConversationFactory(tenant=alice.tenant, user=alice.user, title="t")
+    ask = MessageFactory(conversation=c, content="KE?")
+    # stopped before any text
+    answer = MessageFactory(parent=ask, role="assistant", content="", steps=steps)
+    run = RunFactory(user_message=MessageFactory(parent=answer, content="Again?"))
     with tenant_scope(tenant_id=alice.tenant.id):
-        c = Conversation.objects.create(tenant=alice.tenant, user=alice.user, title="t")
-        ask = Message.objects.create(
-            tenant=alice.tenant, conversation=c, role="user", content="KE?"
-        )
-        answer = Message.objects.create(
-            tenant=alice.tenant, conversation=c, parent=ask, role="assistant", steps=steps
-        )  # stopped before any text
-        follow = Message.objects.create(
-            tenant=alice.tenant, conversation=c, parent=answer, role="user", content="Again?"
-        )
-        run = Run.objects.create(
-            tenant=alice.tenant, conversation=c, user=alice.user, user_message=follow
-        )
         run = Run.objects.select_related("conversation", "user_message").get(id=run.id)
         plain = thread_messages(run=run)
         agent = thread_messages(run=run, tool_calls=True)

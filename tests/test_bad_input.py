@@ -16,6 +16,7 @@ from chat.models import Conversation, Message, Run
 from config import inputs
 from tenants.rls import operator_scope
 from tests.conftest import ws_connect
+from tests.factories import ConversationFactory, MessageFactory, RunFactory
 
 API = "/api/v1"
 NUL = "\u0000"
@@ -23,16 +24,9 @@ DEEP = 20_000
 
 
 def _conversation(person) -> tuple[Conversation, Message, Run]:
-    with operator_scope():
-        c = Conversation.objects.create(tenant=person.tenant, user=person.user, title="t")
-        q = Message.objects.create(tenant=person.tenant, conversation=c, role="user", content="q")
-        run = Run.objects.create(
-            tenant=person.tenant,
-            conversation=c,
-            user=person.user,
-            user_message=q,
-            backend="http://10.0.0.7:8000",
-        )
+    c = ConversationFactory(tenant=person.tenant, user=person.user, title="t")
+    q = MessageFactory(conversation=c, content="q")
+    run = RunFactory(user_message=q, backend="http://10.0.0.7:8000")
     return c, q, run
 
 

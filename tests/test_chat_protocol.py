@@ -18,6 +18,7 @@ from chat.prompts import prompt_build
 from tenants.rls import operator_scope, tenant_scope
 from tests import asyncapi
 from tests.conftest import as_operator, ws_connect
+from tests.factories import ConversationFactory, MessageFactory, RunFactory
 from tests.ws_handshake import ws_refusal
 
 LONG_PROMPT = "Write a long story about a lighthouse keeper, in at least 300 words."
@@ -167,17 +168,8 @@ def test_an_undocumented_server_frame_fails_the_check():
 
 
 def _queued_run(person) -> Run:
-    with operator_scope():
-        conversation = Conversation.objects.create(tenant=person.tenant, user=person.user)
-        message = Message.objects.create(
-            tenant=person.tenant, conversation=conversation, role="user", content="hello"
-        )
-        return Run.objects.create(
-            tenant=person.tenant,
-            conversation=conversation,
-            user=person.user,
-            user_message=message,
-        )
+    conversation = ConversationFactory(tenant=person.tenant, user=person.user)
+    return RunFactory(user_message=MessageFactory(conversation=conversation, content="hello"))
 
 
 @pytest.mark.django_db(transaction=True)
@@ -211,12 +203,8 @@ async def test_attaching_to_a_run_whose_log_was_trimmed_gets_its_stored_end(alic
 
     def finish() -> Message:
         with operator_scope():
-            answer = Message.objects.create(
-                tenant=alice.tenant,
-                conversation=run.conversation,
-                parent=run.user_message,
-                role="assistant",
-                content="Hello there.",
+            answer = MessageFactory(
+                parent=run.user_message, role="assistant", content="Hello there."
             )
             Run.objects.filter(id=run.id).update(
                 state=Run.State.SUCCEEDED,
@@ -499,9 +487,7 @@ async def test_edit_and_regenerate_make_siblings_and_the_prompt_follows_the_bran
 @pytest.mark.django_db(transaction=True)
 async def test_a_parent_from_another_conversation_is_not_found(alice):
     run = await sync_to_async(_queued_run)(alice)
-    other = await as_operator(
-        lambda: Conversation.objects.create(tenant=alice.tenant, user=alice.user)
-    )
+    other = await sync_to_async(ConversationFactory)(tenant=alice.tenant, user=alice.user)
     _, _, socket = await ws_connect(alice.user)
     await socket.send(
         {

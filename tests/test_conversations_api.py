@@ -495,9 +495,7 @@ def test_send_edit_regenerate_and_cancel(client, alice):
     again = post(client, f"{API}/conversations", {"content": "Name a colour.", "client_id": "k1"})
     assert again.json()["id"] == run["id"]
     with operator_scope():
-        answer = Message.objects.create(
-            tenant=alice.tenant, conversation_id=c_id, parent_id=q1, role="assistant", content="Red"
-        )
+        answer = MessageFactory(parent=Message.objects.get(id=q1), role="assistant", content="Red")
         Conversation.objects.filter(pk=c_id).update(current_leaf=answer)
 
     follow = post(client, f"{API}/conversations/{c_id}/messages", {"content": "Another?"})

@@ -26,11 +26,11 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from chat import protocol
-from chat.models import Conversation, Message, Run
 from tenants.models import Invitation
 from tenants.rls import operator_scope, tenant_scope
 from tests import asyncapi
 from tests.conftest import Socket, ws_connect
+from tests.factories import ConversationFactory, MessageFactory, RunFactory
 
 T = TypeVar("T")
 
@@ -265,12 +265,10 @@ def test_the_socket_answers_every_bad_frame_with_an_error_and_stays_usable(
 
 def _objects(person) -> dict[str, str]:
     """Real ids of the person's objects, so that examples reach past the lookups."""
+    c = ConversationFactory(tenant=person.tenant, user=person.user, title="t")
+    q = MessageFactory(conversation=c, content="q")
+    run = RunFactory(user_message=q)
     with operator_scope():
-        c = Conversation.objects.create(tenant=person.tenant, user=person.user, title="t")
-        q = Message.objects.create(tenant=person.tenant, conversation=c, role="user", content="q")
-        run = Run.objects.create(
-            tenant=person.tenant, conversation=c, user=person.user, user_message=q
-        )
         c.current_leaf = q
         c.save()
         invitation = Invitation.objects.create(

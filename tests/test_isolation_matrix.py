@@ -19,11 +19,11 @@ import pytest
 from django.urls import URLResolver, get_resolver
 
 from chat import protocol
-from chat.models import Conversation, Message, Run
+from chat.models import Message, Run
 from tenants.models import ApiKey, Invitation, Role
 from tenants.rls import operator_scope
 from tests.conftest import ws_connect
-from tests.factories import MembershipFactory
+from tests.factories import ConversationFactory, MembershipFactory, MessageFactory, RunFactory
 
 pytestmark = pytest.mark.django_db
 
@@ -50,16 +50,10 @@ class World:
 
 
 def _conversation(world: World) -> tuple[Any, str]:
-    with operator_scope():
-        conversation = Conversation.objects.create(
-            tenant=world.alice.tenant, user=world.alice.user, title="Merger plans"
-        )
-        Message.objects.create(
-            tenant=world.alice.tenant,
-            conversation=conversation,
-            role="user",
-            content="Merger plans, confidential",
-        )
+    conversation = ConversationFactory(
+        tenant=world.alice.tenant, user=world.alice.user, title="Merger plans"
+    )
+    MessageFactory(conversation=conversation, content="Merger plans, confidential")
     return conversation.id, "Merger plans"
 
 
@@ -161,13 +155,7 @@ def _run(world: World) -> tuple[Any, str]:
     conversation_id, text = _conversation(world)
     with operator_scope():
         message = Message.objects.get(conversation_id=conversation_id)
-        run = Run.objects.create(
-            tenant=world.alice.tenant,
-            conversation_id=conversation_id,
-            user=world.alice.user,
-            user_message=message,
-            state=Run.State.QUEUED,
-        )
+        run = RunFactory(user_message=message, state=Run.State.QUEUED)
     return run.id, text
 
 
@@ -363,8 +351,7 @@ async def test_websocket_message_isolation(alice, bob, charlie, kind, field_name
 
 
 def _own_conversation(person: Any) -> Any:
-    with operator_scope():
-        return Conversation.objects.create(tenant=person.tenant, user=person.user).id
+    return ConversationFactory(tenant=person.tenant, user=person.user).id
 
 
 def _snapshot(person: Any) -> list[Any]:

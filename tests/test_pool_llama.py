@@ -10,13 +10,13 @@ import pytest
 
 from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import event_log, run_log_key
-from chat.models import Conversation, Message, Run
-from inference import pool
+from chat.models import Message, Run
+from inference import plan, pool
 from inference.backends import backends_refresh
 from inference.local_process import LocalModelServer
 from inference.types import ChatRequest, StreamFinished, StreamStarted, TextDelta
 from tenants.rls import operator_scope
-from tests.factories import MembershipFactory
+from tests.factories import ConversationFactory, MembershipFactory, MessageFactory, RunFactory
 from tests.test_pool import InListedOrder
 
 pytestmark = [pytest.mark.llm, pytest.mark.django_db(transaction=True)]
@@ -77,7 +77,7 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_server(settings, servers):
 def test_a_server_killed_before_the_first_token_is_failed_over_unnoticed(
     settings, servers, monkeypatch
 ):
-    monkeypatch.setattr(pool, "_policy", lambda: InListedOrder(settings))
+    monkeypatch.setattr(plan, "policy", lambda: InListedOrder(settings))
     victim = servers[0]
     ask("Warm up.")  # the rows are healthy and cached
     victim.process.kill()
@@ -99,20 +99,12 @@ def test_a_server_killed_mid_stream_ends_the_run_with_its_partial_text(settings,
     settings.PARLEY_MAX_TOKENS = 400
     pool.forget_cache()
     membership = MembershipFactory()
-    with operator_scope():
-        conversation = Conversation.objects.create(tenant=membership.tenant, user=membership.user)
-        question = Message.objects.create(
-            tenant=membership.tenant,
-            conversation=conversation,
-            role="user",
-            content="Write a long story about a lighthouse keeper, in many paragraphs.",
-        )
-        run = Run.objects.create(
-            tenant=membership.tenant,
-            conversation=conversation,
-            user=membership.user,
-            user_message=question,
-        )
+    conversation = ConversationFactory(tenant=membership.tenant, user=membership.user)
+    question = MessageFactory(
+        conversation=conversation,
+        content="Write a long story about a lighthouse keeper, in many paragraphs.",
+    )
+    run = RunFactory(user_message=question)
     worker = threading.Thread(
         target=run_execute, kwargs={"run_id": run.id, "tenant_id": run.tenant_id}
     )

@@ -11,11 +11,12 @@ from django.apps import apps
 from django.db import connection
 
 from agents.models import TenantPlugin
-from chat.models import Conversation, Message, Run
+from chat.models import Conversation, Message
 from inference.models import UsageRecord
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
 from tests.conftest import APP_ROLE
+from tests.factories import ConversationFactory, MessageFactory, RunFactory
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -46,18 +47,10 @@ def two_tenants(alice, charlie):
     event in each of two tenants."""
     with operator_scope():
         for person in (alice, charlie):
-            conversation = Conversation.objects.create(
+            conversation = ConversationFactory(
                 tenant=person.tenant, user=person.user, title=f"{person.user.username}'s"
             )
-            message = Message.objects.create(
-                tenant=person.tenant, conversation=conversation, role="user", content="hi"
-            )
-            Run.objects.create(
-                tenant=person.tenant,
-                conversation=conversation,
-                user=person.user,
-                user_message=message,
-            )
+            RunFactory(user_message=MessageFactory(conversation=conversation, content="hi"))
             Invitation.objects.create(
                 tenant=person.tenant,
                 email="x@example.com",
