@@ -329,21 +329,21 @@ def test_a_second_tab_lists_the_new_conversation_and_streams_its_next_answer(emb
 
 
 SEED_AGENT_ANSWER = """
-from chat.models import Conversation, Message
+from chat.models import Conversation
 from tenants.models import Tenant, User
 from tenants.rls import operator_scope
+from tests.factories import ConversationFactory, MessageFactory, tool_step
 
 with operator_scope():
     tenant, user = Tenant.objects.get(slug="demo"), User.objects.get(username="demo")
-    c = Conversation.objects.create(tenant=tenant, user=user, title="Stored tool calls")
-    q = Message.objects.create(tenant=tenant, conversation=c, role="user", content="6 x 7?")
-    a = Message.objects.create(
-        tenant=tenant, conversation=c, parent=q, role="assistant", content="It is 42.",
+    c = ConversationFactory(tenant=tenant, user=user, title="Stored tool calls")
+    q = MessageFactory(conversation=c, content="6 x 7?")
+    a = MessageFactory(
+        parent=q, role="assistant", content="It is 42.",
         steps=[
-            {"call_id": "c1", "name": "calculate", "arguments": {"expression": "6*7"},
-             "result": "42 <img src=x onerror=alert(1)>", "error": None, "truncated": False},
-            {"call_id": "c2", "name": "date_shift", "arguments": {"days": 1},
-             "result": None, "error": "The call did not finish.", "truncated": False},
+            tool_step("c1", "calculate", {"expression": "6*7"},
+                      result="42 <img src=x onerror=alert(1)>"),
+            tool_step("c2", "date_shift", {"days": 1}, error="The call did not finish."),
         ],
     )
     Conversation.objects.filter(id=c.id).update(current_leaf=a)
