@@ -55,13 +55,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from parley_server import (
-    ROOT,
     Server,
     Stack,
     bench_stack,
     nofile_hard,
     raise_nofile,
 )
+from results import result_write
 
 GOAL_SOCKETS = 5_000
 GOAL_BYTES = 50_000
@@ -552,18 +552,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=args.progress,
         ws=args.ws,
     )
-    text = json.dumps(result, indent=2)
-    out = args.out or (None if args.quick else str(ROOT / "bench-results" / "idle_sockets.json"))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(table(result))
-        if out:
-            print(f"wrote {out}")
-    return 0
+    return result_write(
+        "idle_sockets", result, out=args.out, quick=args.quick, as_json=args.json, table=table
+    )
 
 
 if __name__ == "__main__":

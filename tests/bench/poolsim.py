@@ -92,7 +92,6 @@ import datetime as dt
 import hashlib
 import heapq
 import itertools
-import json
 import math
 import os
 import random
@@ -110,6 +109,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT / "platform") not in sys.path:
     sys.path.insert(0, str(ROOT / "platform"))
+
+from results import result_write  # noqa: E402
 
 from inference.fairness import FairQueue  # noqa: E402
 from inference.router import (  # noqa: E402
@@ -1119,18 +1120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         only=args.scenarios,
         progress=args.progress,
     )
-    text = json.dumps(result, indent=2, sort_keys=False)
-    out = args.out or (None if args.quick else str(ROOT / "bench-results" / "poolsim.json"))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(table(result))
-        if out:
-            print(f"wrote {out}")
-    return 0
+    return result_write(
+        "poolsim", result, out=args.out, quick=args.quick, as_json=args.json, table=table
+    )
 
 
 if __name__ == "__main__":

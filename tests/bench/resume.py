@@ -57,7 +57,8 @@ from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from parley_server import ROOT, Server, bench_stack, helper, raise_nofile
+from parley_server import Server, bench_stack, helper, raise_nofile
+from results import result_write
 
 GOAL_S = 0.050
 TOKENS = 10_000
@@ -539,18 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         app=args.app,
         progress=args.progress,
     )
-    text = json.dumps(result, indent=2)
-    out = args.out or (None if args.quick else str(ROOT / "bench-results" / "resume.json"))
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(table(result))
-        if out:
-            print(f"wrote {out}")
-    return 0
+    return result_write(
+        "resume", result, out=args.out, quick=args.quick, as_json=args.json, table=table
+    )
 
 
 if __name__ == "__main__":
