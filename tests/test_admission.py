@@ -241,7 +241,7 @@ def test_a_live_call_keeps_its_slot(make_admission):
 
 
 def test_the_process_admission_follows_the_mode(settings):
-    admission_module._admission = None
+    admission_module.admission.reset()
     try:
         expected = MemoryAdmission if settings.REDIS_URL is None else RedisAdmission
         assert isinstance(admission_module.admission(), expected)
@@ -251,7 +251,7 @@ def test_the_process_admission_follows_the_mode(settings):
             assert admission_module.admission().inflight() >= 1
             slot.charge(completion_tokens=1)
     finally:
-        admission_module._admission = None
+        admission_module.admission.reset()
 
 
 # --- across processes ----------------------------------------------------------------------

@@ -231,7 +231,7 @@ def test_a_live_call_keeps_its_lease(make_limiter):
 
 def test_call_guard_reads_user_limits_from_settings(settings):
     settings.PARLEY_USER_CONCURRENT_RUNS = 1
-    limits_module._limiter = None
+    limits_module.limiter.reset()
     try:
         who = CallIdentity(uuid.uuid4(), user_id=uuid.uuid4())
         with limits_module.call_guard(identity=who, limits=Limits(), estimated_tokens=1):
@@ -244,7 +244,7 @@ def test_call_guard_reads_user_limits_from_settings(settings):
         expected = MemoryLimiter if settings.REDIS_URL is None else RedisLimiter
         assert isinstance(limits_module.limiter(), expected)
     finally:
-        limits_module._limiter = None
+        limits_module.limiter.reset()
 
 
 def test_identity_ids_must_be_server_side_uuids():
@@ -435,7 +435,7 @@ def test_a_killed_process_frees_its_slot(redis_url, prefix):
 
 
 def test_the_reservation_counts_tool_schemas_and_tool_calls():
-    from inference.limits import estimate_tokens
+    from inference.tokens import estimate_tokens
 
     question = [{"role": "user", "content": "What is 6 times 7?"}]
     plain = estimate_tokens(messages=question, max_tokens=10)

@@ -808,19 +808,17 @@ def test_a_caller_is_remembered_briefly_and_forgotten_when_changed(alice, monkey
 
 
 def test_the_backend_connection_is_kept_alive_between_calls(backend):
-    from inference.apool import _backend_stream, _connections_for
+    from inference.aclient import Connection, backend_stream, connections_for
 
     request = ChatRequest(messages=HELLO, model=DEFAULT_MODEL)
 
     async def twice() -> tuple[list[Any], list[Any], int, int]:
-        first = [
-            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
-        ]
-        idle = _connections_for(backend.url).idle
+        first = [event async for event in backend_stream(backend.url, request, model=DEFAULT_MODEL)]
+        idle = connections_for(backend.url).idle
         assert len(idle) == 1
         kept = idle[0]
         second = [
-            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
+            event async for event in backend_stream(backend.url, request, model=DEFAULT_MODEL)
         ]
         assert idle == [kept]  # the same connection, back again
 
@@ -833,10 +831,8 @@ def test_the_backend_connection_is_kept_alive_between_calls(backend):
         closer = await asyncio.start_server(close_on_request, "127.0.0.1", 0)
         port = closer.sockets[0].getsockname()[1]
         kept.writer.close()
-        idle[:] = [apool._Connection(*await asyncio.open_connection("127.0.0.1", port))]
-        third = [
-            event async for event in _backend_stream(backend.url, request, model=DEFAULT_MODEL)
-        ]
+        idle[:] = [Connection(*await asyncio.open_connection("127.0.0.1", port))]
+        third = [event async for event in backend_stream(backend.url, request, model=DEFAULT_MODEL)]
         closer.close()
         return first, second, len(third), len(idle)
 

@@ -11,7 +11,7 @@ import pytest
 from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import event_log, run_log_key
 from chat.models import Message, Run
-from inference import pool
+from inference import plan, pool
 from inference.client import BackendClient, Timeouts
 from inference.types import (
     ChatRequest,
@@ -30,7 +30,7 @@ HELLO = [{"role": "user", "content": "hello"}]
 pytestmark = pytest.mark.django_db
 
 
-ROUTING_POLICY = pool._policy
+ROUTING_POLICY = plan.policy
 
 
 class InListedOrder:
@@ -53,7 +53,7 @@ class InListedOrder:
 
 @pytest.fixture(autouse=True)
 def _listed_order(settings, monkeypatch):
-    monkeypatch.setattr(pool, "_policy", lambda: InListedOrder(settings))
+    monkeypatch.setattr(plan, "policy", lambda: InListedOrder(settings))
 
 
 @pytest.fixture(autouse=True)
@@ -169,14 +169,14 @@ def test_both_clients_send_the_sampling_parameters(synthetic_server):
     """The sync client (workers) and the async one (the gateway) build one body."""
     import asyncio
 
-    from inference.apool import _backend_stream
+    from inference.aclient import backend_stream
 
     server = synthetic_server(tokens=2)
     request = ChatRequest(messages=HELLO, tenant_id="t-7", sampling=SAMPLING)
     list(client(server.url).chat_stream(request, model=DEFAULT_MODEL))
 
     async def stream() -> list:
-        return [e async for e in _backend_stream(server.url, request, model=DEFAULT_MODEL)]
+        return [e async for e in backend_stream(server.url, request, model=DEFAULT_MODEL)]
 
     assert text_of(asyncio.run(stream())) == "tok0 tok1 "
     sync_body, async_body = server.bodies
@@ -220,7 +220,7 @@ def test_a_chat_request_takes_only_what_the_pool_can_send(fields):
     ],
 )
 def test_a_backends_usage_is_read_as_a_count_the_ledger_holds(reported, counted):
-    from inference.client import chunk_events
+    from inference.wire import chunk_events
 
     chunk = {"choices": [], "usage": {"prompt_tokens": reported, "completion_tokens": reported}}
     _, _, usage = chunk_events(chunk, started=True)
@@ -368,7 +368,7 @@ def test_http500_before_the_first_token_is_retried_on_the_next_backend(
 
     # The failed backend is marked degraded: the real router sends the next call straight
     # to the good one.
-    monkeypatch.setattr(pool, "_policy", ROUTING_POLICY)
+    monkeypatch.setattr(plan, "policy", ROUTING_POLICY)
     assert text_of(pool.chat_stream(request)) == "tok0 tok1 tok2 "
     assert (broken.request_count, good.request_count) == (1, 2)
 

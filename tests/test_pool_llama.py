@@ -11,7 +11,7 @@ import pytest
 from chat.chat_turn import chat_turn_execute as run_execute
 from chat.eventlog import event_log, run_log_key
 from chat.models import Message, Run
-from inference import pool
+from inference import plan, pool
 from inference.backends import backends_refresh
 from inference.local_process import LocalModelServer
 from inference.types import ChatRequest, StreamFinished, StreamStarted, TextDelta
@@ -77,7 +77,7 @@ def test_prefix_affinity_keeps_a_shared_prefix_on_one_server(settings, servers):
 def test_a_server_killed_before_the_first_token_is_failed_over_unnoticed(
     settings, servers, monkeypatch
 ):
-    monkeypatch.setattr(pool, "_policy", lambda: InListedOrder(settings))
+    monkeypatch.setattr(plan, "policy", lambda: InListedOrder(settings))
     victim = servers[0]
     ask("Warm up.")  # the rows are healthy and cached
     victim.process.kill()

@@ -17,7 +17,6 @@ from agents.pool_model import PoolChatModel
 from agents.registry import plugin_get
 from agents.runtime import agent_run
 from inference import apool, pool
-from inference.client import tool_call_deltas
 from inference.models import UsageRecord
 from inference.types import (
     ChatRequest,
@@ -27,6 +26,7 @@ from inference.types import (
     TextDelta,
     ToolCallDelta,
 )
+from inference.wire import tool_call_deltas
 from tenants.rls import tenant_scope
 from tests.synthetic import DEFAULT_MODEL, Reply, SyntheticServer, ToolCall
 

@@ -223,11 +223,9 @@ async def _chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 async def _models(scope: Scope, send: Send) -> None:
-    from inference import apool
+    from inference.blocking import blocking
 
-    answer = await apool.blocking(
-        services.models_answer, authorization=_header(scope, b"authorization")
-    )
+    answer = await blocking(services.models_answer, authorization=_header(scope, b"authorization"))
     await _send_json(send, scope, 200, answer)
 
 

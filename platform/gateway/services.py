@@ -46,7 +46,8 @@ from gateway.errors import (
 )
 from inference import apool
 from inference.backends import backend_rows
-from inference.models import Backend
+from inference.blocking import blocking
+from inference.selectors import models_available, tenant_limits
 from inference.types import (
     MAX_TOKEN_COUNT,
     ChatRequest,
@@ -57,8 +58,8 @@ from inference.types import (
     TextDelta,
 )
 from tenants.access import Actor
-from tenants.models import ApiKey, Tenant
-from tenants.quotas import Limits, limits_for
+from tenants.models import ApiKey
+from tenants.quotas import Limits
 from tenants.rls import tenant_scope
 
 PURPOSE = "openai.chat.completions"
@@ -152,9 +153,10 @@ def caller_cached(*, authorization: str | None) -> tuple[Actor, Limits]:
 
 
 def _tenant_limits(actor: Actor) -> Limits:
-    with tenant_scope(tenant_id=actor.tenant_id):
-        tenant = Tenant.objects.select_related("plan").get(id=actor.tenant_id)
-    return limits_for(tenant)
+    try:
+        return tenant_limits(actor.tenant_id)
+    except InferenceError as exc:
+        raise from_inference_error(exc) from None
 
 
 # --- /v1/models -------------------------------------------------------------------------
@@ -164,18 +166,14 @@ def models_list(*, actor: Actor) -> list[dict[str, Any]]:
     """Every model a routable backend serves that the tenant's plan allows, once each,
     then the agents the tenant enabled (`agent_models`)."""
     limits = _tenant_limits(actor)
-    found: dict[str, dict[str, Any]] = {}
-    for row in backend_rows():
-        if row.state not in (Backend.State.HEALTHY, Backend.State.DEGRADED):
-            continue
-        for model in row.served_models:
-            if model not in found and limits.allows_model(model):
-                found[model] = formats.model_object(
-                    model_id=model,
-                    created=int(row.created_at.timestamp()),
-                    max_model_len=row.max_model_len,
-                )
-    return [*found.values(), *agent_models(actor=actor)]
+    found = [
+        formats.model_object(
+            model_id=model.id, created=model.created, max_model_len=model.max_model_len
+        )
+        for model in models_available()
+        if limits.allows_model(model.id)
+    ]
+    return [*found, *agent_models(actor=actor)]
 
 
 AGENT_MODEL_PREFIX = "agent:"
@@ -673,7 +671,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         if params and params.model and params.model.startswith(AGENT_MODEL_PREFIX)
         else None
     )
-    actor, limits, context = await apool.blocking(
+    actor, limits, context = await blocking(
         _caller_and_model,
         authorization=authorization,
         model=params.model if params and agent is None else None,
@@ -686,7 +684,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         if params.sampling:
             name = next(iter(params.sampling))
             raise _unsupported(name, "an agent's model calls take no sampling parameters")
-        tools = await apool.blocking(agent_tools, actor=actor, agent=agent)
+        tools = await blocking(agent_tools, actor=actor, agent=agent)
         return Completion(
             params=params,
             completion_id=completion_id,

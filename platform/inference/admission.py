@@ -48,7 +48,8 @@ from typing import Any
 from django.conf import settings
 
 from inference.fairness import INPUT_COST, OUTPUT_COST, VirtualTokenCounter
-from inference.limits import renewer
+from inference.leases import renewer
+from inference.singleton import process_singleton
 from inference.types import InferenceError
 
 logger = logging.getLogger(__name__)
@@ -129,6 +130,38 @@ class Admission:
     def inflight(self) -> int:
         raise NotImplementedError
 
+    def repoll(self, *, tenant_id: str, ticket: str, capacity: int) -> bool:
+        """Renew a waiting ticket and admit what fits: True once it is admitted. A
+        ticket whose waiting lease lapsed (a long pause) queues again."""
+        state = self.poll(ticket=ticket, capacity=capacity)
+        if state == GONE:
+            logger.warning("admission ticket %s lapsed; queueing again", ticket)
+            return self.enter(tenant_id=tenant_id, ticket=ticket, capacity=capacity)
+        return state == ADMITTED
+
+    def wait_turn(
+        self,
+        *,
+        tenant_id: str,
+        ticket: str,
+        capacity: int,
+        timeout_s: float,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> None:
+        """Block until the `ticket` that entered (and was not admitted at once) is
+        admitted: AdmissionTimeout after `timeout_s`, InferenceError("cancelled") when
+        `cancelled()` turns true (checked every `poll_s`). The caller leaves on failure."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise admission_timeout(timeout_s)
+            if cancelled is not None and cancelled():
+                raise InferenceError("cancelled", "The call was cancelled while waiting.")
+            self.wait(ticket, min(remaining, self.poll_s))
+            if self.repoll(tenant_id=tenant_id, ticket=ticket, capacity=capacity):
+                return
+
     @contextmanager
     def admitted(
         self,
@@ -145,27 +178,15 @@ class Admission:
         tenant = str(uuid.UUID(str(tenant_id)))
         capacity = max(0, int(capacity))
         ticket = uuid.uuid4().hex
-        deadline = time.monotonic() + timeout_s
         try:
-            admitted = self.enter(tenant_id=tenant, ticket=ticket, capacity=capacity)
-            while not admitted:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AdmissionTimeout(
-                        f"The inference pool is busy: no capacity within {timeout_s:g} s."
-                    )
-                if cancelled is not None and cancelled():
-                    raise InferenceError("cancelled", "The call was cancelled while waiting.")
-                self.wait(ticket, min(remaining, self.poll_s))
-                state = self.poll(ticket=ticket, capacity=capacity)
-                if state == GONE:  # our waiting lease lapsed (a long pause): queue again
-                    logger.warning("admission ticket %s lapsed; queueing again", ticket)
-                    state = (
-                        ADMITTED
-                        if self.enter(tenant_id=tenant, ticket=ticket, capacity=capacity)
-                        else WAITING
-                    )
-                admitted = state == ADMITTED
+            if not self.enter(tenant_id=tenant, ticket=ticket, capacity=capacity):
+                self.wait_turn(
+                    tenant_id=tenant,
+                    ticket=ticket,
+                    capacity=capacity,
+                    timeout_s=timeout_s,
+                    cancelled=cancelled,
+                )
         except BaseException:
             self.leave(ticket=ticket, capacity=capacity)
             raise
@@ -177,6 +198,10 @@ class Admission:
             renewer.remove(token)
             slot.finished = True
             self.finish(slot)
+
+
+def admission_timeout(timeout_s: float) -> AdmissionTimeout:
+    return AdmissionTimeout(f"The inference pool is busy: no capacity within {timeout_s:g} s.")
 
 
 # --- Redis -----------------------------------------------------------------------------
@@ -490,24 +515,14 @@ class MemoryAdmission(Admission):
 
 # --- the process's admission queue ------------------------------------------------------------
 
-_admission: Admission | None = None
-_admission_lock = threading.Lock()
 
-
+@process_singleton
 def admission() -> Admission:
     """Redis in production, memory in the embedded mode."""
-    global _admission
-    with _admission_lock:
-        if _admission is None:
-            ttl = settings.PARLEY_LIMIT_LEASE_TTL_S
-            _admission = (
-                MemoryAdmission(lease_ttl_s=ttl)
-                if settings.REDIS_URL is None
-                else RedisAdmission(
-                    settings.REDIS_URL, prefix=settings.PARLEY_REDIS_PREFIX, lease_ttl_s=ttl
-                )
-            )
-        return _admission
+    ttl = settings.PARLEY_LIMIT_LEASE_TTL_S
+    if settings.REDIS_URL is None:
+        return MemoryAdmission(lease_ttl_s=ttl)
+    return RedisAdmission(settings.REDIS_URL, prefix=settings.PARLEY_REDIS_PREFIX, lease_ttl_s=ttl)
 
 
 def admitted(

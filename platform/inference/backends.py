@@ -24,7 +24,7 @@ from django.db import connection
 from django.utils import timezone
 
 from inference.client import BackendClient, Timeouts
-from inference.load import load_store, parse_vllm_metrics
+from inference.load import Metrics, load_store, parse_vllm_metrics
 from inference.models import Backend
 from inference.router import BackendView
 from inference.types import InferenceError
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 _cache_lock = threading.Lock()
 _cache: dict[str, Any] = {"rows": None, "at": 0.0, "config": None}
+_refresh_lock = threading.Lock()  # one read of the rows at a time (backend_rows)
 
 
 def client_for(url: str) -> BackendClient:
@@ -62,30 +63,55 @@ def backends_sync_from_settings() -> None:
     Backend.objects.filter(from_config=True).exclude(base_url__in=configured).delete()
 
 
+def cached_backend_rows(*, max_age_s: float | None = None) -> list[Backend] | None:
+    """The backend rows this process read less than `max_age_s` ago (default
+    PARLEY_HEALTH_TTL_S) for the current PARLEY_BACKENDS, without any I/O; None when
+    `backend_rows` must read them again."""
+    ttl = settings.PARLEY_HEALTH_TTL_S if max_age_s is None else max_age_s
+    with _cache_lock:
+        rows = _cache["rows"]
+        if (
+            rows is not None
+            and _cache["config"] == tuple(settings.PARLEY_BACKENDS)
+            and time.monotonic() - _cache["at"] < ttl
+        ):
+            return list(rows)
+    return None
+
+
 def backend_rows(*, max_age_s: float | None = None) -> list[Backend]:
     """The backend rows, cached briefly in this process; refreshed (health, models)
-    inline when their last check is older than PARLEY_HEALTH_TTL_S."""
+    inline when their last check is older than PARLEY_HEALTH_TTL_S. One thread reads
+    them at a time: the others that found the cache stale wait for its rows."""
     ttl = settings.PARLEY_HEALTH_TTL_S if max_age_s is None else max_age_s
-    now = time.monotonic()
-    config = tuple(settings.PARLEY_BACKENDS)
-    with _cache_lock:
-        if _cache["rows"] is not None and _cache["config"] == config and now - _cache["at"] < ttl:
-            return list(_cache["rows"])
-    if _cache["config"] != config:
-        backends_sync_from_settings()
-    rows = list(Backend.objects.all())
-    stale = [
-        row
-        for row in rows
-        if row.last_checked_at is None
-        or (timezone.now() - row.last_checked_at).total_seconds() >= ttl
-    ]
-    if stale:
-        backends_refresh(stale)
+    rows = cached_backend_rows(max_age_s=ttl)
+    if rows is not None:
+        return rows
+    started = time.monotonic()
+    with _refresh_lock:
+        with _cache_lock:
+            if (
+                _cache["rows"] is not None
+                and _cache["at"] >= started
+                and _cache["config"] == tuple(settings.PARLEY_BACKENDS)
+            ):
+                return list(_cache["rows"])  # read by the thread we waited for
+        config = tuple(settings.PARLEY_BACKENDS)
+        if _cache["config"] != config:
+            backends_sync_from_settings()
         rows = list(Backend.objects.all())
-    with _cache_lock:
-        _cache.update(rows=rows, at=time.monotonic(), config=config)
-    return rows
+        stale = [
+            row
+            for row in rows
+            if row.last_checked_at is None
+            or (timezone.now() - row.last_checked_at).total_seconds() >= ttl
+        ]
+        if stale:
+            backends_refresh(stale)
+            rows = list(Backend.objects.all())
+        with _cache_lock:
+            _cache.update(rows=rows, at=time.monotonic(), config=config)
+        return list(rows)
 
 
 def backend_check(row: Backend) -> Backend:
@@ -169,11 +195,20 @@ def backend_set_state(*, backend_id: Any, state: str | None) -> Backend:
     return row
 
 
-def backend_views(rows: list[Backend], *, breaker: Any = None) -> list[BackendView]:
+def backend_views(
+    rows: list[Backend],
+    *,
+    breaker: Any = None,
+    inflight: dict[str, int] | None = None,
+    metrics: dict[str, Metrics] | None = None,
+) -> list[BackendView]:
+    """The router's view of `rows`: their state and models, the circuit breaker's
+    verdict, and their load (`inflight` and `metrics` when given, else read from the
+    shared load store)."""
     urls = [row.base_url for row in rows]
-    store = load_store()
-    inflight = store.inflight(urls)
-    metrics = store.metrics(urls)
+    if inflight is None or metrics is None:
+        store = load_store()
+        inflight, metrics = store.inflight(urls), store.metrics(urls)
     views = []
     for row in rows:
         m = metrics.get(row.base_url)
@@ -192,3 +227,12 @@ def backend_views(rows: list[Backend], *, breaker: Any = None) -> list[BackendVi
             )
         )
     return views
+
+
+def backend_mark_degraded(url: str, exc: InferenceError) -> None:
+    """A call failed on `url` before its first token: evidence that it is unwell. Used
+    less (degraded) until the next health check says otherwise."""
+    Backend.objects.filter(base_url=url, state=Backend.State.HEALTHY, state_pinned=False).update(
+        state=Backend.State.DEGRADED, last_error=str(exc)[:500]
+    )
+    forget_cache()

@@ -8,34 +8,22 @@ request's `tools`, whose calls stream back as `delta.tool_calls` fragments), `/v
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import socket
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
-from inference.types import (
-    MAX_TOKEN_COUNT,
-    ChatRequest,
-    InferenceError,
-    StreamEvent,
-    StreamFinished,
-    StreamStarted,
-    TextDelta,
-    ToolCallDelta,
-    Usage,
+from inference.types import ChatRequest, InferenceError, ModelInfo, StreamEvent, StreamStarted
+from inference.wire import (
+    CompletionReader,
+    error_message,
+    request_body,
+    silence_error,
+    status_error,
 )
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    id: str
-    max_model_len: int | None
 
 
 @dataclass(frozen=True)
@@ -43,126 +31,6 @@ class Timeouts:
     connect_s: float = 5.0
     first_token_s: float = 120.0
     idle_s: float = 60.0
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-    except ValueError:
-        return response.text[:500] or response.reason_phrase
-    if isinstance(body, dict):
-        error = body.get("error", body)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(body.get("detail"), str):
-            return body["detail"]
-    return json.dumps(body)[:500]
-
-
-def request_body(request: ChatRequest, *, model: str) -> dict[str, Any]:
-    """The JSON body of a streamed `/v1/chat/completions` request (the async pool's too)."""
-    body: dict[str, Any] = {
-        "model": model,
-        "messages": request.messages,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if request.max_tokens is not None:
-        body["max_tokens"] = request.max_tokens
-    if request.temperature is not None:
-        body["temperature"] = request.temperature
-    if request.tools:
-        body["tools"] = request.tools
-    if request.tool_choice is not None:
-        body["tool_choice"] = request.tool_choice
-    if request.sampling:
-        body.update(request.sampling)  # only SAMPLING_PARAMETERS: ChatRequest checks
-    if request.tenant_id:
-        # vLLM keys its prefix cache with this, so tenants cannot probe each other's.
-        body["cache_salt"] = request.tenant_id
-    return body
-
-
-def tool_call_deltas(raw: Any, *, started: bool) -> list[ToolCallDelta]:
-    """The events of one chunk's `delta.tool_calls`:
-    `[{"index", "id", "type": "function", "function": {"name", "arguments"}}]`, where
-    every key but `index` may be missing from a fragment after the first."""
-    if not isinstance(raw, list):
-        raise InferenceError(
-            "backend_error",
-            "malformed stream chunk: tool_calls is not a list",
-            retryable=not started,
-        )
-    deltas = []
-    for item in raw:
-        function = item.get("function") if isinstance(item, dict) else None
-        index = item.get("index", 0) if isinstance(item, dict) else None
-        if not isinstance(index, int) or not isinstance(function or {}, dict):
-            raise InferenceError(
-                "backend_error",
-                f"malformed stream chunk: a tool call fragment {item!r:.200}",
-                retryable=not started,
-            )
-        function = function or {}
-        deltas.append(
-            ToolCallDelta(
-                index=index,
-                id=item.get("id") or None,
-                name=function.get("name") or None,
-                arguments=function.get("arguments") or "",
-            )
-        )
-    return deltas
-
-
-def chunk_events(
-    chunk: dict[str, Any], *, started: bool
-) -> tuple[list[TextDelta | ToolCallDelta], str, Usage | None]:
-    """What one decoded SSE chunk of a streamed completion says, for both clients (this
-    one and inference.apool): its text and tool-call fragments in order, its finish
-    reason ("" if none) and its usage (None if none). An error chunk raises, retryable
-    while nothing has been `started`."""
-    if "error" in chunk and not chunk.get("choices"):
-        raise InferenceError(
-            "backend_error",
-            str(chunk["error"].get("message", chunk["error"])),
-            retryable=not started,
-        )
-    events: list[TextDelta | ToolCallDelta] = []
-    finish_reason = ""
-    for choice in chunk.get("choices") or ():
-        delta = choice.get("delta")
-        if delta:
-            text = delta.get("content")
-            if text:
-                events.append(TextDelta(text))
-            # Parsed only when the chunk has some: text chunks pay one lookup.
-            calls = delta.get("tool_calls")
-            if calls:
-                events += tool_call_deltas(calls, started=started or bool(events))
-        if choice.get("finish_reason"):
-            finish_reason = choice["finish_reason"]
-    raw = chunk.get("usage")
-    usage = (
-        Usage(
-            prompt_tokens=_token_count(raw.get("prompt_tokens")),
-            completion_tokens=_token_count(raw.get("completion_tokens")),
-        )
-        if raw
-        else None
-    )
-    return events, finish_reason, usage
-
-
-def _token_count(value: Any) -> int:
-    """A count of the backend's usage, as a number the ledger and the limits can hold:
-    0 for a missing or unreadable one (not a finite number), clamped to
-    [0, MAX_TOKEN_COUNT]."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if isinstance(value, float) and not math.isfinite(value):
-        return 0
-    return min(max(0, int(value)), MAX_TOKEN_COUNT)
 
 
 class BackendClient:
@@ -203,11 +71,9 @@ class BackendClient:
         except httpx.HTTPError as exc:
             raise InferenceError("backend_unreachable", str(exc), retryable=True) from exc
         if response.status_code != 200:
+            message = error_message(response.status_code, response.content, response.reason_phrase)
             raise InferenceError(
-                "backend_error",
-                _error_message(response),
-                retryable=True,
-                status=response.status_code,
+                "backend_error", message, retryable=True, status=response.status_code
             )
         return [
             ModelInfo(id=item["id"], max_model_len=item.get("max_model_len"))
@@ -224,9 +90,7 @@ class BackendClient:
         # the first token within first_token_s, then no gap longer than idle_s.
         read_timeout = max(self.timeouts.first_token_s, self.timeouts.idle_s) + 5.0
         watch: _Watch | None = None
-        started = False
-        finish_reason = ""
-        usage: Usage | None = None
+        reader = CompletionReader()
         try:
             with (
                 self._client(read_timeout) as client,
@@ -235,50 +99,26 @@ class BackendClient:
                 if response.status_code != 200:
                     response.read()
                     status = response.status_code
-                    raise InferenceError(
-                        "backend_rejected" if 400 <= status < 500 else "backend_error",
-                        _error_message(response),
-                        retryable=status >= 500 or status == 429,
-                        status=status,
+                    raise status_error(
+                        status, error_message(status, response.content, response.reason_phrase)
                     )
                 watch = _watchdog().watch(response, self.timeouts.first_token_s)
                 yield StreamStarted(backend=self.base_url, model=model)
-                for line in response.iter_lines():
-                    if started:
+                for data in response.iter_bytes():
+                    if reader.started:
                         watch.extend(self.timeouts.idle_s)
-                    if not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    events, finish, chunk_usage = chunk_events(json.loads(data), started=started)
-                    for event in events:
-                        started = True
+                    for event in reader.feed(data):
                         yield event
-                    finish_reason = finish or finish_reason
-                    usage = chunk_usage or usage
-        except json.JSONDecodeError as exc:
-            raise InferenceError(
-                "backend_error", f"malformed stream chunk: {exc}", retryable=not started
-            ) from exc
+                        watch.extend(self.timeouts.idle_s)  # from when the caller is back
         except (httpx.HTTPError, OSError) as exc:
             if watch is not None and watch.fired:
-                code = "stream_timeout" if started else "first_token_timeout"
-                limit = self.timeouts.idle_s if started else self.timeouts.first_token_s
-                raise InferenceError(
-                    code, f"{self.base_url}: no token for {limit:g}s", retryable=not started
-                ) from exc
-            raise _as_inference_error(exc, self.base_url, started) from exc
+                limit_s = self.timeouts.idle_s if reader.started else self.timeouts.first_token_s
+                raise silence_error(self.base_url, started=reader.started, limit_s=limit_s) from exc
+            raise _as_inference_error(exc, self.base_url, reader.started) from exc
         finally:
             if watch is not None:
                 watch.done()
-        if not finish_reason:
-            raise InferenceError(
-                "stream_interrupted",
-                "the stream ended without a finish reason",
-                retryable=not started,
-            )
-        yield StreamFinished(finish_reason=finish_reason, usage=usage or Usage())
+        yield reader.finished()
 
 
 def _as_inference_error(exc: Exception, base_url: str, started: bool) -> InferenceError:

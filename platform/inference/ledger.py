@@ -2,13 +2,16 @@
 
 The ledger is the source of truth for billing and for the monthly budget: the budget
 counters of inference.limits are seeded from `usage_month_total` and kept current by
-each commit. Rows are written by `limits.CallGuard.commit`, which also settles the
-call's limits and reservation; nothing else needs to call `usage_record_create`.
+each settled call. The pool writes a call's row as the call ends, before it settles
+the call's limits (inference.store); `limits.CallGuard.commit` does the same for a
+caller that holds limits itself.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +22,23 @@ from inference.types import MAX_TOKEN_COUNT
 from tenants.rls import tenant_scope
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    """One call's usage, as the ledger records it (see UsageRecord)."""
+
+    tenant_id: Any
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    outcome: str
+    user_id: Any = None
+    api_key_id: Any = None
+    backend: str = ""
+    reserved_tokens: int = 0
+    purpose: str = ""
+    reference: str = ""
 
 
 def usage_record_create(
@@ -39,22 +59,53 @@ def usage_record_create(
     mid-stream: the tokens it produced count) or failed (nothing produced). The token
     counts are clamped to [0, MAX_TOKEN_COUNT] (`_count`): billing never loses a row
     to a number."""
-    if outcome not in UsageRecord.Outcome.values:
-        raise ValueError(f"outcome must be one of {UsageRecord.Outcome.values}, not {outcome!r}")
+    row = UsageRow(
+        tenant_id=tenant_id,
+        user_id=user_id,
+        api_key_id=api_key_id,
+        model=model,
+        backend=backend,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        reserved_tokens=reserved_tokens,
+        outcome=outcome,
+        purpose=purpose,
+        reference=reference,
+    )
+    record = _record(row)
     with tenant_scope(tenant_id=tenant_id):
-        return UsageRecord.objects.create(
-            tenant_id=tenant_id,
-            user_id=user_id,
-            api_key_id=api_key_id,
-            model=model[:200],
-            backend=backend[:500],
-            prompt_tokens=_count("prompt_tokens", prompt_tokens),
-            completion_tokens=_count("completion_tokens", completion_tokens),
-            reserved_tokens=_count("reserved_tokens", reserved_tokens),
-            outcome=outcome,
-            purpose=purpose[:32],
-            reference=reference[:64],
+        record.save(force_insert=True)
+    return record
+
+
+def usage_rows_write(rows: Sequence[UsageRow]) -> None:
+    """Record many calls' usage: one transaction (and one INSERT) per tenant."""
+    by_tenant: dict[str, list[UsageRecord]] = {}
+    for row in rows:
+        by_tenant.setdefault(str(row.tenant_id), []).append(_record(row))
+    for tenant_id, records in by_tenant.items():
+        with tenant_scope(tenant_id=tenant_id):
+            UsageRecord.objects.bulk_create(records)
+
+
+def _record(row: UsageRow) -> UsageRecord:
+    if row.outcome not in UsageRecord.Outcome.values:
+        raise ValueError(
+            f"outcome must be one of {UsageRecord.Outcome.values}, not {row.outcome!r}"
         )
+    return UsageRecord(
+        tenant_id=row.tenant_id,
+        user_id=row.user_id,
+        api_key_id=row.api_key_id,
+        model=row.model[:200],
+        backend=row.backend[:500],
+        prompt_tokens=_count("prompt_tokens", row.prompt_tokens),
+        completion_tokens=_count("completion_tokens", row.completion_tokens),
+        reserved_tokens=_count("reserved_tokens", row.reserved_tokens),
+        outcome=row.outcome,
+        purpose=row.purpose[:32],
+        reference=row.reference[:64],
+    )
 
 
 def _count(name: str, value: Any) -> int:

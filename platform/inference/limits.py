@@ -43,10 +43,8 @@ Key layout (all ids are server-side UUIDs):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -58,6 +56,8 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from inference.leases import renewer
+from inference.singleton import process_singleton
 from inference.types import MAX_TOKEN_COUNT, InferenceError
 
 if TYPE_CHECKING:
@@ -122,22 +122,6 @@ def settings_limits(kind: str) -> RateLimits:
         tokens_per_minute=getattr(settings, f"PARLEY_{kind}_TOKENS_PER_MINUTE", None),
         concurrent_runs=getattr(settings, f"PARLEY_{kind}_CONCURRENT_RUNS", None),
     )
-
-
-def estimate_tokens(
-    *, messages: list[dict[str, Any]], max_tokens: int, tools: list[dict[str, Any]] | None = None
-) -> int:
-    """A call's reservation: its prompt (about four characters a token, plus a few
-    tokens of framing per message; tool calls in the history and the tools' schemas
-    count too) and the most it may generate."""
-    chars = sum(
-        len(str(m.get("content") or ""))
-        + (len(json.dumps(m["tool_calls"])) if m.get("tool_calls") else 0)
-        for m in messages
-    )
-    if tools:
-        chars += len(json.dumps(tools))
-    return chars // 4 + 4 * len(messages) + max_tokens
 
 
 @dataclass(frozen=True)
@@ -375,65 +359,6 @@ class CallGuard:
         finally:
             # The tokens were used whether or not the row could be written.
             self.limiter.settle(self.hold, used_tokens=prompt_tokens + completion_tokens)
-
-
-# --- leases ---------------------------------------------------------------------------
-
-
-class LeaseRenewer:
-    """One daemon thread per process calls every registered renewal at its interval. A
-    process that dies renews nothing more, so its leases expire."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._entries: dict[int, tuple[Callable[[], object], float, float]] = {}
-        self._next = 0
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-
-    def add(self, renew: Callable[[], object], interval_s: float) -> int:
-        with self._cond:
-            if self._pid != os.getpid():  # a forked child starts afresh
-                self._pid, self._thread, self._entries = os.getpid(), None, {}
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="parley-lease-renewer", daemon=True
-                )
-                self._thread.start()
-            self._next += 1
-            self._entries[self._next] = (renew, interval_s, time.monotonic() + interval_s)
-            self._cond.notify()
-            return self._next
-
-    def remove(self, token: int) -> None:
-        with self._cond:
-            self._entries.pop(token, None)
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._entries)
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                due = []
-                for token, (renew, interval, next_at) in list(self._entries.items()):
-                    if next_at <= now:
-                        due.append(renew)
-                        self._entries[token] = (renew, interval, now + interval)
-                if not due:
-                    wait = min((e[2] for e in self._entries.values()), default=now + 60) - now
-                    self._cond.wait(timeout=max(0.01, wait))
-                    continue
-            for renew in due:
-                try:
-                    renew()
-                except Exception:
-                    logger.exception("renewing a lease failed")
-
-
-renewer = LeaseRenewer()
 
 
 # --- Redis ----------------------------------------------------------------------------
@@ -830,25 +755,17 @@ class MemoryLimiter(Limiter):
 
 # --- the process's limiter --------------------------------------------------------------
 
-_limiter: Limiter | None = None
-_limiter_lock = threading.Lock()
 
-
+@process_singleton
 def limiter() -> Limiter:
     """Redis in production, memory in the embedded mode."""
-    global _limiter
-    with _limiter_lock:
-        if _limiter is None:
-            options: dict[str, Any] = {
-                "prefix": settings.PARLEY_REDIS_PREFIX,
-                "lease_ttl_s": settings.PARLEY_LIMIT_LEASE_TTL_S,
-            }
-            _limiter = (
-                MemoryLimiter(**options)
-                if settings.REDIS_URL is None
-                else RedisLimiter(settings.REDIS_URL, **options)
-            )
-        return _limiter
+    options: dict[str, Any] = {
+        "prefix": settings.PARLEY_REDIS_PREFIX,
+        "lease_ttl_s": settings.PARLEY_LIMIT_LEASE_TTL_S,
+    }
+    if settings.REDIS_URL is None:
+        return MemoryLimiter(**options)
+    return RedisLimiter(settings.REDIS_URL, **options)
 
 
 def call_guard(

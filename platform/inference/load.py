@@ -11,6 +11,7 @@ Embedded mode keeps the same in process memory. Keys derive from backend ids onl
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import uuid
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from django.conf import settings
+
+from inference.singleton import process_singleton
 
 LEASE_S = 60.0
 
@@ -132,20 +135,77 @@ class MemoryLoadStore:
             return {b: self._metrics[b] for b in backends if b in self._metrics}
 
 
-_store: LoadStore | None = None
-_store_lock = threading.Lock()
-
-
+@process_singleton
 def load_store() -> LoadStore:
-    global _store
-    with _store_lock:
-        if _store is None:
-            _store = (
-                MemoryLoadStore()
-                if settings.REDIS_URL is None
-                else RedisLoadStore(settings.REDIS_URL)
-            )
-        return _store
+    """Redis in production, memory in the embedded mode."""
+    return MemoryLoadStore() if settings.REDIS_URL is None else RedisLoadStore(settings.REDIS_URL)
+
+
+class LoadBoard:
+    """This process's view of the pool's load, for the router: the last snapshot of the
+    shared load (every process's calls in flight per backend, the scraped metrics),
+    corrected by the calls this process began and ended since, so that calls routed
+    between two snapshots see each other. A snapshot older than `max_age_s` is read
+    again before a call is routed (`stale`)."""
+
+    def __init__(self, max_age_s: float) -> None:
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._others: dict[str, int] = {}  # other processes' calls in flight, as of `_at`
+        self._metrics: dict[str, Metrics] = {}
+        self._at = -math.inf
+        self._own: dict[str, int] = {}  # this process's calls in flight, now
+
+    def stale(self) -> bool:
+        return time.monotonic() - self._at >= self.max_age_s
+
+    def own(self) -> dict[str, int]:
+        """This process's calls in flight, taken just before a snapshot is read: what
+        the snapshot will count of them."""
+        with self._lock:
+            return dict(self._own)
+
+    def update(
+        self, inflight: dict[str, int], metrics: dict[str, Metrics], own_then: dict[str, int]
+    ) -> None:
+        """A snapshot was read: every process's calls in flight per backend (ours as
+        they were in `own_then`) and the metrics."""
+        with self._lock:
+            self._others = {b: max(0, n - own_then.get(b, 0)) for b, n in inflight.items()}
+            self._metrics = dict(metrics)
+            self._at = time.monotonic()
+
+    def inflight(self) -> dict[str, int]:
+        with self._lock:
+            counts = dict(self._others)
+            for backend, n in self._own.items():
+                counts[backend] = counts.get(backend, 0) + n
+            return counts
+
+    def metrics(self) -> dict[str, Metrics]:
+        with self._lock:
+            return self._metrics
+
+    def took(self, backend: str) -> None:
+        with self._lock:
+            self._own[backend] = self._own.get(backend, 0) + 1
+
+    def gave(self, backend: str) -> None:
+        with self._lock:
+            left = self._own.get(backend, 0) - 1
+            if left > 0:
+                self._own[backend] = left
+            else:
+                self._own.pop(backend, None)
+
+
+# How old the board's snapshot may be when a call is routed.
+LOAD_SNAPSHOT_MAX_AGE_S = 0.0
+
+
+@process_singleton
+def load_board() -> LoadBoard:
+    return LoadBoard(max_age_s=LOAD_SNAPSHOT_MAX_AGE_S)
 
 
 def parse_vllm_metrics(text: str) -> Metrics:

@@ -87,6 +87,17 @@ class ChatRequest:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """A model the pool serves: its id, its context length (vLLM's `max_model_len`,
+    None when not told) and, in the pool's list, when the first backend serving it
+    joined the pool (OpenAI's `created`, in Unix seconds; 0 from one backend's list)."""
+
+    id: str
+    max_model_len: int | None = None
+    created: int = 0
+
+
+@dataclass(frozen=True)
 class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
