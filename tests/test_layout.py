@@ -166,18 +166,6 @@ def test_chat_has_no_import_cycle():
     )
 
 
-# Underscore names other modules still reach for, each to be made public or moved by
-# the change now reworking its module (the pool drivers' call plan, DESIGN section 9).
-# (importing file, module, name); remove an entry once its use is gone.
-KNOWN_UNDERSCORE_IMPORTS = {
-    ("platform/inference/apool.py", "inference.pool", "_estimate_tokens"),
-    ("platform/inference/apool.py", "inference.pool", "_policy"),
-    ("platform/inference/apool.py", "inference.pool", "_tenant_limits"),
-    ("platform/inference/apool.py", "inference.pool", "_mark_degraded"),
-    ("platform/inference/apool.py", "inference.pool", "_no_route_error"),
-}
-
-
 def _private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
@@ -244,8 +232,4 @@ def test_no_module_imports_another_modules_underscore_names():
                 own = module_name(file, root)
                 for module, name in underscore_imports(file, own):
                     found.add((str(file.relative_to(ROOT)), module, name))
-    assert not found - KNOWN_UNDERSCORE_IMPORTS, sorted(found - KNOWN_UNDERSCORE_IMPORTS)
-    assert not KNOWN_UNDERSCORE_IMPORTS - found, (
-        "no longer imported: remove from KNOWN_UNDERSCORE_IMPORTS",
-        sorted(KNOWN_UNDERSCORE_IMPORTS - found),
-    )
+    assert not found, sorted(found)
