@@ -3,7 +3,9 @@ and a run executed end to end against one (real PostgreSQL and Redis, no model).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import httpx
 import pytest
@@ -130,6 +132,69 @@ def test_client_models_and_health(synthetic_server):
         dead.models()
     assert info.value.code == "backend_unreachable"
     assert info.value.retryable
+
+
+class CountingProxy:
+    """A TCP proxy in front of a server that counts the connections made through it."""
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def pipe(reader, writer) -> None:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.close()
+
+        async def connect(client_reader, client_writer) -> None:
+            self.connections += 1
+            reader, writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+            await asyncio.gather(pipe(client_reader, writer), pipe(reader, client_writer))
+
+        server = self.loop.run_until_complete(asyncio.start_server(connect, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        ready.set()
+        self.loop.run_forever()
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop)
+        self.thread.join(timeout=5)
+
+
+def test_the_client_keeps_its_connection_between_calls(synthetic_server):
+    """A worker's calls to a backend reuse one kept-alive connection, whatever client
+    object makes them (the pool makes one per call)."""
+    server = synthetic_server(tokens=3)
+    proxy = CountingProxy(server.port)
+    try:
+        for _ in range(3):
+            events = list(direct(proxy.url))
+            assert text_of(events) == "tok0 tok1 tok2 "
+        assert client(proxy.url).health() is True
+        assert [m.id for m in client(proxy.url).models()] == [DEFAULT_MODEL]
+        assert proxy.connections == 1
+    finally:
+        proxy.stop()
 
 
 def test_client_streams_deltas_and_takes_usage_from_the_final_chunk(synthetic_server):

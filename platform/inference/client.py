@@ -8,6 +8,7 @@ request's `tools`, whose calls stream back as `delta.tool_calls` fragments), `/v
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
+from inference.singleton import process_singleton
 from inference.types import ChatRequest, InferenceError, ModelInfo, StreamEvent, StreamStarted
 from inference.wire import (
     CompletionReader,
@@ -34,30 +36,29 @@ class Timeouts:
 
 
 class BackendClient:
+    """One backend, over this process's kept-alive connections to it (`http_client`)."""
+
     def __init__(self, base_url: str, *, api_key: str = "", timeouts: Timeouts | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeouts = timeouts or Timeouts()
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._headers = headers
+        self._http = http_client(self.base_url, api_key)
 
-    def _client(self, read_timeout: float) -> httpx.Client:
-        timeout = httpx.Timeout(
-            connect=self.timeouts.connect_s, read=read_timeout, write=30.0, pool=30.0
-        )
-        return httpx.Client(base_url=self.base_url, timeout=timeout, headers=self._headers)
+    def _timeout(self, read_s: float) -> httpx.Timeout:
+        return httpx.Timeout(connect=self.timeouts.connect_s, read=read_s, write=30.0, pool=30.0)
+
+    def _get(self, path: str) -> httpx.Response:
+        return self._http.get(path, timeout=self._timeout(self.timeouts.connect_s))
 
     def health(self) -> bool:
         try:
-            with self._client(self.timeouts.connect_s) as client:
-                return client.get("/health").status_code == 200
+            return self._get("/health").status_code == 200
         except httpx.HTTPError:
             return False
 
     def metrics_text(self) -> str:
         """vLLM's Prometheus metrics, as text."""
         try:
-            with self._client(self.timeouts.connect_s) as client:
-                response = client.get("/metrics")
+            response = self._get("/metrics")
         except httpx.HTTPError as exc:
             raise InferenceError("backend_unreachable", str(exc), retryable=True) from exc
         if response.status_code != 200:
@@ -66,8 +67,7 @@ class BackendClient:
 
     def models(self) -> list[ModelInfo]:
         try:
-            with self._client(self.timeouts.connect_s) as client:
-                response = client.get("/v1/models")
+            response = self._get("/v1/models")
         except httpx.HTTPError as exc:
             raise InferenceError("backend_unreachable", str(exc), retryable=True) from exc
         if response.status_code != 200:
@@ -92,10 +92,9 @@ class BackendClient:
         watch: _Watch | None = None
         reader = CompletionReader()
         try:
-            with (
-                self._client(read_timeout) as client,
-                client.stream("POST", "/v1/chat/completions", json=body) as response,
-            ):
+            with self._http.stream(
+                "POST", "/v1/chat/completions", json=body, timeout=self._timeout(read_timeout)
+            ) as response:
                 if response.status_code != 200:
                     response.read()
                     status = response.status_code
@@ -119,6 +118,27 @@ class BackendClient:
             if watch is not None:
                 watch.done()
         yield reader.finished()
+
+
+# Kept-alive connections to each backend, per process (a forked child opens its own).
+KEEPALIVE = httpx.Limits(max_connections=None, max_keepalive_connections=32, keepalive_expiry=30.0)
+_http_clients: dict[tuple[int, str, str], httpx.Client] = {}
+_http_lock = threading.Lock()
+
+
+def http_client(base_url: str, api_key: str = "") -> httpx.Client:
+    """This process's `httpx.Client` for one backend (and API key): its pool of
+    kept-alive connections, shared by every thread that calls the backend."""
+    key = (os.getpid(), base_url, api_key)
+    client = _http_clients.get(key)
+    if client is None:
+        with _http_lock:
+            client = _http_clients.get(key)
+            if client is None:
+                headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+                client = httpx.Client(base_url=base_url, headers=headers, limits=KEEPALIVE)
+                _http_clients[key] = client
+    return client
 
 
 def _as_inference_error(exc: Exception, base_url: str, started: bool) -> InferenceError:
@@ -184,13 +204,6 @@ class _Watchdog:
                 watch.fire()
 
 
-_watchdog_instance: _Watchdog | None = None
-_watchdog_lock = threading.Lock()
-
-
+@process_singleton
 def _watchdog() -> _Watchdog:
-    global _watchdog_instance
-    with _watchdog_lock:
-        if _watchdog_instance is None:
-            _watchdog_instance = _Watchdog()
-        return _watchdog_instance
+    return _Watchdog()

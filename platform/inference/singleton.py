@@ -1,5 +1,6 @@
 """One value per process, made on first use: the stores, clients and thread pools of
-the pool are each made once, under a lock, and forgotten together by tests.
+the pool are each made once, under a lock (and again in a forked child: its parent's
+threads and connections are not its own).
 
     @process_singleton
     def limiter() -> Limiter:
@@ -12,6 +13,7 @@ the pool are each made once, under a lock, and forgotten together by tests.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
@@ -23,21 +25,21 @@ class ProcessSingleton(Generic[T]):
     def __init__(self, make: Callable[[], T]) -> None:
         self._make = make
         self._lock = threading.Lock()
-        self._value: T | None = None
+        self._made: tuple[int, T] | None = None  # (the process it was made in, the value)
         functools.update_wrapper(self, make)
 
     def __call__(self) -> T:
-        value = self._value
-        if value is None:
+        made = self._made
+        if made is None or made[0] != os.getpid():
             with self._lock:
-                if self._value is None:
-                    self._value = self._make()
-                value = self._value
-        return value
+                made = self._made
+                if made is None or made[0] != os.getpid():
+                    made = self._made = (os.getpid(), self._make())
+        return made[1]
 
     def reset(self) -> None:
         with self._lock:
-            self._value = None
+            self._made = None
 
 
 def process_singleton(make: Callable[[], T]) -> ProcessSingleton[T]:
