@@ -53,12 +53,12 @@ from inference.selectors import default_model
 from inference.singleton import process_singleton
 from inference.tokens import estimate_tokens, prompt_tokens_estimate
 from inference.types import (
-    MAX_TOKEN_COUNT,
     ChatRequest,
     InferenceError,
     StreamEvent,
     StreamFinished,
     StreamStarted,
+    token_count,
 )
 from tenants.quotas import Limits
 
@@ -139,11 +139,10 @@ class CallPlan:
                 user_id=request.user_id or None,
                 api_key_id=request.api_key_id or None,
             )
-        self.estimate = min(
-            MAX_TOKEN_COUNT,
+        self.estimate = token_count(
             estimate_tokens(
                 messages=request.messages, max_tokens=request.max_tokens or 0, tools=request.tools
-            ),
+            )
         )
         routable = [row for row in rows if row.state in ROUTABLE_STATES]
         self.capacity = settings.PARLEY_BACKEND_MAX_INFLIGHT * max(

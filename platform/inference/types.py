@@ -5,6 +5,7 @@ The pool knows models, messages and tenants, never conversations.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,19 @@ from typing import Any
 # (a PostgreSQL integer; the Lua numbers of the limit scripts, which write larger ones
 # with an exponent). Larger numbers are refused at the edge and clamped inside.
 MAX_TOKEN_COUNT = 2**31 - 1
+
+
+def token_count(value: Any) -> int:
+    """A count of tokens (a backend's usage, an estimate) as the ledger and the limits
+    hold it: 0 for a missing or unreadable one (not a finite number), clamped to
+    [0, MAX_TOKEN_COUNT] (the Lua scripts of the limits read and write such numbers
+    exactly; a larger one would be written with an exponent)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return 0
+    return min(max(0, int(value)), MAX_TOKEN_COUNT)
+
 
 # The sampling parameters of vLLM's OpenAI-compatible server that a ChatRequest may
 # carry to the backend (`ChatRequest.sampling`), checked by the caller.

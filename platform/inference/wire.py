@@ -7,18 +7,17 @@ a backend answers. No sockets, no timeouts: the clients bring the bytes.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterator
 from typing import Any
 
 from inference.types import (
-    MAX_TOKEN_COUNT,
     ChatRequest,
     InferenceError,
     StreamFinished,
     TextDelta,
     ToolCallDelta,
     Usage,
+    token_count,
 )
 
 
@@ -151,17 +150,6 @@ def chunk_events(
         else None
     )
     return events, finish_reason, usage
-
-
-def token_count(value: Any) -> int:
-    """A count of the backend's usage, as a number the ledger and the limits can hold:
-    0 for a missing or unreadable one (not a finite number), clamped to
-    [0, MAX_TOKEN_COUNT]."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return 0
-    if isinstance(value, float) and not math.isfinite(value):
-        return 0
-    return min(max(0, int(value)), MAX_TOKEN_COUNT)
 
 
 class CompletionReader:
