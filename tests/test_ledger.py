@@ -4,12 +4,16 @@ settles the call; budgets are counted per month and seeded from the ledger."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import uuid
 from datetime import UTC, datetime
 
 import pytest
+from django.db import OperationalError
 
-from inference.ledger import usage_month_total, usage_record_create
+from inference.ledger import UsageRow, usage_month_total, usage_record_create, usage_rows_write
+from inference.ledger_writer import LedgerWriter
 from inference.limits import (
     BUDGET,
     CallIdentity,
@@ -299,3 +303,70 @@ def test_a_huge_reservation_is_held_and_settled_exactly(make_limiter, alice):
     with limiter.call_guard(identity=who, limits=limits, estimated_tokens=100) as guard:
         guard.commit(prompt_tokens=60, completion_tokens=40, model="m", outcome="completed")
     assert limiter.budget_state(alice.tenant.id) == (MAX_TOKEN_COUNT + 100, 0)
+
+
+# --- the ledger writer of event loops ---------------------------------------------------
+
+
+def ledger_rows(person) -> list[UsageRecord]:
+    with tenant_scope(tenant_id=person.tenant.id):
+        return list(UsageRecord.objects.order_by("reference"))
+
+
+def usage_row(person, reference: str, **fields) -> UsageRow:
+    return UsageRow(
+        tenant_id=str(person.tenant.id),
+        model="m",
+        prompt_tokens=fields.pop("prompt_tokens", 3),
+        completion_tokens=4,
+        outcome="completed",
+        reference=reference,
+        **fields,
+    )
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_ledger_writer_books_a_burst_in_few_transactions_each_row_in_its_tenant(alice, charlie):
+    writer = LedgerWriter()
+    rows = [usage_row(alice, f"a-{i:03}") for i in range(120)]
+    rows += [usage_row(charlie, f"c-{i:03}") for i in range(80)]
+
+    async def burst() -> None:
+        await asyncio.gather(*(writer.write(row) for row in rows))
+
+    asyncio.run(burst())
+    # Every call's wait ended with its row in the ledger, in its tenant only.
+    assert [r.reference for r in ledger_rows(alice)] == [f"a-{i:03}" for i in range(120)]
+    assert [r.reference for r in ledger_rows(charlie)] == [f"c-{i:03}" for i in range(80)]
+    assert writer.rows == 200 and writer.batches < 20
+    # The rows are checked and clamped as one row at a time is.
+    huge = usage_row(alice, "z-huge", prompt_tokens=MAX_TOKEN_COUNT + 5)
+    asyncio.run(writer.write(huge))
+    assert ledger_rows(alice)[-1].prompt_tokens == MAX_TOKEN_COUNT
+    with pytest.raises(ValueError, match="outcome"):
+        usage_rows_write([dataclasses.replace(huge, outcome="great")])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_the_database_refuses_are_spooled_and_written_later(alice, settings, monkeypatch):
+    if not settings.REDIS_URL:
+        pytest.skip("no REDIS_URL: the embedded mode keeps refused rows in memory")
+    import inference.ledger_writer as ledger_writer
+
+    settings.PARLEY_REDIS_PREFIX = f"ledger-spool-{uuid.uuid4().hex[:8]}"
+    writer = LedgerWriter()
+
+    def down(rows):
+        raise OperationalError("the database is down")
+
+    monkeypatch.setattr(ledger_writer, "usage_rows_write", down)
+    asyncio.run(writer.write(usage_row(alice, "spooled")))  # durable: the wait ends
+    assert ledger_rows(alice) == []
+    spool = ledger_writer.spool_redis()
+    assert spool.llen(ledger_writer.spool_key()) == 1
+    monkeypatch.undo()
+    writer.drain()  # what an idle writer does every few seconds
+    assert [r.reference for r in ledger_rows(alice)] == ["spooled"]
+    assert spool.llen(ledger_writer.spool_key()) == 0
+    writer.drain()
+    assert len(ledger_rows(alice)) == 1  # written once

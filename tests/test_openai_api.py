@@ -622,6 +622,47 @@ def test_the_async_pool_streams_and_books_as_the_sync_pool(alice, backend):
     assert admission().inflight() == 0
 
 
+def test_a_call_starts_in_one_redis_round_trip_and_ends_in_another(
+    alice, backend, settings, monkeypatch
+):
+    """Limits, admission and the backend's lease are taken by one script (which also
+    reads back the load for the next call's routing), and given back by one."""
+    if not settings.REDIS_URL:
+        pytest.skip("no REDIS_URL: the embedded mode keeps the calls' state in memory")
+    from inference.aredis import PipelinedRedis
+    from inference.store.redis import ASYNC_SCRIPTS
+
+    on_plan(alice, monthly_token_budget=10_000, concurrent_runs=2, requests_per_minute=10)
+    names = {script.sha: name for name, script in ASYNC_SCRIPTS.items()}
+    sent: list[str] = []
+    execute = PipelinedRedis.execute
+
+    async def counted(self: PipelinedRedis, *args: Any) -> Any:
+        sent.append(names.get(args[1], args[1]) if args[0] == "EVALSHA" else args[0])
+        return await execute(self, *args)
+
+    monkeypatch.setattr(PipelinedRedis, "execute", counted)
+    request = ChatRequest(messages=HELLO, model=DEFAULT_MODEL, tenant_id=str(alice.tenant.id))
+
+    async def twice() -> list[list[str]]:
+        seen = []
+        for _ in range(2):
+            sent.clear()
+            events = [event async for event in apool.chat_stream(request)]
+            assert isinstance(events[-1], StreamFinished)
+            seen.append(list(sent))
+        return seen
+
+    first, second = asyncio.run(twice())
+    # The first call found this process's view of the load stale, and read it first; and
+    # the month's budget counter missing: seeded from the ledger, START ran again.
+    assert first == ["snapshot", "start", "start", "end"]
+    assert second == ["start", "end"]
+    assert len(records(alice)) == 2
+    assert limiter().budget_state(alice.tenant.id) == (2 * (9 + 4), 0)
+    assert admission().inflight() == 0
+
+
 # --- the lean path: the ASGI app, the caller's cache, the backend client --------------------
 
 
@@ -771,14 +812,14 @@ def test_a_caller_is_remembered_briefly_and_forgotten_when_changed(alice, monkey
         tenant.save()
     assert services.caller_cached(authorization=header)[1].requests_per_minute == 3
     # Past AUTH_CACHE_S the key is looked up again.
-    monkeypatch.setattr(services, "AUTH_CACHE_S", 0.0)
+    monkeypatch.setattr(services.callers, "AUTH_CACHE_S", 0.0)
     services.auth_cache_clear()
     services.caller_cached(authorization=header)  # remembered for 0 s
     with CaptureQueriesContext(connection) as queries:
         services.caller_cached(authorization=header)
     assert len(queries) > 0
     # Refusals are never remembered; a revoked key is refused at once.
-    monkeypatch.setattr(services, "AUTH_CACHE_S", 60.0)
+    monkeypatch.setattr(services.callers, "AUTH_CACHE_S", 60.0)
     with pytest.raises(ApiError):
         services.caller_cached(authorization="Bearer prk_nope")
     services.caller_cached(authorization=header)
@@ -805,6 +846,41 @@ def test_a_caller_is_remembered_briefly_and_forgotten_when_changed(alice, monkey
     with pytest.raises(ApiError) as expired:
         services.caller_cached(authorization=f"Bearer {expiring}")
     assert "expired" in expired.value.message
+
+
+def test_the_pipelined_redis_client_keeps_replies_in_step(settings):
+    """Every command of an event loop goes out on one connection: replies come back to
+    their own callers, a cancelled caller's reply is read and dropped, and a connection
+    Redis closes is replaced by the next command."""
+    if not settings.REDIS_URL:
+        pytest.skip("no REDIS_URL")
+    from redis.exceptions import ResponseError
+
+    from inference.aredis import PipelinedRedis, Script
+
+    key = f"{settings.PARLEY_REDIS_PREFIX}:test-pipelined:{time.time_ns()}"
+    echo = Script("return {KEYS[1], ARGV[1]}")
+
+    async def scenario() -> None:
+        client = PipelinedRedis(settings.REDIS_URL)
+        replies = await asyncio.gather(
+            *(client.evalsha(echo, [f"k{i}"], [i]) for i in range(200)),
+            client.execute("INCRBY", key, 5),
+        )
+        assert replies[:200] == [[f"k{i}", str(i)] for i in range(200)]
+        assert replies[200] == 5
+        slow = asyncio.ensure_future(client.execute("INCRBY", key, 1))
+        await asyncio.sleep(0)
+        slow.cancel()  # its reply still comes, and goes nowhere
+        assert await client.execute("GET", key) == "6"
+        with pytest.raises(ResponseError, match="WRONGTYPE"):
+            await client.execute("LPUSH", key, "x")
+        assert await client.execute("DEL", key) == 1
+        client.close()  # the connection goes; the next command opens another
+        assert await client.execute("PING") == "PONG"
+        client.close()
+
+    asyncio.run(scenario())
 
 
 def test_the_backend_connection_is_kept_alive_between_calls(backend):

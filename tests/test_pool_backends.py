@@ -135,6 +135,33 @@ def test_inflight_is_counted_while_a_call_streams(settings, synthetic_server):
     assert load_store().inflight([server.url]) == {server.url: 0}
 
 
+@pytest.mark.django_db(transaction=True)
+def test_calls_routed_at_once_see_each_others_leases(settings, synthetic_server):
+    """A burst of calls is routed from one view of the load, read once: each sees the
+    leases this process took for the calls before it, so the burst spreads out."""
+    import asyncio
+
+    from inference import apool
+
+    one, two = synthetic_server(tokens=2, delay_s=0.3), synthetic_server(tokens=2, delay_s=0.3)
+    settings.PARLEY_BACKENDS = [one.url, two.url]
+    settings.PARLEY_ROUTING_POLICY = "least_loaded"
+    backend_rows()  # (checked once, here)
+
+    async def burst() -> list[str]:
+        streams = [apool.chat_stream(ChatRequest(messages=HELLO)) for _ in range(10)]
+        started = await asyncio.gather(*(anext(stream) for stream in streams))
+        counts = load_store().inflight([one.url, two.url])
+        for stream in streams:
+            await stream.aclose()
+        assert counts == {one.url: 5, two.url: 5}
+        return [event.backend for event in started]
+
+    backends = asyncio.run(burst())
+    assert sorted(backends) == sorted([one.url] * 5 + [two.url] * 5)
+    assert load_store().inflight([one.url, two.url]) == {one.url: 0, two.url: 0}
+
+
 def test_the_circuit_breaker_opens_after_repeated_failures_and_half_opens():
     breaker = CircuitBreaker(threshold=3, window_s=10, cooldown_s=5)
     for t in (0.0, 1.0):

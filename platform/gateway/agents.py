@@ -29,6 +29,7 @@ from inference.types import (
 from tenants.access import Actor, NotFound
 
 AGENT_BACKEND = "agent"  # StreamStarted.backend of an agent's completion
+AGENT_MODEL_PREFIX = "agent:"  # an agent's model id: agent:<plugin>.<agent>
 
 
 def agent_tools(*, actor: Actor, agent: str) -> Any:

@@ -20,11 +20,11 @@ from contextlib import aclosing
 from django.conf import settings
 
 from inference.aclient import backend_stream
-from inference.backends import backend_mark_degraded, cached_backend_rows
-from inference.blocking import blocking, completing
-from inference.plan import CallPlan, Settlement
-from inference.pool import plan_open
+from inference.backends import abackend_rows, backend_mark_degraded
+from inference.blocking import blocking
+from inference.plan import CallPlan
 from inference.router import BackendView
+from inference.selectors import tenant_limits
 from inference.store import CallStore, Ticket, call_store
 from inference.types import ChatRequest, InferenceError, StreamEvent
 from tenants.quotas import Limits
@@ -39,11 +39,10 @@ async def chat_stream(
     (StreamStarted, again if a retry moves the call; TextDelta... and ToolCallDelta...;
     StreamFinished; InferenceError, LimitExceeded, AdmissionTimeout), from an event
     loop. `limits`: the tenant's limits when the caller holds them (else they are read)."""
-    rows = cached_backend_rows()
-    if rows is None or (request.tenant_id and limits is None):
-        plan = await blocking(plan_open, request, limits)
-    else:
-        plan = CallPlan(request, rows=rows, limits=limits)
+    rows = await abackend_rows()
+    if request.tenant_id and limits is None:
+        limits = await blocking(tenant_limits, request.tenant_id)
+    plan = CallPlan(request, rows=rows, limits=limits)
     store = call_store()
     await store.arefresh_load(plan.rows)
     first = plan.pick()
@@ -53,7 +52,8 @@ async def chat_stream(
             async for event in events:
                 yield event
     finally:
-        await completing(_end(plan, store, ticket))
+        # (It completes even if this task is cancelled again meanwhile.)
+        await store.aend(ticket, *plan.settle(admitted=ticket.admitted))
 
 
 async def _attempts(
@@ -85,8 +85,3 @@ async def _attempts(
             await blocking(backend_mark_degraded, backend, exc)
         chosen = plan.pick()
     raise plan.exhausted()
-
-
-async def _end(plan: CallPlan, store: CallStore, ticket: Ticket) -> None:
-    settlement: Settlement = plan.settlement()
-    await store.aend(ticket, settlement, plan.usage_row(settlement, admitted=ticket.admitted))

@@ -23,6 +23,7 @@ from django.core.exceptions import ValidationError
 from django.db import connection
 from django.utils import timezone
 
+from inference.blocking import blocking, single_flight
 from inference.client import BackendClient, Timeouts
 from inference.load import Metrics, load_store, parse_vllm_metrics
 from inference.models import Backend
@@ -112,6 +113,15 @@ def backend_rows(*, max_age_s: float | None = None) -> list[Backend]:
         with _cache_lock:
             _cache.update(rows=rows, at=time.monotonic(), config=config)
         return list(rows)
+
+
+async def abackend_rows() -> list[Backend]:
+    """`backend_rows` for an event loop: this process's copy when fresh, else read on a
+    bookkeeping thread, once for all the callers that found it stale meanwhile."""
+    rows = cached_backend_rows()
+    if rows is None:
+        rows = await single_flight("backend rows", lambda: blocking(backend_rows))
+    return rows
 
 
 def backend_check(row: Backend) -> Backend:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import Awaitable, Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -21,7 +22,7 @@ from django.db import close_old_connections
 
 from inference.singleton import process_singleton
 
-__all__ = ["blocking", "completing", "taking"]
+__all__ = ["blocking", "completing", "single_flight", "taking"]
 
 T = TypeVar("T")
 
@@ -65,6 +66,22 @@ def _keep(step: Awaitable[T]) -> asyncio.Future[T]:
     _running.add(task)
     task.add_done_callback(_running.discard)
     return task
+
+
+_flights: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Hashable, asyncio.Future[Any]]]
+_flights = weakref.WeakKeyDictionary()
+
+
+async def single_flight(key: Hashable, step: Callable[[], Awaitable[T]]) -> T:
+    """Await `step()`, once for all the callers of this event loop that ask with the
+    same `key` while it runs (a burst of calls that all found a cache stale: one of
+    them reads it again, the others wait for its answer)."""
+    flights = _flights.setdefault(asyncio.get_running_loop(), {})
+    flight = flights.get(key)
+    if flight is None:
+        flight = flights[key] = _keep(step())
+        flight.add_done_callback(lambda _: flights.pop(key, None))
+    return await asyncio.shield(flight)
 
 
 async def taking(step: Awaitable[T], undo: Callable[[T], Awaitable[object]]) -> T:

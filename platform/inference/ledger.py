@@ -10,16 +10,25 @@ caller that holds limits itself.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from django.db import connection
 from django.db.models import F, Sum
+from django.utils import timezone
 
 from inference.models import UsageRecord
 from inference.types import MAX_TOKEN_COUNT
-from tenants.rls import tenant_scope
+from tenants.rls import (
+    OPERATOR_SETTING,
+    TENANT_SETTING,
+    USER_SETTING,
+    rls_enforced,
+    tenant_scope,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,34 +87,99 @@ def usage_record_create(
     return record
 
 
+# The columns a batch writes, in UsageRow's terms (the id is the database's).
+_COLUMNS = (
+    "tenant_id",
+    "user_id",
+    "api_key_id",
+    "purpose",
+    "reference",
+    "model",
+    "backend",
+    "prompt_tokens",
+    "completion_tokens",
+    "reserved_tokens",
+    "outcome",
+    "created_at",
+)
+
+
 def usage_rows_write(rows: Sequence[UsageRow]) -> None:
-    """Record many calls' usage: one transaction (and one INSERT) per tenant."""
-    by_tenant: dict[str, list[UsageRecord]] = {}
+    """Record many calls' usage (the pool's ledger writer): per tenant, one multi-row
+    INSERT in the tenant's scope, the rows checked and clamped as `usage_record_create`
+    does. Plain SQL, not the ORM's bulk_create: a burst's ends write hundreds of rows,
+    and the ORM spent ~0.1 ms of CPU on each. On PostgreSQL, outside a transaction, the
+    scope (tenants.rls' settings) and the INSERT go as one query string, which
+    PostgreSQL runs as one transaction: one round trip per tenant, where a scope's
+    BEGIN, settings, INSERT and COMMIT took four (each a wait for the GIL on a busy
+    web process)."""
+    by_tenant: dict[str, list[UsageRow]] = {}
     for row in rows:
-        by_tenant.setdefault(str(row.tenant_id), []).append(_record(row))
-    for tenant_id, records in by_tenant.items():
-        with tenant_scope(tenant_id=tenant_id):
-            UsageRecord.objects.bulk_create(records)
+        by_tenant.setdefault(str(row.tenant_id), []).append(row)
+    table = connection.ops.quote_name(UsageRecord._meta.db_table)
+    columns = ", ".join(connection.ops.quote_name(name) for name in _COLUMNS)
+    one = "(" + ", ".join(["%s"] * len(_COLUMNS)) + ")"
+    per_statement = (connection.features.max_query_params or 65535) // len(_COLUMNS)
+    one_trip = (
+        rls_enforced()
+        and not connection.in_atomic_block
+        # A query string of two statements needs client-side binding (Django's default).
+        and not connection.settings_dict["OPTIONS"].get("server_side_binding")
+    )
+    # Each value as its field stores it on this database (a UUID as SQLite's text...).
+    fields = {field.attname: field for field in UsageRecord._meta.concrete_fields}
+    prepare = [fields[name].get_db_prep_save for name in _COLUMNS]
+    now = timezone.now()
+    for tenant_id, group in by_tenant.items():
+        for start in range(0, len(group), per_statement):
+            chunk = group[start : start + per_statement]
+            params: list[Any] = []
+            for row in chunk:
+                values = {**_values(row), "created_at": now}
+                params += [
+                    prep(values[name], connection)
+                    for prep, name in zip(prepare, _COLUMNS, strict=True)
+                ]
+            # Only the model's own names and placeholders go into the statement.
+            sql = f"INSERT INTO {table} ({columns}) VALUES " + ", ".join([one] * len(chunk))  # noqa: S608
+            if one_trip:
+                tenant = str(uuid.UUID(tenant_id))
+                scope = [TENANT_SETTING, tenant, USER_SETTING, "", OPERATOR_SETTING, ""]
+                with connection.cursor() as cursor:
+                    cursor.execute(_SCOPE + sql, [*scope, *params])
+            else:
+                with tenant_scope(tenant_id=tenant_id), connection.cursor() as cursor:
+                    cursor.execute(sql, params)
+
+
+# tenants.rls' scope of a tenant, set for the transaction of the statement after it.
+_SCOPE = "SELECT set_config(%s, %s, true), set_config(%s, %s, true), set_config(%s, %s, true); "
 
 
 def _record(row: UsageRow) -> UsageRecord:
+    return UsageRecord(**_values(row))
+
+
+def _values(row: UsageRow) -> dict[str, Any]:
+    """A row's fields as the ledger stores them: the outcome checked, the texts cut to
+    their columns, the counts clamped (`_count`)."""
     if row.outcome not in UsageRecord.Outcome.values:
         raise ValueError(
             f"outcome must be one of {UsageRecord.Outcome.values}, not {row.outcome!r}"
         )
-    return UsageRecord(
-        tenant_id=row.tenant_id,
-        user_id=row.user_id,
-        api_key_id=row.api_key_id,
-        model=row.model[:200],
-        backend=row.backend[:500],
-        prompt_tokens=_count("prompt_tokens", row.prompt_tokens),
-        completion_tokens=_count("completion_tokens", row.completion_tokens),
-        reserved_tokens=_count("reserved_tokens", row.reserved_tokens),
-        outcome=row.outcome,
-        purpose=row.purpose[:32],
-        reference=row.reference[:64],
-    )
+    return {
+        "tenant_id": row.tenant_id,
+        "user_id": row.user_id,
+        "api_key_id": row.api_key_id,
+        "model": row.model[:200],
+        "backend": row.backend[:500],
+        "prompt_tokens": _count("prompt_tokens", row.prompt_tokens),
+        "completion_tokens": _count("completion_tokens", row.completion_tokens),
+        "reserved_tokens": _count("reserved_tokens", row.reserved_tokens),
+        "outcome": row.outcome,
+        "purpose": row.purpose[:32],
+        "reference": row.reference[:64],
+    }
 
 
 def _count(name: str, value: Any) -> int:

@@ -15,6 +15,7 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,6 +47,28 @@ def _key(*parts: Any) -> str:
     return ":".join([settings.PARLEY_REDIS_PREFIX, "pool", *map(str, parts)])
 
 
+def inflight_key(backend: str) -> str:
+    """The Redis sorted set of a backend's calls in flight (ids scored by lease expiry,
+    in Unix seconds of the caller's clock)."""
+    return _key("inflight", backend)
+
+
+def metrics_key(backend: str) -> str:
+    """The Redis hash of a backend's scraped metrics (METRIC_FIELDS)."""
+    return _key("metrics", backend)
+
+
+METRIC_FIELDS = ("running", "waiting", "kv_usage", "scraped_at")
+
+
+def metrics_of(values: Sequence[Any]) -> Metrics | None:
+    """A backend's Metrics from its hash's METRIC_FIELDS values (None where missing);
+    None when it has none."""
+    if all(v is None for v in values):
+        return None
+    return Metrics(*(float(v) if v is not None else 0.0 for v in values))
+
+
 class RedisLoadStore:
     def __init__(self, url: str) -> None:
         import redis
@@ -54,27 +77,27 @@ class RedisLoadStore:
 
     def begin(self, backend: str) -> str:
         call = uuid.uuid4().hex
-        self.redis.zadd(_key("inflight", backend), {call: time.time() + LEASE_S})
+        self.redis.zadd(inflight_key(backend), {call: time.time() + LEASE_S})
         return call
 
     def renew(self, backend: str, call: str) -> None:
-        self.redis.zadd(_key("inflight", backend), {call: time.time() + LEASE_S}, xx=True)
+        self.redis.zadd(inflight_key(backend), {call: time.time() + LEASE_S}, xx=True)
 
     def end(self, backend: str, call: str) -> None:
-        self.redis.zrem(_key("inflight", backend), call)
+        self.redis.zrem(inflight_key(backend), call)
 
     def inflight(self, backends: list[str]) -> dict[str, int]:
         now = time.time()
         pipe = self.redis.pipeline(transaction=False)
         for backend in backends:
-            pipe.zremrangebyscore(_key("inflight", backend), "-inf", now)
-            pipe.zcard(_key("inflight", backend))
+            pipe.zremrangebyscore(inflight_key(backend), "-inf", now)
+            pipe.zcard(inflight_key(backend))
         counts = pipe.execute()[1::2]
         return {backend: int(count) for backend, count in zip(backends, counts, strict=True)}
 
     def put_metrics(self, backend: str, metrics: Metrics) -> None:
         self.redis.hset(
-            _key("metrics", backend),
+            metrics_key(backend),
             mapping={
                 "running": metrics.running,
                 "waiting": metrics.waiting,
@@ -82,12 +105,12 @@ class RedisLoadStore:
                 "scraped_at": metrics.scraped_at,
             },
         )
-        self.redis.expire(_key("metrics", backend), 300)
+        self.redis.expire(metrics_key(backend), 300)
 
     def metrics(self, backends: list[str]) -> dict[str, Metrics]:
         pipe = self.redis.pipeline(transaction=False)
         for backend in backends:
-            pipe.hgetall(_key("metrics", backend))
+            pipe.hgetall(metrics_key(backend))
         out = {}
         for backend, raw in zip(backends, pipe.execute(), strict=True):
             if raw:
@@ -200,7 +223,7 @@ class LoadBoard:
 
 
 # How old the board's snapshot may be when a call is routed.
-LOAD_SNAPSHOT_MAX_AGE_S = 0.0
+LOAD_SNAPSHOT_MAX_AGE_S = 1.0
 
 
 @process_singleton

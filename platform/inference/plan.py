@@ -12,13 +12,15 @@ OpenAI-compatible API).
    tenant's, user's and key's limits with its estimate reserved, and takes a slot of
    the pool, or waits its turn (VTC) while the pool is saturated.
 3. **pick** (`pick`, `attempt`): the router's choice among the backends the call has
-   not tried, from this process's view of the load (inference.load.LoadBoard); the
-   store takes the backend's in-flight lease (with the slot, when admitted at once).
+   not tried, from this process's view of the load (inference.load.LoadBoard). The
+   first pick is made before step 2, whose one store step then also takes the
+   backend's in-flight lease when the call is admitted at once (a call admitted later
+   picks again).
 4. **on failure** (`failed`, `exhausted`): before the first token, the failure counts
    against the backend's circuit, the backend is marked degraded, and the call backs
    off (exponential, full jitter) and picks again, up to PARLEY_FAILOVER_ATTEMPTS;
    after it, the call ends with the error (the caller keeps the partial text).
-5. **settle** (`settlement`, `usage_row`): the backend's usage, else the prompt as
+5. **settle** (`settle`): the backend's usage, else the prompt as
    estimated and a token per delta (nothing for a call that streamed nothing), goes to
    the ledger, the limits and the tenant's fairness counter; every lease is given back.
 """
@@ -245,6 +247,11 @@ class CallPlan:
             return Settlement(0, 0, "failed")
         prompt = prompt_tokens_estimate(self.request.messages, self.request.tools)
         return Settlement(prompt, self.deltas, "partial")
+
+    def settle(self, *, admitted: bool) -> tuple[Settlement, UsageRow | None]:
+        """What the call used, and its ledger row (see `usage_row`)."""
+        settlement = self.settlement()
+        return settlement, self.usage_row(settlement, admitted=admitted)
 
     def usage_row(self, settlement: Settlement, *, admitted: bool) -> UsageRow | None:
         """The call's row of its tenant's usage ledger; None for a call that is not

@@ -73,8 +73,7 @@ def chat_stream(request: ChatRequest) -> Generator[StreamEvent, None, None]:
             chosen = plan.pick()
         raise plan.exhausted()
     finally:
-        settlement = plan.settlement()
-        store.end(ticket, settlement, plan.usage_row(settlement, admitted=ticket.admitted))
+        store.end(ticket, *plan.settle(admitted=ticket.admitted))
 
 
 def plan_open(request: ChatRequest, limits: Limits | None = None) -> CallPlan:

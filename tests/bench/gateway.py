@@ -61,6 +61,7 @@ HERE = Path(__file__).resolve().parent
 # A content delta, as the token server and as Parley encode it (never the role chunk).
 MARKERS = (b'"delta": {"content"', b'"delta":{"content"')
 GOALS = {"throughput_ratio": 0.9, "added_ttft_p50_ms": 15.0, "added_ttft_p99_ms": 50.0}
+BURST_GOALS = {"throughput_ratio": 0.95, "added_ttft_p99_ms": 150.0, "cpu_ms_per_call_start": 2.0}
 
 
 @dataclass
@@ -73,6 +74,11 @@ class Phase:
     errors: dict[str, int] = field(default_factory=dict)
     short: int = 0  # completions with fewer tokens than asked
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Bursts: the server's CPU from the bursts' starts until every stream had its first
+    # token, the calls started meanwhile, and its CPU over the whole bursts.
+    start_cpu_s: float = 0.0
+    start_calls: int = 0
+    burst_cpu_s: float = 0.0
 
     @property
     def tok_s(self) -> float:
@@ -142,6 +148,68 @@ def request_bytes(*, url: str, headers: dict[str, str], body: bytes) -> tuple[st
     )
 
 
+@dataclass
+class Stream:
+    """One completion as the client saw it."""
+
+    status: int = 0
+    first: float | None = None  # when the first content delta arrived (loop time)
+    received: int = 0  # content deltas
+    error: str = ""
+
+
+async def stream_once(
+    connection: Connection,
+    request: bytes,
+    *,
+    bins: dict[int, int],
+    t0: float,
+    on_first: Any = None,
+) -> Stream:
+    """Send one completion request on the connection and read its stream to the end,
+    counting content deltas per second since `t0` into `bins`."""
+    loop = asyncio.get_running_loop()
+    keep = max(len(m) for m in MARKERS) + 8
+    out = Stream()
+    tail = b""
+    try:
+        reader, writer = await connection.open()
+        writer.write(request)
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        out.status = int(head[9:12])
+        if b"transfer-encoding: chunked" not in head:
+            length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            out.error = f"http_{out.status}"
+            if b"connection: close" in head:
+                connection.close()
+            return out
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            now = loop.time()
+            buffer = tail + data
+            count = sum(buffer.count(m) for m in MARKERS)
+            tail = buffer[-keep:]
+            if count:
+                if out.first is None:
+                    out.first = now
+                    if on_first is not None:
+                        on_first()
+                out.received += count
+                second = int(now - t0)
+                bins[second] = bins.get(second, 0) + count
+            if tail.endswith(b"\r\n0\r\n\r\n"):
+                break
+        if out.status != 200:
+            out.error = f"http_{out.status}"
+    except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
+        connection.close()
+        out.error = type(exc).__name__
+    return out
+
+
 async def run_phase(
     phase: Phase,
     *,
@@ -154,60 +222,25 @@ async def run_phase(
     warmup_s: float,
     duration_s: float,
 ) -> None:
+    """Closed loop: each client starts its next completion when the last one ends,
+    the clients' first starts staggered over one stream's length."""
     loop = asyncio.get_running_loop()
     host, port, request = request_bytes(url=url, headers=headers, body=body)
     bins: dict[int, int] = {}
     t0 = loop.time()
     window = (t0 + warmup_s, t0 + warmup_s + duration_s)
-    keep = max(len(m) for m in MARKERS) + 8
-
-    def error(key: str) -> None:
-        phase.errors[key] = phase.errors.get(key, 0) + 1
 
     async def one(connection: Connection) -> None:
         start = loop.time()
-        first: float | None = None
-        received, tail = 0, b""
-        try:
-            reader, writer = await connection.open()
-            writer.write(request)
-            head = (await reader.readuntil(b"\r\n\r\n")).lower()
-            status = int(head[9:12])
-            if b"transfer-encoding: chunked" not in head:
-                length = int(head.split(b"content-length:")[1].split(b"\r\n")[0])
-                await reader.readexactly(length)
-                error(f"http_{status}")
-                if b"connection: close" in head:
-                    connection.close()
-                return
-            while True:
-                data = await reader.read(65536)
-                if not data:
-                    raise ConnectionError("the server closed the connection")
-                now = loop.time()
-                buffer = tail + data
-                count = sum(buffer.count(m) for m in MARKERS)
-                tail = buffer[-keep:]
-                if count:
-                    if first is None:
-                        first = now
-                    received += count
-                    second = int(now - t0)
-                    bins[second] = bins.get(second, 0) + count
-                if tail.endswith(b"\r\n0\r\n\r\n"):
-                    break
-            if status != 200:
-                error(f"http_{status}")
-                return
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
-            connection.close()
-            error(type(exc).__name__)
+        got = await stream_once(connection, request, bins=bins, t0=t0)
+        if got.error:
+            phase.errors[got.error] = phase.errors.get(got.error, 0) + 1
             return
         if window[0] <= start < window[1]:
             phase.requests += 1
-            if first is not None:
-                phase.ttft_ms.append((first - start) * 1000)
-            if received < tokens:
+            if got.first is not None:
+                phase.ttft_ms.append((got.first - start) * 1000)
+            if got.received < tokens:
                 phase.short += 1
 
     async def worker(index: int) -> None:
@@ -223,6 +256,71 @@ async def run_phase(
     first_bin, last_bin = int(warmup_s), int(warmup_s + duration_s)
     phase.tokens_in_window += sum(bins.get(s, 0) for s in range(first_bin, last_bin))
     phase.window_s += last_bin - first_bin
+
+
+async def run_bursts(
+    phase: Phase,
+    *,
+    url: str,
+    headers: dict[str, str],
+    body: bytes,
+    concurrency: int,
+    tokens: int,
+    bursts: int,
+    cpu_s: Any,
+    settle_s: float = 1.0,
+) -> None:
+    """Bursts: every client starts its completion at the same instant; the next burst
+    starts `settle_s` after the last stream of this one ended (so that a burst's
+    bookkeeping is not the next one's). The first burst warms up and is not counted.
+
+    Per burst: TTFT from the burst's start; throughput as the tokens over the time from
+    the burst's start to its last stream's end; `cpu_s()` (the server's CPU time) read
+    at the start, when every stream has had its first token, and after the pause."""
+    loop = asyncio.get_running_loop()
+    host, port, request = request_bytes(url=url, headers=headers, body=body)
+    connections = [Connection(host, port) for _ in range(concurrency)]
+    try:
+        marks: dict[str, float] = {}
+        firsts = [0]
+
+        def on_first() -> None:
+            firsts[0] += 1
+            if firsts[0] == concurrency:
+                marks["cpu_first"] = cpu_s()
+
+        for burst in range(bursts + 1):
+            bins: dict[int, int] = {}
+            marks.clear()
+            firsts[0] = 0
+            marks["cpu_start"] = cpu_s()
+            t0 = loop.time()
+            got = await asyncio.gather(
+                *(stream_once(c, request, bins=bins, t0=t0, on_first=on_first) for c in connections)
+            )
+            elapsed = loop.time() - t0
+            await asyncio.sleep(settle_s)
+            marks["cpu_end"] = cpu_s()
+            if burst == 0:
+                continue
+            for stream in got:
+                if stream.error:
+                    phase.errors[stream.error] = phase.errors.get(stream.error, 0) + 1
+                    continue
+                phase.requests += 1
+                if stream.first is not None:
+                    phase.ttft_ms.append((stream.first - t0) * 1000)
+                if stream.received < tokens:
+                    phase.short += 1
+            phase.tokens_in_window += sum(s.received for s in got)
+            phase.window_s += elapsed
+            if "cpu_first" in marks:
+                phase.start_cpu_s += marks["cpu_first"] - marks["cpu_start"]
+                phase.start_calls += concurrency
+            phase.burst_cpu_s += marks["cpu_end"] - marks["cpu_start"]
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 def chat_body(*, tokens: int) -> bytes:
@@ -412,13 +510,33 @@ def summarise(args: argparse.Namespace, phases: dict[str, Phase]) -> dict[str, A
         out[f"{side.name}_cpu_ms_per_1k_tokens"] = {
             who: round(seconds * 1000 / tokens * 1000, 1) for who, seconds in side.cpu_s.items()
         }
-    out["goals"] = {
-        "throughput_ratio >= 0.9": bool(
-            out["throughput_ratio"] and out["throughput_ratio"] >= GOALS["throughput_ratio"]
-        ),
-        "added_ttft_p50_ms <= 15": out["added_ttft_p50_ms"] <= GOALS["added_ttft_p50_ms"],
-        "added_ttft_p99_ms <= 50": out["added_ttft_p99_ms"] <= GOALS["added_ttft_p99_ms"],
-    }
+    if args.burst:
+        out["bursts"] = args.bursts
+        out["mode"] = "burst"
+        calls = max(1, parley.start_calls)
+        out["parley_cpu_ms_per_call_start"] = round(parley.start_cpu_s * 1000 / calls, 3)
+        out["parley_cpu_ms_per_call"] = round(
+            parley.burst_cpu_s * 1000 / max(1, parley.requests), 3
+        )
+        out["goals"] = {
+            "throughput_ratio >= 0.95": bool(
+                out["throughput_ratio"]
+                and out["throughput_ratio"] >= BURST_GOALS["throughput_ratio"]
+            ),
+            "added_ttft_p99_ms <= 150": out["added_ttft_p99_ms"]
+            <= BURST_GOALS["added_ttft_p99_ms"],
+            "parley_cpu_ms_per_call_start <= 2": out["parley_cpu_ms_per_call_start"]
+            <= BURST_GOALS["cpu_ms_per_call_start"],
+        }
+    else:
+        out["mode"] = "steady"
+        out["goals"] = {
+            "throughput_ratio >= 0.9": bool(
+                out["throughput_ratio"] and out["throughput_ratio"] >= GOALS["throughput_ratio"]
+            ),
+            "added_ttft_p50_ms <= 15": out["added_ttft_p50_ms"] <= GOALS["added_ttft_p50_ms"],
+            "added_ttft_p99_ms <= 50": out["added_ttft_p99_ms"] <= GOALS["added_ttft_p99_ms"],
+        }
     out["cpus"] = os.cpu_count()
     out["python"] = sys.version.split()[0]
     return out
@@ -457,17 +575,30 @@ async def measure(
                 "token_server": proc_cpu_s(token_server.process.pid),
                 "client": self_cpu_s(),
             }
-            await run_phase(
-                phase,
-                url=url,
-                headers=headers,
-                body=body,
-                concurrency=args.concurrency,
-                tokens=args.tokens,
-                stream_s=stream_s,
-                warmup_s=args.warmup,
-                duration_s=args.duration,
-            )
+            if args.burst:
+                server_pid = parley.pid if name == "parley" else token_server.process.pid
+                await run_bursts(
+                    phase,
+                    url=url,
+                    headers=headers,
+                    body=body,
+                    concurrency=args.concurrency,
+                    tokens=args.tokens,
+                    bursts=args.bursts,
+                    cpu_s=(lambda pid=server_pid: tree_cpu_s(pid)),
+                )
+            else:
+                await run_phase(
+                    phase,
+                    url=url,
+                    headers=headers,
+                    body=body,
+                    concurrency=args.concurrency,
+                    tokens=args.tokens,
+                    stream_s=stream_s,
+                    warmup_s=args.warmup,
+                    duration_s=args.duration,
+                )
             after = {
                 "parley": parley.cpu_s(),
                 "token_server": proc_cpu_s(token_server.process.pid),
@@ -499,11 +630,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, help="seconds before the window, per phase")
     parser.add_argument("--duration", type=float, help="seconds of the window, per phase")
     parser.add_argument("--rounds", type=int, help="direct/Parley phase pairs")
+    parser.add_argument(
+        "--burst", action="store_true", help="every stream starts at once, burst after burst"
+    )
+    parser.add_argument("--bursts", type=int, help="measured bursts per phase (with --burst)")
     args = parser.parse_args(argv)
     defaults = (
-        {"tokens": 64, "warmup": 4.0, "duration": 10.0, "rounds": 1}
+        {"tokens": 64, "warmup": 4.0, "duration": 10.0, "rounds": 1, "bursts": 3}
         if args.quick
-        else {"tokens": 200, "warmup": 10.0, "duration": 30.0, "rounds": 2}
+        else {"tokens": 200, "warmup": 10.0, "duration": 30.0, "rounds": 2, "bursts": 5}
     )
     for name, value in defaults.items():
         if getattr(args, name) is None:

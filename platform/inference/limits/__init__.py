@@ -249,31 +249,44 @@ class Limiter:
 
     # --- the operations ---------------------------------------------------------------
 
-    def acquire(self, *, identity: CallIdentity, limits: Limits, estimated_tokens: int) -> Hold:
-        """Admit a call or raise LimitExceeded. The caller must `settle` the hold."""
-        hold = Hold(
-            call_id=uuid.uuid4().hex,
+    def hold_for(
+        self, *, identity: CallIdentity, limits: Limits, estimated_tokens: int, call_id: str = ""
+    ) -> Hold:
+        """What a call of `identity` will hold (nothing is taken yet)."""
+        return Hold(
+            call_id=call_id or uuid.uuid4().hex,
             identity=identity,
             estimated_tokens=token_count(estimated_tokens),
             scopes=self.scopes(identity, limits),
             month=month_of(self.clock()),
             budget=limits.monthly_token_budget,
         )
+
+    def acquire(self, *, identity: CallIdentity, limits: Limits, estimated_tokens: int) -> Hold:
+        """Admit a call or raise LimitExceeded. The caller must `settle` the hold."""
+        hold = self.hold_for(identity=identity, limits=limits, estimated_tokens=estimated_tokens)
         for _ in range(3):
             refused = self._acquire(hold)
             if refused is None:
                 return hold
             limit, retry_after_s = refused
             if limit != "seed":
-                raise self._exceeded(hold, limit, retry_after_s)
-            self._seed(identity.tenant_id, hold.month, self.seed(identity.tenant_id, hold.month))
+                raise self.exceeded(hold, limit, retry_after_s)
+            self.seed_budget(hold)
         raise RuntimeError("the budget counter could not be seeded")
+
+    def seed_budget(self, hold: Hold) -> None:
+        """The month's budget counter of the hold's tenant was missing: seed it with the
+        month's committed usage (the ledger's sum, by default)."""
+        tenant = hold.identity.tenant_id
+        self._seed(tenant, hold.month, self.seed(tenant, hold.month))
 
     def settle(self, hold: Hold, *, used_tokens: int) -> None:
         """The call is over: free its leases and reservation, count what it used."""
         self._settle(hold, token_count(used_tokens), month_of(self.clock()))
 
-    def _exceeded(self, hold: Hold, limit: str, retry_after_s: float) -> LimitExceeded:
+    def exceeded(self, hold: Hold, limit: str, retry_after_s: float) -> LimitExceeded:
+        """The LimitExceeded of a refusal by `limit` (a store's answer)."""
         if limit == BUDGET:
             retry_after_s = max(1.0, (hold.month.end - self.clock()).total_seconds())
             message = (

@@ -8,7 +8,7 @@ import asyncio
 
 from django.conf import settings
 
-from inference.admission import Slot, admission, admission_timeout
+from inference.admission import admission, admission_timeout
 from inference.blocking import blocking
 from inference.leases import renewer
 from inference.ledger import UsageRow, usage_rows_write
@@ -27,8 +27,7 @@ class StepwiseStore(CallStore):
             own, store = board.own(), load_store()
             board.update(store.inflight(urls), store.metrics(urls), own)
 
-    def start(self, plan: CallPlan, backend: str | None) -> Ticket:
-        ticket = Ticket.of(plan)
+    def _start(self, plan: CallPlan, ticket: Ticket, backend: str | None) -> None:
         if plan.identity is not None and plan.limits is not None:
             ticket.hold = limiter().acquire(
                 identity=plan.identity, limits=plan.limits, estimated_tokens=plan.estimate
@@ -45,7 +44,6 @@ class StepwiseStore(CallStore):
             raise
         interval = min(settings.PARLEY_LIMIT_LEASE_TTL_S, LEASE_S) / 3
         ticket.renewal = renewer.add(lambda: ticket.ended or self.renew(ticket), interval)
-        return ticket
 
     def wait_admitted(self, ticket: Ticket, timeout_s: float) -> None:
         admission().wait_turn(
@@ -57,13 +55,12 @@ class StepwiseStore(CallStore):
         if ticket.backend == backend:
             return
         self._unlease(ticket)
+        ticket.count(backend)
         ticket.lease, ticket.backend = load_store().begin(backend), backend
-        load_board().took(backend)
 
     def _unlease(self, ticket: Ticket) -> None:
         if ticket.backend:
             backend, ticket.backend = ticket.backend, ""
-            load_board().gave(backend)
             load_store().end(backend, ticket.lease)
 
     def end(self, ticket: Ticket, settlement: Settlement, row: UsageRow | None = None) -> None:
@@ -80,6 +77,7 @@ class StepwiseStore(CallStore):
     def _release(self, ticket: Ticket, settlement: Settlement) -> None:
         try:
             self._unlease(ticket)
+            ticket.uncount()
         finally:
             if ticket.hold is not None:
                 try:
@@ -93,14 +91,7 @@ class StepwiseStore(CallStore):
         if not ticket.admitted:
             admission().leave(ticket=ticket.id, capacity=ticket.capacity)
             return
-        slot = Slot(
-            id=ticket.id, tenant_id=ticket.tenant, weight=ticket.weight, capacity=ticket.capacity
-        )
-        slot.charge(
-            prompt_tokens=settlement.prompt_tokens, completion_tokens=settlement.completion_tokens
-        )
-        slot.finished = True
-        admission().finish(slot)
+        admission().finish(ticket.slot(settlement))
 
     def renew(self, ticket: Ticket) -> bool:
         alive = True
