@@ -126,20 +126,23 @@ def usage_rows_write(rows: Sequence[UsageRow]) -> None:
         # A query string of two statements needs client-side binding (Django's default).
         and not connection.settings_dict["OPTIONS"].get("server_side_binding")
     )
-    # Each value as its field stores it on this database (a UUID as SQLite's text...).
+    # The ids and the time as their fields store them on this database (a UUID as
+    # SQLite's text...); the texts and counts are stored as `_values` gives them.
     fields = {field.attname: field for field in UsageRecord._meta.concrete_fields}
-    prepare = [fields[name].get_db_prep_save for name in _COLUMNS]
-    now = timezone.now()
+    ids = [fields[name].get_db_prep_save for name in _COLUMNS[:3]]
+    now = fields["created_at"].get_db_prep_save(timezone.now(), connection)
     for tenant_id, group in by_tenant.items():
         for start in range(0, len(group), per_statement):
             chunk = group[start : start + per_statement]
             params: list[Any] = []
             for row in chunk:
-                values = {**_values(row), "created_at": now}
+                values = _values(row)
                 params += [
                     prep(values[name], connection)
-                    for prep, name in zip(prepare, _COLUMNS, strict=True)
+                    for prep, name in zip(ids, _COLUMNS[:3], strict=True)
                 ]
+                params += [values[name] for name in _COLUMNS[3:-1]]
+                params.append(now)
             # Only the model's own names and placeholders go into the statement.
             sql = f"INSERT INTO {table} ({columns}) VALUES " + ", ".join([one] * len(chunk))  # noqa: S608
             if one_trip:
