@@ -59,7 +59,7 @@ def model_context(model: str, rows: list[Backend]) -> int | None:
     return max(known) if len(known) == len(lengths) else None
 
 
-async def _caller_and_model_soon(
+async def _caller_and_model(
     *, authorization: str | None, model: str | None
 ) -> tuple[Actor, Limits, int | None]:
     """The caller, its limits, and the model's context length (`model_context`): on
@@ -153,7 +153,7 @@ async def completion_start(*, authorization: str | None, body: bytes) -> Complet
         if params and params.model and params.model.startswith(AGENT_MODEL_PREFIX)
         else None
     )
-    actor, limits, context = await _caller_and_model_soon(
+    actor, limits, context = await _caller_and_model(
         authorization=authorization,
         model=params.model if params and agent is None else None,
     )
