@@ -65,6 +65,7 @@ from langchain_core.tools import BaseTool
 
 from agents.manifest import AgentSpec, PluginManifest
 from agents.scopes import ToolRefused, tool_guard, tools_allowed
+from inference.tokens import CHARS_PER_TOKEN, prompt_tokens_estimate
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -173,10 +174,9 @@ def tool_result_text(output: Any) -> str:
 
 
 def _estimate_tokens(messages: Sequence[BaseMessage]) -> int:
-    # About four characters a token, as the pool estimates before a call.
-    return (
-        sum(len(str(m.content)) + len(json.dumps(getattr(m, "tool_calls", []))) for m in messages)
-        // 4
+    # The pool's one estimate (inference.tokens), over the messages as the pool sees them.
+    return prompt_tokens_estimate(
+        [{"content": m.content, "tool_calls": getattr(m, "tool_calls", None)} for m in messages]
     )
 
 
@@ -276,7 +276,7 @@ class _Loop:
         else:
             self.prompt_tokens += _estimate_tokens(messages)
             calls = reply.tool_calls if reply is not None else []
-            self.completion_tokens += (len(text) + len(json.dumps(calls))) // 4
+            self.completion_tokens += (len(text) + len(json.dumps(calls))) // CHARS_PER_TOKEN
 
     # --- a tool call --------------------------------------------------------------
 

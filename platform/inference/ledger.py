@@ -10,7 +10,6 @@ caller that holds limits itself.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,13 +21,7 @@ from django.utils import timezone
 
 from inference.models import UsageRecord
 from inference.types import MAX_TOKEN_COUNT
-from tenants.rls import (
-    OPERATOR_SETTING,
-    TENANT_SETTING,
-    USER_SETTING,
-    rls_enforced,
-    tenant_scope,
-)
+from tenants.rls import SCOPE_SQL, rls_enforced, scope_params, tenant_only, tenant_scope
 
 logger = logging.getLogger(__name__)
 
@@ -146,17 +139,12 @@ def usage_rows_write(rows: Sequence[UsageRow]) -> None:
             # Only the model's own names and placeholders go into the statement.
             sql = f"INSERT INTO {table} ({columns}) VALUES " + ", ".join([one] * len(chunk))  # noqa: S608
             if one_trip:
-                tenant = str(uuid.UUID(tenant_id))
-                scope = [TENANT_SETTING, tenant, USER_SETTING, "", OPERATOR_SETTING, ""]
+                scope = scope_params(tenant_only(tenant_id))
                 with connection.cursor() as cursor:
-                    cursor.execute(_SCOPE + sql, [*scope, *params])
+                    cursor.execute(f"{SCOPE_SQL}; {sql}", [*scope, *params])
             else:
                 with tenant_scope(tenant_id=tenant_id), connection.cursor() as cursor:
                     cursor.execute(sql, params)
-
-
-# tenants.rls' scope of a tenant, set for the transaction of the statement after it.
-_SCOPE = "SELECT set_config(%s, %s, true), set_config(%s, %s, true), set_config(%s, %s, true); "
 
 
 def _record(row: UsageRow) -> UsageRecord:

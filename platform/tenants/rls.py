@@ -57,19 +57,30 @@ def current_scope() -> Scope:
     return _current.get()
 
 
+SCOPE_SQL = "SELECT set_config(%s, %s, true), set_config(%s, %s, true), set_config(%s, %s, true)"
+
+
+def scope_params(scope: Scope) -> list[str]:
+    """The parameters of SCOPE_SQL, the statement that sets `scope` for the current
+    transaction (also sent ahead of another statement in one query string)."""
+    return [
+        TENANT_SETTING,
+        scope.tenant_id,
+        USER_SETTING,
+        scope.user_id,
+        OPERATOR_SETTING,
+        "on" if scope.operator else "",
+    ]
+
+
+def tenant_only(tenant_id: Any) -> Scope:
+    """The scope of a tenant with no user (a task's, a ledger batch's)."""
+    return Scope(tenant_id=_text(tenant_id))
+
+
 def _apply(scope: Scope, using: str) -> None:
     with connections[using].cursor() as cursor:
-        cursor.execute(
-            "SELECT set_config(%s, %s, true), set_config(%s, %s, true), set_config(%s, %s, true)",
-            [
-                TENANT_SETTING,
-                scope.tenant_id,
-                USER_SETTING,
-                scope.user_id,
-                OPERATOR_SETTING,
-                "on" if scope.operator else "",
-            ],
-        )
+        cursor.execute(SCOPE_SQL, scope_params(scope))
 
 
 @contextmanager
