@@ -28,6 +28,7 @@ from django.dispatch import receiver
 
 from agents import hookspecs
 from agents.manifest import PluginManifest, SettingsError, manifest_problems, settings_validate
+from config.singleton import process_singleton
 
 ENTRY_POINT_GROUP = "parley.plugins"
 logger = logging.getLogger(__name__)
@@ -248,24 +249,15 @@ class PluginRegistry:
         return clean
 
 
-_registry: PluginRegistry | None = None
-_registry_lock = threading.Lock()
-
-
+@process_singleton
 def registry() -> PluginRegistry:
     """The process's registry, built on first use from PARLEY_PLUGINS."""
-    global _registry
-    with _registry_lock:
-        if _registry is None:
-            _registry = PluginRegistry(allowlist=settings.PARLEY_PLUGINS)
-        return _registry
+    return PluginRegistry(allowlist=settings.PARLEY_PLUGINS)
 
 
 def registry_reset() -> None:
     """Forget what was loaded: the next use finds the plugins again."""
-    global _registry
-    with _registry_lock:
-        _registry = None
+    registry.reset()
 
 
 @receiver(setting_changed)

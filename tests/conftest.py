@@ -448,10 +448,11 @@ def plugin_install(tmp_path, monkeypatch, *, name: str, source: str) -> None:
     entry_point = metadata.EntryPoint(
         name=name, value=f"pp_{name}", group=registry_module.ENTRY_POINT_GROUP
     )
+    # This process's registry (config.singleton) is one that finds only this plugin.
     monkeypatch.setattr(
-        registry_module,
-        "_registry",
-        registry_module.PluginRegistry(entry_points=lambda: [entry_point]),
+        registry_module.registry,
+        "_made",
+        (os.getpid(), registry_module.PluginRegistry(entry_points=lambda: [entry_point])),
     )
 
 

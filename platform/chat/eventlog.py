@@ -24,6 +24,7 @@ from django.conf import settings
 
 from config.inputs import InvalidInput
 from config.redis_clients import async_redis
+from config.singleton import process_singleton
 
 Event = dict[str, Any]
 
@@ -294,17 +295,8 @@ def _resolve(future: asyncio.Future[None]) -> None:
 
 _READER_STREAM_TTL_S = 3600.0
 
-_log: EventLog | None = None
-_log_lock = threading.Lock()
 
-
+@process_singleton
 def event_log() -> EventLog:
-    global _log
-    with _log_lock:
-        if _log is None:
-            _log = (
-                MemoryEventLog()
-                if settings.REDIS_URL is None
-                else RedisEventLog(settings.REDIS_URL)
-            )
-        return _log
+    """Redis where there is one, this process's memory in the embedded mode."""
+    return MemoryEventLog() if settings.REDIS_URL is None else RedisEventLog(settings.REDIS_URL)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from celery import Celery, Task, signals
+
+from config.singleton import process_singleton
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings.base")
 
@@ -18,20 +19,15 @@ app.autodiscover_tasks()
 
 logger = logging.getLogger(__name__)
 
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
 
-
-def _in_process_executor() -> ThreadPoolExecutor:
-    global _executor
+@process_singleton
+def in_process_executor() -> ThreadPoolExecutor:
+    """The embedded mode's task threads."""
     from django.conf import settings
 
-    with _executor_lock:
-        if _executor is None:
-            _executor = ThreadPoolExecutor(
-                max_workers=settings.PARLEY_IN_PROCESS_WORKERS, thread_name_prefix="parley-task"
-            )
-        return _executor
+    return ThreadPoolExecutor(
+        max_workers=settings.PARLEY_IN_PROCESS_WORKERS, thread_name_prefix="parley-task"
+    )
 
 
 def _run_in_thread(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -55,7 +51,7 @@ def enqueue(task: Task, *args: Any, **kwargs: Any) -> None:
     from django.conf import settings
 
     if settings.PARLEY_TASKS_IN_PROCESS:
-        _in_process_executor().submit(_run_in_thread, task, args, kwargs)
+        in_process_executor().submit(_run_in_thread, task, args, kwargs)
     else:
         task.apply_async(args=args, kwargs=kwargs)
 

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from django.db import close_old_connections
 
-from inference.singleton import process_singleton
+from config.singleton import process_singleton
 
 __all__ = ["blocking", "completing", "single_flight", "taking"]
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from inference.singleton import process_singleton
+from config.singleton import process_singleton
 from inference.types import ChatRequest, InferenceError, ModelInfo, StreamEvent, StreamStarted
 from inference.wire import (
     CompletionReader,

@@ -33,8 +33,8 @@ from typing import Any
 from django.conf import settings
 from django.db import close_old_connections
 
+from config.singleton import process_singleton
 from inference.ledger import UsageRow, usage_rows_write
-from inference.singleton import process_singleton
 
 logger = logging.getLogger(__name__)
 

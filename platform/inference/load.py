@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from django.conf import settings
 
-from inference.singleton import process_singleton
+from config.singleton import process_singleton
 
 LEASE_S = 60.0
 

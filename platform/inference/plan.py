@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 
 from django.conf import settings
 
+from config.singleton import process_singleton
 from inference.backends import backend_views
 from inference.backends import forget_cache as forget_backends
 from inference.breaker import CircuitBreaker
@@ -52,7 +53,6 @@ from inference.router import (
     prefix_blocks,
 )
 from inference.selectors import default_model
-from inference.singleton import process_singleton
 from inference.tokens import estimate_tokens, prompt_tokens_estimate
 from inference.types import (
     ChatRequest,

@@ -48,9 +48,9 @@ from typing import Any
 
 from django.conf import settings
 
+from config.singleton import process_singleton
 from inference.fairness import INPUT_COST, OUTPUT_COST
 from inference.leases import renewer
-from inference.singleton import process_singleton
 from inference.types import InferenceError
 
 logger = logging.getLogger(__name__)

@@ -55,8 +55,8 @@ from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
+from config.singleton import process_singleton
 from inference.leases import renewer
-from inference.singleton import process_singleton
 from inference.types import InferenceError, token_count
 
 if TYPE_CHECKING:

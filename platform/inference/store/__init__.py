@@ -35,6 +35,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
+from config.singleton import process_singleton
 from inference.admission import Slot
 from inference.blocking import blocking, completing, taking
 from inference.ledger import UsageRow
@@ -42,7 +43,6 @@ from inference.limits import Hold
 from inference.load import load_board
 from inference.models import Backend
 from inference.plan import CallPlan, Settlement
-from inference.singleton import process_singleton
 
 NOTHING = Settlement(0, 0, "failed")
 
