@@ -36,10 +36,8 @@ def errors(frame: Any, *, sent_by: str) -> list[str]:
     check = validator(operation, kind) if isinstance(kind, str) else None
     if check is None:
         return [f"no {sent_by} frame of type {kind!r} in {DOCUMENT.name}"]
-    return [
-        f"{'/'.join(map(str, e.absolute_path)) or '(frame)'}: {e.message}"
-        for e in check.iter_errors(frame)
-    ]
+    problem = check.problem(frame)
+    return [] if problem is None else [f"{problem.param or '(frame)'}: {problem.message}"]
 
 
 def check_server_frame(frame: dict[str, Any]) -> None:

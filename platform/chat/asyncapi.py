@@ -1,6 +1,7 @@
 """The websocket protocol's AsyncAPI document (docs/asyncapi.yaml), read once: the
-schema of every frame. The server checks client frames with it (chat.protocol); the
-tests check every server frame with it."""
+schema of every frame. The server checks client frames with it (chat.protocol, in the
+style of every schema-checked input: config.schemas); the tests check every server
+frame with it."""
 
 from __future__ import annotations
 
@@ -9,12 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from jsonschema import Draft7Validator
-from referencing import Registry, Resource
-from referencing.jsonschema import DRAFT7
+
+from config.schemas import SchemaCheck
 
 DOCUMENT = Path(__file__).resolve().parents[2] / "docs" / "asyncapi.yaml"
-BASE = "urn:parley:asyncapi"
 CLIENT = "receiveClientFrames"  # the operation of the frames a client sends
 SERVER = "sendServerFrames"  # the operation of the frames the server sends
 
@@ -45,14 +44,11 @@ def payload(operation: str, kind: str) -> dict[str, Any]:
 
 
 @cache
-def validator(operation: str, kind: str) -> Draft7Validator | None:
-    """The validator of one frame type; None for a type the operation lacks."""
+def validator(operation: str, kind: str) -> SchemaCheck | None:
+    """The check of one frame type (config.schemas); None for a type the operation lacks."""
     component = message_names(operation).get(kind)
     if component is None:
         return None
-    registry: Registry[Any] = Registry().with_resource(
-        BASE, Resource.from_contents(document(), default_specification=DRAFT7)
-    )
-    return Draft7Validator(
-        {"$ref": f"{BASE}#/components/messages/{component}/payload"}, registry=registry
+    return SchemaCheck(
+        {"$ref": f"#/components/messages/{component}/payload"}, document=document(), draft=7
     )

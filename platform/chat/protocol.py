@@ -135,34 +135,13 @@ def _client_id_text(data: bytes) -> str | None:
 def check(frame: dict[str, Any]) -> Any:
     """A frame from `parse`, checked by its schema (docs/asyncapi.yaml), as the value its
     handler takes; else FrameError `invalid_frame` saying what is wrong (the schema's
-    `x-error` of the field, else a sentence naming it)."""
-    client_id = frame.get("client_id")
-    validator = asyncapi.validator(asyncapi.CLIENT, frame["type"])
-    assert validator is not None  # parse() let through only the table's types
-    error = next(iter(validator.iter_errors(frame)), None)
-    if error is not None:
-        schema = asyncapi.payload(asyncapi.CLIENT, frame["type"])
-        raise FrameError(INVALID_FRAME, _error_text(schema, error), client_id)
+    `x-error` of the field, else a sentence naming it: config.schemas)."""
+    check = asyncapi.validator(asyncapi.CLIENT, frame["type"])
+    assert check is not None  # parse() let through only the table's types
+    problem = check.problem(frame)
+    if problem is not None:
+        raise FrameError(INVALID_FRAME, problem.message, frame.get("client_id"))
     return FRAMES[frame["type"]].value(frame)
-
-
-def _error_text(schema: dict[str, Any], error: Any) -> str:
-    """What a person reads of a schema error: `x-error` of the field (a sentence, or one
-    per JSON Schema keyword with `*` for the rest), or of the frame for errors of the
-    whole frame (`dependencies`); else "'<field>' is required." or jsonschema's words."""
-    if error.validator == "required":
-        name = next(n for n in error.validator_value if n not in error.instance)
-    elif error.absolute_path:
-        name = str(error.absolute_path[0])
-    else:
-        name = ""
-    texts = schema["properties"].get(name, {}).get("x-error") if name else schema.get("x-error")
-    if isinstance(texts, dict):  # a missing field is "required" unless the map says else
-        fallback = None if error.validator == "required" else texts.get("*")
-        texts = texts.get(error.validator, fallback)
-    if isinstance(texts, str):
-        return texts
-    return f"{name!r} is required." if error.validator == "required" else error.message
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from parley_server import ROOT, bench_stack, free_port, raise_nofile
+from results import result_write
 
 HERE = Path(__file__).resolve().parent
 # A content delta, as the token server and as Parley encode it (never the role chunk).
@@ -673,17 +674,16 @@ def main(argv: list[str] | None = None) -> int:
             )
     result = summarise(args, phases)
     result["wall_s"] = round(time.monotonic() - started, 1)
-    text = json.dumps(result, indent=None if args.json else 2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
-    if args.json:
-        print(text)
-    else:
-        print(text)
-        for goal, met in result["goals"].items():
-            print(f"{goal}: {'met' if met else 'MISSED'}")
-    return 0
+    return result_write(
+        "gateway", result, out=args.out, quick=args.quick, as_json=args.json, table=table
+    )
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result as a person reads it: the JSON, then each goal met or missed."""
+    lines = [json.dumps(result, indent=2)]
+    lines += [f"{goal}: {'met' if met else 'MISSED'}" for goal, met in result["goals"].items()]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
