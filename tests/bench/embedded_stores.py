@@ -77,10 +77,14 @@ def measure(limiter: Any, rounds: int) -> dict[str, float]:
     from inference.limits import CallIdentity
     from tenants.quotas import Limits
 
-    identity = CallIdentity(tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), api_key_id=uuid.uuid4())
     limits = Limits(requests_per_minute=10**9, tokens_per_minute=10**12, concurrent_runs=1000)
 
     def one() -> None:
+        # A caller per round: its windows stay as short as a real minute's (one caller's
+        # thousands of calls would measure the length of its window instead).
+        identity = CallIdentity(
+            tenant_id=uuid.uuid4(), user_id=uuid.uuid4(), api_key_id=uuid.uuid4()
+        )
         hold = limiter.acquire(identity=identity, limits=limits, estimated_tokens=500)
         limiter.settle(hold, used_tokens=480)
 
