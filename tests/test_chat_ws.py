@@ -285,3 +285,42 @@ async def test_an_idle_socket_outlives_the_redis_client_timeout(alice):
     await socket.send({"type": "ping", "client_id": "still-here"})
     assert await socket.receive() == {"type": "pong", "client_id": "still-here"}
     await socket.close()
+
+
+@pytest.mark.parametrize(
+    ("failure", "level"),
+    [
+        ("uvicorn.protocols.utils.ClientDisconnected", "INFO"),  # a reload mid-stream
+        ("builtins.ConnectionResetError", "INFO"),
+        ("builtins.ValueError", "ERROR"),  # a real fault is still reported as one
+    ],
+)
+async def test_a_client_that_leaves_mid_relay_is_logged_as_leaving(
+    caplog, monkeypatch, failure, level
+):
+    """A reload during a stream closes the socket while a frame is sent: logged as the
+    client leaving (no traceback), where a real fault still logs an error."""
+    import importlib
+    import logging
+
+    from chat import consumers
+
+    module, name = failure.rsplit(".", 1)
+    error = getattr(importlib.import_module(module), name)
+
+    async def frames(run, *, after, coalesce):
+        yield {"type": "token", "seq": 1, "run_id": str(run.id), "text": "Hi"}
+
+    async def send(**kwargs):
+        raise error()
+
+    monkeypatch.setattr(consumers, "run_relay", frames)
+    consumer = consumers.ChatConsumer()
+    consumer.relays = {}
+    monkeypatch.setattr(consumer, "send", send)
+    run = Run(id=uuid.uuid4())
+    with caplog.at_level(logging.INFO, logger="chat.consumers"):
+        await consumer.relay(run, 0, False)
+    records = [r for r in caplog.records if r.name == "chat.consumers"]
+    assert [r.levelname for r in records] == [level]
+    assert (records[0].exc_info is not None) == (level == "ERROR")

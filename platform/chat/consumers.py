@@ -43,6 +43,11 @@ FORBIDDEN = "forbidden"
 OWN_RUNS_KEPT = 32
 
 
+class ClientGone(Exception):
+    """The socket's client left (a reload, a closed tab) while a frame was being sent:
+    a normal end, not a failure."""
+
+
 class AccessRefused(Exception):
     """A refused handshake: the close code (4401 / 4403) and the `error` frame's code."""
 
@@ -162,7 +167,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await self.channel_layer.group_discard(group, self.channel_name)
 
     async def send_frame(self, frame: dict[str, Any]) -> None:
-        await self.send(text_data=json.dumps(frame))
+        try:
+            await self.send(text_data=json.dumps(frame))
+        except OSError as exc:  # uvicorn's ClientDisconnected, a reset connection
+            raise ClientGone from exc
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         raw = text_data if text_data is not None else bytes_data
@@ -184,6 +192,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             await getattr(self, protocol.FRAMES[frame["type"]].handler)(value)
         except protocol.FrameError as exc:
             await self.send_frame(protocol.error_frame(exc.code, exc.message, exc.client_id))
+        except ClientGone:
+            logger.info("websocket client left while its frame was answered")
         except Exception:
             logger.exception("websocket frame failed")
             await self.send_frame(
@@ -300,6 +310,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
                     await self.send_frame(item)
         except asyncio.CancelledError:
             raise
+        except ClientGone:  # the run goes on; the client reattaches after a reload
+            logger.info("websocket client left while run %s was relayed", run_id)
         except Exception:
             logger.exception("relaying run %s failed", run_id)
             with contextlib.suppress(Exception):  # the socket may be the thing that broke
