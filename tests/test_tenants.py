@@ -8,7 +8,7 @@ from django.core.management import CommandError, call_command
 from django.urls import reverse
 
 from tenants.access import SESSION_TENANT_KEY, actor_for_user
-from tenants.models import Membership, Role, Tenant, User
+from tenants.models import Membership, Plan, Role, Tenant, User
 from tenants.rls import operator_scope, tenant_scope
 from tenants.services.tenants import tenant_create
 from tests.factories import PASSWORD
@@ -64,6 +64,62 @@ def test_seed_demo_is_idempotent(capsys):
     with operator_scope():
         assert Tenant.objects.filter(slug="demo").count() == 1
         assert Membership.objects.get(user=demo).role == Role.OWNER
+        assert sorted(Plan.objects.values_list("name", flat=True)) == [
+            "Enterprise",
+            "Free",
+            "Team",
+        ]
+
+
+def test_seed_demo_shows_the_product(capsys, all_plugins):
+    """The demo tenant is on a plan with its built-in agents enabled (the agent picker
+    shows them), and there is an operator whose home is the operator's page."""
+    from agents.selectors import agents_available
+
+    call_command("seed_demo")
+    with operator_scope():
+        tenant = Tenant.objects.select_related("plan").get(slug="demo")
+    assert tenant.plan.name == "Team"
+    demo = User.objects.get(username="demo")
+    with tenant_scope(tenant_id=tenant.id):
+        actor = actor_for_user(demo, tenant_id=tenant.id)
+        agents = [agent.id for agent in agents_available(actor=actor)]
+    assert "calculator.calculator" in agents
+    # The test-only example plugin is installed here but is not built in: not enabled.
+    assert not any(key.startswith("example_lookup") for key in agents)
+    operator = User.objects.get(username="operator")
+    assert operator.is_operator and operator.check_password("parley-operator")
+    assert "operator / parley-operator" in capsys.readouterr().out
+
+
+def test_an_operator_lands_on_the_operator_page(client):
+    call_command("seed_demo")
+    client.login(username="operator", password="parley-operator")
+    response = client.get(reverse("chat:home"))
+    assert response.status_code == 302 and response["Location"] == "/operator/"
+    page = client.get("/operator/").content.decode()
+    assert "Demo Company" in page and "Team" in page and "/api/v1/docs" in page
+
+
+def test_the_operator_page_is_not_found_for_members(client, alice):
+    client.login(username="alice", password=PASSWORD)
+    assert client.get("/operator/").status_code == 404
+
+
+def test_operator_create_makes_or_promotes_an_operator(capsys, alice, monkeypatch):
+    call_command("operator_create", "olga", "--password", "a-long-unusual-pass")
+    assert User.objects.get(username="olga").is_operator
+    assert "Created operator olga" in capsys.readouterr().out
+    call_command("operator_create", "alice")  # an existing user keeps their password
+    promoted = User.objects.get(username="alice")
+    assert promoted.is_operator and promoted.check_password(PASSWORD)
+    monkeypatch.setenv("PARLEY_OPERATOR_PASSWORD", "short")
+    with pytest.raises(CommandError, match="too short"):
+        call_command("operator_create", "oscar")
+    with pytest.raises(CommandError, match="needs a password"):
+        monkeypatch.delenv("PARLEY_OPERATOR_PASSWORD")
+        call_command("operator_create", "oscar")
+    assert not User.objects.filter(username="oscar").exists()
 
 
 def test_login_and_logout(client, alice):

@@ -8,7 +8,7 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
-from django.shortcuts import render
+from django.shortcuts import redirect, render
 
 from chat.models import Conversation
 from chat.selectors import (
@@ -125,6 +125,9 @@ def _chat_page(
 
 @login_required
 def chat_home(request: HttpRequest) -> HttpResponse:
+    """The chat; a platform operator who is no tenant's member gets the operator's page."""
+    if getattr(request, "actor", None) is None and getattr(request.user, "is_operator", False):
+        return redirect("tenants:operator_home")
     return _chat_page(request, _actor_or_404(request), None)
 
 

@@ -10,7 +10,7 @@ from django.shortcuts import render
 from tenants.access import Unavailable, actor_for_request
 from tenants.rls import scope_set_tenant, tenant_scope
 
-OPERATOR_PATHS = ("/admin/", "/api/v1/operator/")
+OPERATOR_PATHS = ("/admin/", "/api/v1/operator/", "/operator/")
 # The OpenAI-compatible API authenticates by API key and scopes each of its reads itself,
 # off the request's thread (gateway.services): a request transaction would hold a
 # database connection for the whole length of a stream.

@@ -9,11 +9,11 @@ import re
 import uuid
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from tenants.access import Actor, NotFound, require_role
-from tenants.models import Invitation, Membership, Role, User
+from tenants.models import Invitation, Membership, Plan, Role, Tenant, User
 from tenants.rls import operator_scope
 
 # `secrets.token_urlsafe(32)`: 32 random bytes, 43 URL-safe base64 characters.
@@ -186,3 +186,21 @@ def invitation_by_token(*, token: str) -> Invitation:
             .first()
         )
     return invitation_check(invitation)
+
+
+# --- the operator's view -----------------------------------------------------------------
+
+
+def tenants_overview() -> list[Tenant]:
+    """Every tenant with its plan and its number of members (`members`), by name: for
+    operators only (it reads across tenants)."""
+    with operator_scope():
+        return list(
+            Tenant.objects.select_related("plan")
+            .annotate(members=Count("memberships"))
+            .order_by("name")
+        )
+
+
+def plans_all() -> list[Plan]:
+    return list(Plan.objects.order_by("name"))

@@ -26,6 +26,8 @@ from tenants.selectors import (
     invitation_by_token,
     membership_of_user,
     memberships_of_user,
+    plans_all,
+    tenants_overview,
 )
 from tenants.services.members import invitation_accept, invitation_signup, member_leave
 
@@ -63,6 +65,19 @@ def _mine(request: HttpRequest, *, error: str = "", status: int = 200) -> HttpRe
 @login_required
 def tenants_mine(request: HttpRequest) -> HttpResponse:
     return _mine(request)
+
+
+@login_required
+def operator_home(request: HttpRequest) -> HttpResponse:
+    """The platform operator's page: every tenant (plan, members, state), the plans,
+    and where the operator's tools are. Anyone else: 404, as the operator API."""
+    if not getattr(request.user, "is_operator", False):
+        raise Http404("No such page.")
+    return render(
+        request,
+        "tenants/operator_home.html",
+        {"tenants": tenants_overview(), "plans": plans_all()},
+    )
 
 
 @login_required

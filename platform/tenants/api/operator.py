@@ -6,15 +6,15 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from django.db.models import Count
 from django.http import HttpRequest
 from ninja import Query, Router, Schema, Status
 from ninja.security import SessionAuth
 
 from tenants.access import NotFound
 from tenants.api.audit import AuditOut, AuditQuery
-from tenants.models import Tenant, User
+from tenants.models import User
 from tenants.rls import operator_scope
+from tenants.selectors import tenants_overview
 from tenants.selectors_audit import AuditFilter, audit_events
 from tenants.services.audit import audit_record
 from tenants.services.tenants import (
@@ -84,8 +84,7 @@ class TenantIn(Schema):
 @router.get("/tenants", response=list[TenantRow], url_name="operator_tenants")
 def tenants_list(request: HttpRequest):
     operator_of(request)
-    with operator_scope():
-        return list(Tenant.objects.annotate(members=Count("memberships")).order_by("name"))
+    return tenants_overview()
 
 
 @router.post("/tenants", response={201: TenantRow}, url_name="operator_tenants")

@@ -82,6 +82,7 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"Parley ({settings.PARLEY_MODE} mode) at {url}"))
         if settings.EMBEDDED:
             self.stdout.write("Demo login: demo / parley-demo")
+            self.stdout.write("Operator login: operator / parley-operator (/operator/)")
         # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the handler it
         # found: make that one exit through `finally`, so the model server stops too.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
