@@ -17,10 +17,16 @@ help:
 	@echo "make run    install, migrate, seed the demo tenant, serve Parley on the embedded default"
 	@echo "make test   install, make sure PostgreSQL and Redis answer, run the whole suite"
 
-$(VENV)/.installed: pyproject.toml tests/plugins/parley-example-lookup/pyproject.toml
+# What running Parley needs (`make run`).
+$(VENV)/.installed-run: pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "Parley needs Python 3.11 ($(PYTHON) not found; set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+# Plus the development tools and a test-only plugin (`make test`).
+$(VENV)/.installed: $(VENV)/.installed-run tests/plugins/parley-example-lookup/pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# A third-party plugin, installed as its own distribution (tests/test_plugins.py).
 	$(PY) -m pip install --quiet -e tests/plugins/parley-example-lookup
@@ -50,7 +56,13 @@ chromium:
 	  fi; \
 	fi
 
-run: install frontend
+# The tests' example plugin would show in every tenant's plugin list: not when running
+# (`make test` installs it again).
+run: $(VENV)/.installed-run frontend
+	@if $(PY) -m pip show --quiet parley-example-lookup >/dev/null 2>&1; then \
+	  echo "removing the test-only example plugin from $(VENV) (make test reinstalls it)"; \
+	  $(PY) -m pip uninstall --yes --quiet parley-example-lookup && rm -f $(VENV)/.installed; \
+	fi
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py seed_demo
 	$(PY) manage.py serve --host $(HOST) --port $(PORT)

@@ -139,3 +139,16 @@ def test_import_platform_is_the_standard_library(tmp_path):
     assert not path.startswith(str(ROOT)) and path.endswith("platform.py")
     assert has_version == "True"
     assert not (ROOT / "platform" / "__init__.py").exists()
+
+
+def test_links_name_the_address_served_unless_a_public_url_is_set():
+    """Invitation links and password resets say where people reach this server: the
+    address `serve` listens on (`make run PORT=8011` gives :8011) unless
+    PARLEY_PUBLIC_URL says otherwise (a proxy in front)."""
+    import socket
+
+    from chat.management.commands.serve import served_url
+
+    assert served_url("127.0.0.1", 8011) == "http://127.0.0.1:8011"
+    assert served_url("::1", 9000) == "http://[::1]:9000"
+    assert served_url("0.0.0.0", 8000) == f"http://{socket.getfqdn()}:8000"

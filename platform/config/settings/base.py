@@ -235,7 +235,10 @@ if env.present("EMAIL_URL"):
 else:
     EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
 DEFAULT_FROM_EMAIL = env.string("DEFAULT_FROM_EMAIL", default="Parley <parley@localhost>")
-# The public base URL, for links in emails (invitations, password resets).
+# The public base URL, for links in emails and pages (invitations, password resets, SSO
+# callbacks). Unset: `serve` sets the address it serves (PARLEY_PUBLIC_URL_SET says
+# whether it was given); behind a proxy or a load balancer, set it.
+PARLEY_PUBLIC_URL_SET = env.present("PARLEY_PUBLIC_URL")
 PARLEY_PUBLIC_URL = env.string("PARLEY_PUBLIC_URL", default="http://127.0.0.1:8000").rstrip("/")
 PARLEY_INVITATION_TTL_DAYS = env.integer("PARLEY_INVITATION_TTL_DAYS", default=7, minimum=1)
 

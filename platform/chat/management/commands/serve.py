@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,6 +24,16 @@ from inference import pool
 from inference.local_process import LocalModelServer, LocalModelServerError
 
 WS_MAX_SIZE = 1024 * 1024  # above PARLEY_WS_MAX_FRAME_BYTES, so oversize frames get an error frame
+
+
+def served_url(host: str, port: int) -> str:
+    """The address people reach this server at, for links (PARLEY_PUBLIC_URL unset):
+    the host it listens on, or this machine's name when it listens on every address."""
+    if host in ("0.0.0.0", "::", ""):  # every address: name the machine
+        host = socket.getfqdn()
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
 
 
 class Command(BaseCommand):
@@ -79,6 +90,8 @@ class Command(BaseCommand):
         from config.asgi import application
 
         url = f"http://{options['host']}:{options['port']}/"
+        if not settings.PARLEY_PUBLIC_URL_SET:
+            settings.PARLEY_PUBLIC_URL = served_url(options["host"], options["port"])
         self.stdout.write(self.style.SUCCESS(f"Parley ({settings.PARLEY_MODE} mode) at {url}"))
         if settings.EMBEDDED:
             self.stdout.write("Demo login: demo / parley-demo")
