@@ -28,6 +28,32 @@ export class Sidebar {
 
   constructor(private readonly options: SidebarOptions) {
     this.list.addEventListener("click", (event) => this.onClick(event));
+    // One "⋯" menu open at a time; it closes on Escape, on a click elsewhere and after
+    // its action (onClick).
+    this.list.addEventListener(
+      "toggle",
+      (event) => {
+        const menu = event.target as HTMLDetailsElement;
+        if (menu.matches?.("details.menu") && menu.open) this.closeMenus(menu);
+      },
+      true, // (toggle does not bubble)
+    );
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape") return;
+      const open = this.openMenus();
+      if (!open.length) return;
+      const focused = open.find((menu) => menu.contains(document.activeElement));
+      this.closeMenus();
+      focused?.querySelector("summary")?.focus();
+    });
+    document.addEventListener("pointerdown", (event) => {
+      const target = event.target as Node;
+      this.closeMenus(this.openMenus().find((menu) => menu.contains(target)));
+    });
+    document.addEventListener("focusin", (event) => {
+      const target = event.target as Node;
+      this.closeMenus(this.openMenus().find((menu) => menu.contains(target)));
+    });
     this.searchForm.addEventListener("submit", (event) => {
       event.preventDefault();
       window.clearTimeout(this.searchTimer);
@@ -43,6 +69,15 @@ export class Sidebar {
         void this.search();
       }
     });
+  }
+
+  private openMenus(): HTMLDetailsElement[] {
+    return [...this.list.querySelectorAll<HTMLDetailsElement>("details.menu[open]")];
+  }
+
+  // Closes every open menu but `keep`.
+  private closeMenus(keep?: HTMLDetailsElement): void {
+    for (const menu of this.openMenus()) if (menu !== keep) menu.open = false;
   }
 
   private entry(id: string): HTMLLIElement | null {
@@ -102,6 +137,14 @@ export class Sidebar {
 
   private onClick(event: Event): void {
     const target = event.target as HTMLElement;
+    // An export downloads in place: the menu has done its job.
+    const exported = target.closest<HTMLAnchorElement>("a[data-export]");
+    if (exported) {
+      const menu = exported.closest<HTMLDetailsElement>("details.menu");
+      // (after the click's own default action, the download, has started)
+      if (menu) window.setTimeout(() => (menu.open = false));
+      return;
+    }
     const action = target.closest<HTMLButtonElement>("button[data-action]");
     const item = target.closest<HTMLLIElement>("li[data-conversation-id]");
     if (!action || !item?.dataset.conversationId) return;

@@ -45,6 +45,8 @@ export interface PageData {
 
 // `chat.send`'s agent that returns a conversation to plain chat.
 const PLAIN_CHAT = "none";
+// How near the end of the thread (px) counts as being at it, so a streaming answer is followed.
+const FOLLOW_SLACK_PX = 48;
 
 interface RunView {
   id: string;
@@ -287,6 +289,14 @@ export class Thread {
     }
     run.reattaching = false;
     run.lastSeq = frame.seq;
+    // The thread scrolls (not the page): it follows the answer while the member is at its end.
+    const list = this.list;
+    const following = list.scrollHeight - list.scrollTop - list.clientHeight < FOLLOW_SLACK_PX;
+    this.applyRunEvent(run, frame);
+    if (following) list.scrollTop = list.scrollHeight;
+  }
+
+  private applyRunEvent(run: RunView, frame: RunEventFrame): void {
     switch (frame.type) {
       case "token":
         run.text.appendData(frame.delta);

@@ -19,9 +19,11 @@ from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig, ValidationError
 from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
 from django.utils.datastructures import MultiValueDict
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError
+from ninja.openapi.docs import Swagger
 from ninja.parser import Parser
 
 from chat.schemas import ErrorOut, ValidationErrorOut
@@ -80,7 +82,11 @@ class ParleyAPI(NinjaAPI):
 
         for methods in schema.get("paths", {}).values():
             for operation in methods.values():
-                responses = operation.setdefault("responses", {})
+                # ninja keys an operation's own statuses by int (`response={202: ...}`):
+                # as text, so a status it documents is not given a second time (JSON
+                # would hold the key twice, which Swagger UI refuses to parse).
+                responses = {str(k): v for k, v in operation.get("responses", {}).items()}
+                operation["responses"] = responses
                 errors = dict(ERRORS)
                 if "requestBody" in operation:
                     errors[413] = BODY_TOO_LARGE
@@ -90,12 +96,32 @@ class ParleyAPI(NinjaAPI):
         return schema
 
 
+class OfflineSwagger(Swagger):
+    """The docs page (/api/v1/docs) with Swagger UI served by Parley: the npm package
+    swagger-ui-dist, copied into frontend/dist by the frontend build, and started by
+    frontend/src/docs.ts. ninja's own page loads it from a CDN with an inline script,
+    which the Content Security Policy (config.middleware) blocks and which needs the
+    internet; this one loads only Parley's own static files."""
+
+    template = "api/docs.html"
+
+    def render_page(self, request: HttpRequest, api: Any, **kwargs: Any) -> HttpResponse:
+        settings = {**self.settings, "url": self.get_openapi_url(api, kwargs)}
+        context = {
+            "swagger_settings": settings,  # (json_script in the template)
+            "api": api,
+            "add_csrf": any(getattr(auth, "csrf", False) for auth in api.auth or ()),
+        }
+        return render(request, self.template, context)
+
+
 api = ParleyAPI(
     title="Parley API",
     version="1",
     urls_namespace="api",
     auth=[ApiKeyBearer(), MemberSession()],
     parser=InputParser(),
+    docs=OfflineSwagger(),
 )
 
 
