@@ -22,7 +22,7 @@ from chat.eventlog import event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from chat.selectors import message_search
 from chat.services.conversations import conversation_rename
-from chat.titles import conversation_title_generate, title_after_run, title_clean
+from chat.titles import conversation_title_generate, title_after_run, title_clean, title_fits
 from inference import pool
 from inference.models import UsageRecord
 from tenants.models import ApiKey
@@ -977,3 +977,42 @@ def test_a_conversation_says_which_agent_answers_it(client, alice):
     with operator_scope():
         Conversation.objects.filter(pk=c.pk).update(agent="calculator.calculator")
     assert client.get(f"{API}/conversations/{c.id}").json()["agent"] == "calculator.calculator"
+
+
+def test_an_off_subject_title_keeps_the_first_words(alice, synthetic_server, settings):
+    """A small model's "title" about the chat itself (or a line of its answer) is not
+    kept: the conversation keeps the first words of its question."""
+    question = "How do I fix a leaking kitchen tap without calling a plumber"
+    c = conversation(alice, question)
+    q = message(c, "user", question)
+    message(c, "assistant", "Turn off the water and replace the washer.", q)
+    server = synthetic_server(pieces=["The answer to your question is"])
+    settings.PARLEY_BACKENDS = [server.url]
+    pool.forget_cache()
+    assert conversation_title_generate(conversation_id=c.id, tenant_id=alice.tenant.id) == question
+    assert server.request_count == 1
+
+
+def test_first_words_titles_ask_no_model(alice, synthetic_server, settings):
+    settings.PARLEY_TITLES = "first_words"
+    c = conversation(alice, "Plan a three-day trip to Rome")
+    q = message(c, "user", "Plan a three-day trip to Rome")
+    message(c, "assistant", "Day 1: the Colosseum.", q)
+    server = synthetic_server(pieces=["Rome trip"])
+    settings.PARLEY_BACKENDS = [server.url]
+    pool.forget_cache()
+    title = conversation_title_generate(conversation_id=c.id, tenant_id=alice.tenant.id)
+    assert title == "Plan a three-day trip to Rome" and server.request_count == 0
+
+
+@pytest.mark.parametrize(
+    ("title", "question", "fits"),
+    [
+        ("Zebra migration", "Tell me about the migration of zebras", True),
+        ("Electric cars vs. hybrid cars", "Compare electric cars and hybrid cars.", True),
+        ("That's a great title", "What should I pack for a camping weekend?", False),
+        ("The answer to this question is", "What causes inflation?", False),
+    ],
+)
+def test_a_title_fits_when_it_names_what_the_question_is_about(title, question, fits):
+    assert title_fits(title, question) is fits

@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 from django.db import transaction
 
 from chat.models import Conversation, Message, Run
@@ -67,10 +68,25 @@ def conversation_title_task(conversation_id: str, tenant_id: str, model: str = "
     conversation_title_generate(conversation_id=conversation_id, tenant_id=tenant_id, model=model)
 
 
-def title_first_line(content: str) -> str:
-    """The fallback title: the first message, on one line, cut at 80 characters."""
+def title_first_words(content: str) -> str:
+    """The title a conversation starts with, and keeps when no better one comes: its
+    first message on one line, cut at a word within 80 characters."""
     line = " ".join(content.split())
-    return line[:TITLE_MAX_CHARS] + ("…" if len(line) > TITLE_MAX_CHARS else "")
+    if len(line) <= TITLE_MAX_CHARS:
+        return line
+    cut = line[: TITLE_MAX_CHARS - 1].rsplit(" ", 1)[0] or line[: TITLE_MAX_CHARS - 1]
+    return cut.rstrip(" .:;,") + "…"
+
+
+_WORD = re.compile(r"[^\W\d_]{4,}")
+
+
+def title_fits(title: str, question: str) -> bool:
+    """Whether a model's title names something the question is about: they share a word
+    of four letters or more (by its first five). A small model's titles often do not
+    (a chat about chat, a line of the answer): the first words are better then."""
+    words = {w[:5] for w in _WORD.findall(question.lower())}
+    return any(w[:5] in words for w in _WORD.findall(title.lower()))
 
 
 _PREFIX = re.compile(r"^(?:#+\s*|\*\*|title\s*:\s*)+", re.IGNORECASE)
@@ -111,15 +127,20 @@ def _opening(conversation: Conversation) -> tuple[Message | None, Message | None
     return question, answer
 
 
+def title_messages(*, question: str, answer: str) -> list[dict[str, str]]:
+    """The title prompt: the instruction, then the opening exchange (excerpts)."""
+    transcript = f"User: {question[:EXCERPT_CHARS]}\n\nAssistant: {answer[:EXCERPT_CHARS]}"
+    return [
+        {"role": "system", "content": TITLE_INSTRUCTION},
+        {"role": "user", "content": transcript},
+    ]
+
+
 def title_request(
     *, conversation: Conversation, question: str, answer: str, model: str
 ) -> ChatRequest:
-    transcript = f"User: {question[:EXCERPT_CHARS]}\n\nAssistant: {answer[:EXCERPT_CHARS]}"
     return ChatRequest(
-        messages=[
-            {"role": "system", "content": TITLE_INSTRUCTION},
-            {"role": "user", "content": transcript},
-        ],
+        messages=title_messages(question=question, answer=answer),
         model=model,
         max_tokens=TITLE_MAX_TOKENS,
         temperature=0.0,
@@ -142,7 +163,9 @@ def conversation_title_generate(*, conversation_id: Any, tenant_id: Any, model: 
         question, answer = _opening(conversation)
     if question is None:
         return ""
-    fallback = title_first_line(question.content)
+    fallback = title_first_words(question.content)
+    if settings.PARLEY_TITLES != "model":
+        return fallback  # the conversation has it since its first message
     title = ""
     try:
         request = title_request(
@@ -157,7 +180,10 @@ def conversation_title_generate(*, conversation_id: Any, tenant_id: Any, model: 
         finally:
             stream.close()
         title = title_clean(text)
-    except Exception as exc:  # any failure keeps the first-line title
+        if title and not title_fits(title, question.content):
+            logger.info("title %r for conversation %s is off the subject", title, conversation_id)
+            title = ""
+    except Exception as exc:  # any failure keeps the first words
         logger.warning("title for conversation %s failed: %s", conversation_id, exc)
     title = title or fallback
     conversation_title_auto_set(tenant_id=tenant_id, conversation_id=conversation_id, title=title)

@@ -18,6 +18,7 @@ from chat.protocol import run_started_frame
 from chat.selectors import conversation_get, id_parse, run_get
 from chat.services.conversations import conversation_frame
 from chat.services.run_state import run_cancel_request
+from chat.titles import title_first_words
 from tenants.access import Actor, NotFound, Unavailable
 from tenants.models import User
 from tenants.rls import tenant_scope
@@ -34,11 +35,6 @@ class RunNotQueued(Unavailable):
             "try again in a moment."
         )
         self.run_id = run_id
-
-
-def _title_from(content: str) -> str:
-    line = " ".join(content.split())
-    return line[:80] + ("…" if len(line) > 80 else "")
 
 
 # `chat.send` with this agent returns a conversation to plain chat. Agent ids are
@@ -198,7 +194,7 @@ def chat_send(
             if parent_message_id not in (CURRENT, None):
                 raise ValidationError("A parent message needs its conversation_id.")
             conversation = Conversation.objects.create(
-                tenant=actor.tenant, user=user, title=_title_from(content), model=model
+                tenant=actor.tenant, user=user, title=title_first_words(content), model=model
             )
             parent = None
         if agent is not None and agent != conversation.agent:

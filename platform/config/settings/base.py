@@ -292,6 +292,13 @@ PARLEY_RUN_WATCHDOG_INTERVAL_S = env.floating(
 )
 
 # --- chat -------------------------------------------------------------------
+# Conversation titles: "model" asks the pool for one after the first answer (kept only
+# when it is about the question); "first_words" keeps the question's first words. The
+# embedded mode's bundled 135M model writes few usable titles (docs/benchmarks.md,
+# tests/bench/titles.py): it keeps the first words unless told otherwise.
+PARLEY_TITLES = env.string("PARLEY_TITLES", default="first_words" if EMBEDDED else "model")
+if PARLEY_TITLES not in ("model", "first_words"):
+    raise ImproperlyConfigured("PARLEY_TITLES must be 'model' or 'first_words'.")
 PARLEY_SYSTEM_PROMPT = env.string(
     "PARLEY_SYSTEM_PROMPT", default="You are Parley, a helpful and concise assistant."
 )
