@@ -40,6 +40,7 @@ class LocalModelServer:
         ctx: int = 8192,
         threads: int = 0,
         log_path: Path | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
@@ -47,6 +48,7 @@ class LocalModelServer:
         self.ctx = ctx
         self.threads = threads
         self.log_path = log_path or Path(tempfile.gettempdir()) / f"parley-model-{self.port}.log"
+        self.extra_args = list(extra_args or [])
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,6 +71,7 @@ class LocalModelServer:
         ]
         if self.model_path:
             command += ["--model-path", self.model_path]
+        command += self.extra_args
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             [str(PLATFORM_DIR), *filter(None, [env.get("PYTHONPATH")])]

@@ -82,9 +82,19 @@ class Sampling:
 class Engine:
     """One llama.cpp context, one sequence at a time, with vLLM-style accounting."""
 
-    def __init__(self, model_path: Path, *, model_id: str, n_ctx: int, n_threads: int) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        model_id: str,
+        n_ctx: int,
+        n_threads: int,
+        prefix_cache: int = 4,
+    ) -> None:
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from inference.local_cache import PrefixCache
 
         self.model_id = model_id
         self.n_ctx = n_ctx
@@ -96,6 +106,10 @@ class Engine:
             n_batch=512,
             verbose=False,
         )
+        # prefix_cache: how many sequences besides the live one are kept for reuse;
+        # a negative number turns reuse off altogether (every prompt prefilled).
+        self.reuse = prefix_cache >= 0
+        self.cache = PrefixCache(self.llama, max_sequences=max(prefix_cache, 0))
         template = self.llama.metadata.get("tokenizer.chat_template")
         if not template:
             raise RuntimeError(f"{model_path} carries no chat template")
@@ -209,7 +223,12 @@ class Engine:
             from llama_cpp.llama_grammar import LlamaGrammar
 
             grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
+        if not self.reuse:
+            memory = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
+            llama_cpp.llama_memory_clear(memory, True)
+            self.llama.n_tokens = 0
         with self._state_lock:
+            self.cache.prepare(prompt)
             self.prompt_tokens_total += len(prompt)
         pending_bytes = b""
         pending_text = ""
@@ -268,6 +287,7 @@ class Engine:
             running, waiting = self.running, self.waiting
             prompt_total, gen_total = self.prompt_tokens_total, self.generation_tokens_total
             requests = dict(self.requests_total)
+            queries, hits = self.cache.queries_total, self.cache.hits_total
         used = self.llama.n_tokens if running else 0
         label = f'model_name="{self.model_id}"'
         lines = [
@@ -286,6 +306,14 @@ class Engine:
             "# HELP vllm:generation_tokens_total Number of generation tokens processed.",
             "# TYPE vllm:generation_tokens_total counter",
             f"vllm:generation_tokens_total{{{label}}} {float(gen_total)}",
+            "# HELP vllm:prefix_cache_queries_total Prefix cache queries, in terms of "
+            "number of queried tokens.",
+            "# TYPE vllm:prefix_cache_queries_total counter",
+            f"vllm:prefix_cache_queries_total{{{label}}} {float(queries)}",
+            "# HELP vllm:prefix_cache_hits_total Prefix cache hits, in terms of number "
+            "of cached tokens.",
+            "# TYPE vllm:prefix_cache_hits_total counter",
+            f"vllm:prefix_cache_hits_total{{{label}}} {float(hits)}",
             "# HELP vllm:request_success_total Count of successfully processed requests.",
             "# TYPE vllm:request_success_total counter",
         ]
@@ -717,6 +745,13 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=int(os.environ.get("PARLEY_LOCAL_MODEL_THREADS", 0))
     )
     parser.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=int(os.environ.get("PARLEY_LOCAL_MODEL_PREFIX_CACHE", 4)),
+        help="sequences kept in RAM for prefix reuse besides the live one; -1 turns "
+        "reuse off (every prompt prefilled)",
+    )
+    parser.add_argument(
         "--parent-pid",
         type=int,
         default=0,
@@ -733,7 +768,13 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     model_path = Path(args.model_path) if args.model_path else default_model_path()
-    engine = Engine(model_path, model_id=args.model_id, n_ctx=args.ctx, n_threads=args.threads)
+    engine = Engine(
+        model_path,
+        model_id=args.model_id,
+        n_ctx=args.ctx,
+        n_threads=args.threads,
+        prefix_cache=args.prefix_cache,
+    )
     logger.info("serving %s (%s) on http://%s:%d", args.model_id, model_path, args.host, args.port)
     uvicorn.run(create_app(engine), host=args.host, port=args.port, log_level="warning")
 
