@@ -157,3 +157,18 @@ def test_a_session_chooses_among_own_tenants(client, alice, charlie):
     session[SESSION_TENANT_KEY] = str(charlie.tenant.id)
     session.save()
     assert charlie.tenant.name in client.get(reverse("chat:home")).content.decode()
+
+
+def test_a_new_installation_has_the_default_plans():
+    """The migration creates the plans seed_demo ensures, with the same limits: an
+    operator can put a tenant on "Team" at once."""
+    import importlib
+
+    from tenants.services.operators import DEFAULT_PLANS, plans_seed
+
+    migration = importlib.import_module("tenants.migrations.0004_default_plans")
+    assert migration.PLANS == DEFAULT_PLANS
+    plans_seed()  # (a test database may have been emptied by an earlier test)
+    with operator_scope():
+        team = Plan.objects.get(name="Team")
+    assert team.requests_per_minute == DEFAULT_PLANS["Team"]["requests_per_minute"]
