@@ -35,8 +35,25 @@ def login(base: str) -> str:
         assert response.status_code == 302, response.text
         chat = client.get("/")
         assert chat.status_code == 200
-        assert "/static/parley/chat.js" in chat.text or "parley/chat.js" in chat.text
+        assert re.search(r"/static/parley/chat\.[0-9a-f]{12}\.js", chat.text), chat.text
         return client.cookies["sessionid"]
+
+
+def test_static_files_are_served_compressed_and_cached_by_content(embedded_server):
+    """`serve` collects the static files under names that carry their content's hash:
+    served compressed and cached for a year; a new build has new names."""
+    base, _ = embedded_server
+    with httpx.Client(base_url=base) as client:
+        page = client.get("/accounts/login/").text
+        (css,) = re.findall(r"/static/parley/parley\.[0-9a-f]{12}\.css", page)
+        response = client.get(css, headers={"Accept-Encoding": "gzip"})
+        assert response.status_code == 200
+        assert response.headers["Content-Encoding"] == "gzip"
+        cache = response.headers["Cache-Control"]
+        assert "immutable" in cache and int(re.search(r"max-age=(\d+)", cache).group(1)) >= 31536000
+        # The file by its plain name is still there (for what names no hash), briefly cached.
+        plain = client.get("/static/parley/parley.css")
+        assert plain.status_code == 200 and "immutable" not in plain.headers["Cache-Control"]
 
 
 def test_embedded_default_streams_a_chat_turn(embedded_server):

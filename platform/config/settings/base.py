@@ -445,12 +445,15 @@ if EMBEDDED:
     _static_root.mkdir(parents=True, exist_ok=True)
 STATIC_ROOT: Path | None = _static_root
 STATICFILES_DIRS = [FRONTEND_DIR / "static", FRONTEND_DIR / "dist"]
+# Static files are collected (`manage.py collectstatic`; `serve` collects them itself in
+# the embedded mode) under names that carry a hash of their content, with compressed
+# copies beside them: WhiteNoise serves them compressed and cached for a year (a new
+# build has new names). DEBUG serves them from the frontend folders as they are.
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
-    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+    "staticfiles": {"BACKEND": "config.storage.StaticFilesStorage"},
 }
-# Serve from the finders so the embedded mode needs no collectstatic step.
-WHITENOISE_USE_FINDERS = True
+WHITENOISE_USE_FINDERS = DEBUG
 
 LOGGING = {
     "version": 1,

@@ -37,6 +37,10 @@ if not EMBEDDED:  # noqa: F405
     # Without the pool (DATABASE_POOL=false), worker threads in tests must still not
     # keep connections to the test database open.
     DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
-# Static files come from the finders; tests never collect them.
+# Static files come from the finders; tests never collect them (the embedded server the
+# browser tests start collects its own: chat's `serve`).
 STATIC_ROOT = None
+_plain = "django.contrib.staticfiles.storage.StaticFilesStorage"
+STORAGES = {**STORAGES, "staticfiles": {"BACKEND": _plain}}  # noqa: F405
+WHITENOISE_USE_FINDERS = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from inference import pool
@@ -49,9 +50,28 @@ class Command(BaseCommand):
             help="use this inference backend instead of starting the local model server",
         )
 
+    def static_files_ready(self) -> None:
+        """The embedded mode collects the static files (hashed names, compressed copies:
+        settings' STORAGES); production serves what the deployment collected."""
+        from django.contrib.staticfiles.storage import staticfiles_storage
+
+        manifest = getattr(staticfiles_storage, "manifest_name", None)
+        if manifest is None or settings.WHITENOISE_USE_FINDERS:
+            return
+        if settings.EMBEDDED:
+            started = time.monotonic()
+            call_command("collectstatic", interactive=False, verbosity=0)
+            self.stdout.write(f"Static files collected ({time.monotonic() - started:.1f} s)")
+        elif not staticfiles_storage.exists(manifest):
+            raise CommandError(
+                f"No static files in {settings.STATIC_ROOT}: run `manage.py collectstatic` "
+                "when deploying (the pages name their files by the manifest it writes)."
+            )
+
     def handle(self, *args, **options):
         import uvicorn
 
+        self.static_files_ready()
         model_server = None
         if options["backend"]:
             settings.PARLEY_BACKENDS = [url.rstrip("/") for url in options["backend"]]
