@@ -41,6 +41,16 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from inference.local_tools import (
+    TRIGGER,
+    CallParser,
+    ToolError,
+    ToolPlan,
+    check_tool_messages,
+    render_messages,
+    tool_plan,
+)
+
 logger = logging.getLogger("parley.local_server")
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
@@ -76,7 +86,9 @@ class Sampling:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
-    grammar: str | None = None  # GBNF, for response_format
+    grammar: str | None = None  # GBNF, for response_format or a forced tool call
+    # (trigger, GBNF): the grammar applies once the answer starts with the trigger
+    lazy_grammar: tuple[str, str] | None = None
 
 
 class Engine:
@@ -218,11 +230,6 @@ class Engine:
         llama_cpp = self._llama_cpp
         seed = llama_cpp.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % 0xFFFFFFFF
         self.llama.set_seed(seed)
-        grammar = None
-        if sampling.grammar is not None:
-            from llama_cpp.llama_grammar import LlamaGrammar
-
-            grammar = LlamaGrammar.from_string(sampling.grammar, verbose=False)
         if not self.reuse:
             memory = llama_cpp.llama_get_memory(self.llama._ctx.ctx)
             llama_cpp.llama_memory_clear(memory, True)
@@ -236,44 +243,81 @@ class Engine:
         finish = "length"
         stopped = False
         hold = max((len(s) for s in sampling.stop), default=0)
-        tokens = self.llama.generate(
-            prompt,
-            temp=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            min_p=sampling.min_p,
-            repeat_penalty=sampling.repetition_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            presence_penalty=sampling.presence_penalty,
-            logits_processor=_logit_bias_processor(sampling.logit_bias),
-            grammar=grammar,
-            reset=True,
-        )
-        try:
-            for token in tokens:
-                if cancelled.is_set():
-                    finish = "abort"
-                    break
-                if self._is_end(token):
-                    finish = "stop"
-                    break
-                produced += 1
-                with self._state_lock:
-                    self.generation_tokens_total += 1
-                pending_bytes += self.llama.detokenize([token])
-                # Emit only whole UTF-8 characters; a multi-byte one may span tokens.
-                text, pending_bytes = _split_utf8(pending_bytes)
-                pending_text += text
-                stopped, emit, pending_text = _apply_stop(pending_text, sampling.stop, hold)
-                if emit:
-                    yield emit, None, 0
-                if stopped:
-                    finish = "stop"
-                    break
-                if produced >= sampling.max_tokens:
-                    break
-        finally:
-            tokens.close()
+        # A lazy grammar (tool_choice auto) applies once the answer starts with its
+        # trigger; until it is known whether it does, the text is held back here.
+        lazy = sampling.lazy_grammar
+        head_tokens: list[int] = []
+        head_text = ""
+        grammar_text = sampling.grammar
+        context = list(prompt)
+        while True:
+            grammar = None
+            if grammar_text is not None:
+                from llama_cpp.llama_grammar import LlamaGrammar
+
+                grammar = LlamaGrammar.from_string(grammar_text, verbose=False)
+            tokens = self.llama.generate(
+                context,
+                temp=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+                min_p=sampling.min_p,
+                repeat_penalty=sampling.repetition_penalty,
+                frequency_penalty=sampling.frequency_penalty,
+                presence_penalty=sampling.presence_penalty,
+                logits_processor=_logit_bias_processor(sampling.logit_bias),
+                grammar=grammar,
+                reset=True,
+            )
+            switch = False
+            try:
+                for token in tokens:
+                    if cancelled.is_set():
+                        finish = "abort"
+                        break
+                    if self._is_end(token):
+                        finish = "stop"
+                        break
+                    produced += 1
+                    with self._state_lock:
+                        self.generation_tokens_total += 1
+                    piece = self.llama.detokenize([token])
+                    if lazy is not None:
+                        trigger, after = lazy
+                        head_tokens.append(token)
+                        head_text += piece.decode("utf-8", errors="replace")
+                        stripped = head_text.lstrip()
+                        if stripped.startswith(trigger):
+                            # The model starts a call: constrain the rest of it.
+                            # (Cut after the trigger: its last token may carry more.)
+                            lazy, switch, grammar_text = None, True, after
+                            cut = head_text.index(trigger) + len(trigger)
+                            context = list(prompt) + self.tokenize(head_text[:cut], special=False)
+                            pending_bytes = b""
+                            pending_text += head_text[:cut]
+                            break
+                        if trigger.startswith(stripped) and produced < sampling.max_tokens:
+                            pending_bytes += piece
+                            continue
+                        lazy = None  # plain text: no grammar
+                    pending_bytes += piece
+                    # Emit only whole UTF-8 characters; a multi-byte one may span tokens.
+                    text, pending_bytes = _split_utf8(pending_bytes)
+                    pending_text += text
+                    stopped, emit, pending_text = _apply_stop(pending_text, sampling.stop, hold)
+                    if emit:
+                        yield emit, None, 0
+                    if stopped:
+                        finish = "stop"
+                        break
+                    if produced >= sampling.max_tokens:
+                        break
+            finally:
+                tokens.close()
+            if not switch:
+                break
+            if produced >= sampling.max_tokens:
+                break
         # Text held back for a possible stop string is part of the answer unless a stop
         # string matched (end of generation, max_tokens and abort match none).
         if not stopped:
@@ -400,8 +444,22 @@ def _messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         elif not isinstance(content, str):
             raise RequestError(f"messages[{index}].content must be a string or text parts")
         role = "system" if message["role"] == "developer" else message["role"]
-        out.append({"role": role, "content": content})
+        kept: dict[str, Any] = {"role": role, "content": content}
+        if message.get("tool_calls"):
+            kept["tool_calls"] = message["tool_calls"]
+        out.append(kept)
+    try:
+        check_tool_messages(messages)
+    except ToolError as exc:
+        raise RequestError(str(exc)) from exc
     return out
+
+
+def _tool_plan(body: dict[str, Any], engine: Engine) -> ToolPlan | None:
+    try:
+        return tool_plan(body, engine.grammar_valid)
+    except ToolError as exc:
+        raise RequestError(str(exc)) from exc
 
 
 def _number(body: dict[str, Any], name: str, default: Any, kind: type, lo: float, hi: float) -> Any:
@@ -562,7 +620,8 @@ def create_app(engine: Engine) -> Any:
             body = await json_body(request)
             check_model(body)
             if "messages" in body:
-                tokens = engine.prompt_tokens(_messages(body))
+                plan = _tool_plan(body, engine)
+                tokens = engine.prompt_tokens(render_messages(_messages(body), plan))
             elif isinstance(body.get("prompt"), str):
                 tokens = engine.tokenize(
                     body["prompt"], add_bos=bool(body.get("add_special_tokens", True))
@@ -579,9 +638,17 @@ def create_app(engine: Engine) -> Any:
             check_model(body)
             if body.get("n", 1) != 1:
                 raise RequestError("only n=1 is served")
-            messages = _messages(body)
+            plan = _tool_plan(body, engine)
+            messages = render_messages(_messages(body), plan)
             prompt = await asyncio.to_thread(engine.prompt_tokens, messages)
             sampling = _sampling(body, engine, prompt)
+            if plan is not None:
+                if sampling.grammar is not None:
+                    raise RequestError("'response_format' cannot be combined with 'tools'")
+                if plan.forced:
+                    sampling.grammar = plan.grammar
+                else:
+                    sampling.lazy_grammar = (TRIGGER, plan.grammar_after_trigger)
             stream = bool(body.get("stream", False))
             options = body.get("stream_options") or {}
             if not isinstance(options, dict):
@@ -627,6 +694,16 @@ def create_app(engine: Engine) -> Any:
                 text, finish, produced = await asyncio.to_thread(run)
             finally:
                 cancelled.set()
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if plan is not None:
+                parser = CallParser()
+                list(parser.feed(text))
+                list(parser.flush())
+                calls = parser.calls()
+                message["tool_calls"] = calls
+                if calls:
+                    message["content"] = "".join(parser.content) or None
+                    finish = "tool_calls"
             engine.count_finished(finish)
             return JSONResponse(
                 {
@@ -637,7 +714,7 @@ def create_app(engine: Engine) -> Any:
                     "choices": [
                         {
                             "index": 0,
-                            "message": {"role": "assistant", "content": text},
+                            "message": message,
                             "logprobs": None,
                             "finish_reason": finish,
                         }
@@ -656,6 +733,29 @@ def create_app(engine: Engine) -> Any:
                     loop.call_soon_threadsafe(queue.put_nowait, item)
             except BaseException as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        parser = CallParser() if plan is not None else None
+        tool_id = f"chatcmpl-tool-{uuid.uuid4().hex}"
+
+        def tool_deltas(events: Iterator[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+            """vLLM's deltas: content, or the call's index, id, type and name, then
+            its argument fragments."""
+            for kind, value in events:
+                if kind == "content":
+                    yield {"content": value}
+                elif kind == "name":
+                    yield {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": tool_id,
+                                "type": "function",
+                                "function": {"name": value, "arguments": ""},
+                            }
+                        ]
+                    }
+                else:
+                    yield {"tool_calls": [{"index": 0, "function": {"arguments": value}}]}
 
         async def events() -> Any:
             producer = loop.run_in_executor(None, produce)
@@ -681,8 +781,17 @@ def create_app(engine: Engine) -> Any:
                         return
                     text, finish, produced = item
                     if finish is None:
-                        yield chunk({"content": text})
+                        if parser is None:
+                            yield chunk({"content": text})
+                            continue
+                        for delta in tool_deltas(parser.feed(text)):
+                            yield chunk(delta)
                         continue
+                    if parser is not None:
+                        for delta in tool_deltas(parser.flush()):
+                            yield chunk(delta)
+                        if parser.calls():
+                            finish = "tool_calls"
                     engine.count_finished(finish)
                     yield chunk({}, finish)
                     if include_usage:
