@@ -524,16 +524,7 @@ def test_rename_search_and_delete_from_the_sidebar(embedded_server, page):
 def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server, page):
     base, _ = embedded_server
     log_in(page, base)
-    assert page.is_hidden("#composer .agent-choice")  # no plugin enabled: nothing to pick
-    # The demo owner enables the built-in calculator for the tenant (with the page's token).
-    status = page.evaluate(
-        """async () => (await fetch('/api/v1/plugins/calculator', {method: 'PUT',
-            headers: {'Content-Type': 'application/json',
-                      'X-CSRFToken': document.getElementById('parley-client').dataset.csrfToken},
-            body: JSON.stringify({enabled: true})})).status"""
-    )
-    assert status == 200
-    page.reload()
+    # The demo tenant has its built-in agents enabled (seed_demo): the picker shows.
     page.wait_for_selector("#composer .agent-choice", state="visible")
     options = page.eval_on_selector_all(
         "#agent option", "(options) => options.map((o) => [o.value, o.textContent])"
