@@ -9,6 +9,7 @@ Escape, on a click elsewhere and after their action, and never cover another row
 from __future__ import annotations
 
 import os
+import uuid
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -100,10 +101,32 @@ def test_the_api_docs_render_offline_under_the_csp(embedded_server, page):
     first.locator(".opblock-summary").click()
     first.locator(".responses-wrapper").wait_for()
     assert first.locator("tr.response[data-code='401']").count() == 1
-
     page.wait_for_timeout(500)  # (late errors)
     assert page.evaluate("window.__violations || []") == []
     assert seen["errors"] == []
+
+    # "Try it out" calls the API with the member's session, and the CSRF token a write
+    # needs: deleting a conversation that does not exist answers 404, not 403.
+    for operation, parameter, status in (
+        ("tenant-tenants_api_tenant_tenant_get", None, "200"),
+        ("conversations-chat_api_conversations_delete", str(uuid.uuid4()), "404"),
+    ):
+        block = page.locator(f"#operations-{operation}")
+        if block.locator(".opblock-body").count() == 0:
+            block.locator(".opblock-summary").click()
+        block.locator("button.try-out__btn").click()
+        if parameter:
+            block.locator("tr[data-param-name=conversation_id] input").fill(parameter)
+        block.locator("button.execute").click()
+        shown = block.locator(".live-responses-table tbody .response-col_status").first
+        shown.wait_for(timeout=10_000)
+        assert shown.inner_text().strip() == status, block.locator(
+            ".live-responses-table"
+        ).inner_text()
+
+    assert page.evaluate("window.__violations || []") == []
+    # (Chromium logs the deliberate 404 as a failed load: nothing else.)
+    assert all("status of 404" in error for error in seen["errors"]), seen["errors"]
     # Everything came from Parley itself: no CDN, nothing remote.
     origins = {urlsplit(url).netloc for url in seen["requests"] if url.startswith("http")}
     assert origins == {urlsplit(base).netloc}, origins
@@ -185,9 +208,15 @@ def test_a_long_conversation_keeps_the_composer_status_and_stop_in_view(
         assert in_view(box(page, selector)), selector
     assert in_view(box(page, "#messages li.message >> nth=-1"))
     # Scrolling the page with the wheel over the thread moves the thread, not the page.
+    end = page.evaluate("document.getElementById('messages').scrollTop")
     page.mouse.move(700, 300)
-    page.mouse.wheel(0, -2000)
-    wait_until(page, "() => document.getElementById('messages').scrollTop < 100", timeout=10)
+    page.mouse.wheel(0, -600)
+    wait_until(
+        page,
+        "(end) => document.getElementById('messages').scrollTop < end - 300",
+        timeout=10,
+        arg=end,
+    )
     assert page.evaluate("document.scrollingElement.scrollTop") == 0
     assert in_view(box(page, "#composer"))
 

@@ -13,6 +13,6 @@ const out = join(here, "..", "dist", "parley", "vendor", "swagger-ui");
 const swagger = dirname(require.resolve("swagger-ui-dist/package.json"));
 
 mkdirSync(out, { recursive: true });
-for (const file of ["swagger-ui-bundle.js", "swagger-ui.css", "LICENSE", "NOTICE"]) {
+for (const file of ["swagger-ui-bundle.js", "swagger-ui.css", "swagger-ui.css.map", "LICENSE", "NOTICE"]) {
   copyFileSync(join(swagger, file), join(out, file));
 }
