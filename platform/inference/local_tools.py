@@ -151,6 +151,9 @@ def tool_plan(body: dict[str, Any], grammar_valid: Any = None) -> ToolPlan | Non
     except Exception as exc:  # the converter raises whatever it meets
         raise ToolError(f"'tools': a parameters schema is not supported: {exc}") from exc
     call = re.sub(r"^root ::=", "tool-call ::=", call, count=1, flags=re.MULTILINE)
+    # No control characters (raw newlines) inside strings: JSON forbids them, and a
+    # small model that starts one tends never to close the string.
+    call = call.replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x00-\\x1F\\x7F]')
     grammar = f'root ::= "<tool_call>\\n" tool-call "\\n</tool_call>"\n{call}'
     after = f'root ::= "\\n"? tool-call "\\n</tool_call>"\n{call}'
     if grammar_valid is not None and not (grammar_valid(grammar) and grammar_valid(after)):
