@@ -13,8 +13,7 @@ from plugins.calculator.units import UnitError, convert
 
 @tool(parse_docstring=True)
 def calculate(expression: str) -> str:
-    """Evaluate an arithmetic expression exactly and return its value (not for dates
-    or units: use days_between, date_shift or convert_units).
+    """Evaluate an arithmetic expression exactly and return its value.
 
     Supports + - * / // % and ** (or ^) for powers, parentheses, the constants pi, e
     and tau, and the functions abs, round, min, max, sqrt, exp, log, log10, log2,
@@ -54,7 +53,7 @@ def _date(text: str, argument: str) -> date:
 
 @tool(parse_docstring=True)
 def days_between(start: str, end: str) -> str:
-    """How many days from one date to another (negative when end is before start).
+    """Count the days from one date to another (negative when end is before start).
 
     Args:
         start: The first date, as YYYY-MM-DD.
