@@ -696,13 +696,13 @@ def create_app(engine: Engine) -> Any:
                 cancelled.set()
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if plan is not None:
-                parser = CallParser()
-                list(parser.feed(text))
-                list(parser.flush())
-                calls = parser.calls()
+                reader = CallParser()
+                list(reader.feed(text))
+                list(reader.flush())
+                calls = reader.calls()
                 message["tool_calls"] = calls
                 if calls:
-                    message["content"] = "".join(parser.content) or None
+                    message["content"] = "".join(reader.content) or None
                     finish = "tool_calls"
             engine.count_finished(finish)
             return JSONResponse(

@@ -91,8 +91,11 @@ def stream(
     return (first if first is not None else time.perf_counter() - started), "".join(text)
 
 
-def conversation(http: httpx.Client) -> dict[str, Any]:
-    messages: list[dict[str, Any]] = [{"role": "system", "content": SYSTEM}]
+def conversation(http: httpx.Client, number: int) -> dict[str, Any]:
+    # Each conversation its own from the first token: nothing shared between them.
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": f"Conversation {number}. {SYSTEM}"}
+    ]
     ttft = []
     for turn in range(1, TURNS + 1):
         messages.append({"role": "user", "content": user_message(turn)})
@@ -124,7 +127,7 @@ def run_mode(prefix_cache: int, reps: int) -> dict[str, Any]:
         httpx.Client(base_url=server.url, timeout=300) as http,
     ):
         stream(http, [{"role": "user", "content": "Hello"}], 4)  # warm-up
-        runs = [conversation(http) for _ in range(reps)]
+        runs = [conversation(http, number) for number in range(reps)]
         metrics = http.get("/metrics").text
     turn1 = [r["ttft"][0] for r in runs]
     turn10 = [r["ttft"][-1] for r in runs]
