@@ -21,6 +21,12 @@ Sampling takes vLLM's parameters and llama.cpp applies them: `temperature`, `top
 `stop`, and `response_format` (`json_object`, `json_schema`) as a llama.cpp grammar.
 What it cannot give (`n` > 1, `logprobs`) is refused, never ignored.
 
+Tool calls (`tools`, `tool_choice`) are served as vLLM serves them, with arguments
+constrained by a grammar from the tools' schemas (`inference.local_tools`). What
+llama.cpp already evaluated is reused: the longest common prefix of the live sequence
+and the prompt, or of a few sequences kept in RAM (`inference.local_cache`), counted
+as vLLM's `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total`.
+
 Runs without Django: `python -m inference.local_server --port 8001`.
 """
 
