@@ -45,6 +45,9 @@ EMPTY_SETTINGS_SCHEMA: dict[str, Any] = {
 }
 
 
+TOOL_CHOICES = ("auto", "required")
+
+
 @dataclass(frozen=True)
 class AgentSpec:
     """An agent a plugin provides: a member picks it for a conversation."""
@@ -54,6 +57,11 @@ class AgentSpec:
     description: str
     instructions: str
     tools: tuple[str, ...] = ()
+    # "auto": the model chooses whether to call a tool at each step. "required": the
+    # first model call of each run must call one of the agent's tools (later calls
+    # choose), for an agent every question of which needs a tool, on models that do not
+    # reach for tools by themselves (the bundled one: docs/benchmarks.md).
+    tool_choice: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,13 @@ def _agent_problems(manifest: PluginManifest) -> list[str]:
         for attribute in ("title", "instructions"):
             if not str(getattr(agent, attribute) or "").strip():
                 problems.append(f"agent {agent.name!r} has no {attribute}")
+        if agent.tool_choice not in TOOL_CHOICES:
+            problems.append(
+                f"agent {agent.name!r} has tool_choice {agent.tool_choice!r}: one of "
+                f"{', '.join(TOOL_CHOICES)}"
+            )
+        elif agent.tool_choice == "required" and not agent.tools:
+            problems.append(f"agent {agent.name!r} requires a tool call but has no tools")
         unknown = [name for name in agent.tools if name not in tool_names]
         if unknown:
             problems.append(

@@ -231,7 +231,11 @@ class _Loop:
     # --- a model call -------------------------------------------------------------
 
     def model_step(self, messages: list[BaseMessage]) -> AIMessage:
-        runnable = self.model.bind_tools(self.tools) if self.tools else self.model
+        runnable: Any = self.model
+        if self.tools and self.steps == 0 and self.spec.tool_choice == "required":
+            runnable = self.model.bind_tools(self.tools, tool_choice="required")
+        elif self.tools:
+            runnable = self.model.bind_tools(self.tools)
         self.steps += 1
         reply: AIMessageChunk | None = None
         text = ""

@@ -23,6 +23,7 @@ class ScriptedChatModel(BaseChatModel):
     script: Iterator[AIMessage]
     seen: list[list[BaseMessage]] = Field(default_factory=list)
     offered: list[list[str]] = Field(default_factory=list)
+    choices: list[Any] = Field(default_factory=list)  # each call's tool_choice
 
     @property
     def _llm_type(self) -> str:
@@ -40,6 +41,7 @@ class ScriptedChatModel(BaseChatModel):
     ) -> Iterator[ChatGenerationChunk]:
         self.seen.append(list(messages))
         self.offered.append([t["function"]["name"] for t in kwargs.get("tools", [])])
+        self.choices.append(kwargs.get("tool_choice"))
         reply = next(self.script)
         text = reply.content if isinstance(reply.content, str) else ""
         for piece in re.split(r"(?<= )", text) if text else []:

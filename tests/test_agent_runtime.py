@@ -196,6 +196,43 @@ def text_of(events: list[dict[str, Any]]) -> str:
 # --- the loop ---------------------------------------------------------------------
 
 
+def test_an_agent_that_requires_a_tool_gets_one_called_first_then_chooses():
+    """The calculator requires a tool (AgentSpec.tool_choice): its first model call of a
+    run is told to call one, the next (with the result) chooses freely."""
+    calculator = plugin_get("calculator").manifest
+    assert calculator.agents[0].tool_choice == "required"
+    model = scripted(calls(("calculate", {"expression": "6 * 7"})), AIMessage(content="42."))
+    result, _ = run(calculator, model, agent="calculator")
+    assert model.choices == ["required", None]
+    assert result.text == "42."
+
+
+@pytest.mark.parametrize(
+    ("spec", "problem"),
+    [
+        (
+            AgentSpec("a", "A", "", "Do it.", tools=("calculate",), tool_choice="always"),
+            "tool_choice 'always'",
+        ),
+        (AgentSpec("a", "A", "", "Do it.", tool_choice="required"), "has no tools"),
+    ],
+)
+def test_a_bad_tool_choice_is_a_manifest_problem(spec, problem):
+    from agents.manifest import ManifestError
+    from plugins.calculator import calculate
+
+    manifest = PluginManifest(
+        name="p",
+        version="1",
+        description="",
+        tools=[calculate],
+        agents=[spec],
+        scopes={"calculate": ()},
+    )
+    with pytest.raises(ManifestError, match=problem):
+        manifest_validate(manifest)
+
+
 def test_the_event_log_shows_each_step_in_order(manifest):
     model = scripted(
         calls(("calculate", {"expression": "6*7"}), text="Let me compute."),

@@ -4,7 +4,10 @@ its tool and the answer shows the step and the right number; the demo's operator
 on the operator's page.
 
 How often the bundled model calls the right tool with valid arguments is measured by
-tests/bench/tool_calls.py (docs/benchmarks.md); here one plain question must work."""
+tests/bench/local_tools.py (docs/benchmarks.md: SmolLM2-135M gets 37% of its 30
+questions right when a tool call is required, as the calculator agent requires it);
+here one plain multiplication, of the kind it gets right, must go through the whole
+product: the agent picker, the pool, the tool, the step on the page, the answer."""
 
 from __future__ import annotations
 
@@ -21,25 +24,25 @@ def test_the_calculator_agent_shows_its_tool_step_and_the_right_number(embedded_
     picker = page.locator("#agent")
     assert picker.is_visible(), "the demo tenant's agents are enabled: the picker shows"
     picker.select_option("calculator.calculator")
-    page.fill("#prompt", "What is 17 * 23 + 4?")
+    page.fill("#prompt", "What is 23 * 47?")
     page.keyboard.press("Enter")
     # The tool step appears while the run goes on, and ends done with the result.
     page.wait_for_selector("details.tool", timeout=ANSWER_TIMEOUT_MS)
     step = page.locator("details.tool").first
-    assert step.locator(".tool-name").inner_text() == "calculate"
+    assert step.locator(".tool-name").text_content() == "calculate"
     wait_until(
         page,
         "() => !!document.querySelector('details.tool.done .tool-result')",
         timeout=ANSWER_TIMEOUT_MS / 1000,
     )
-    assert "395" in step.locator(".tool-result").inner_text()
+    assert "1081" in step.locator(".tool-result").text_content()  # (a closed <details>)
     answer = wait_until(
         page,
         """() => !document.querySelector('#messages li.streaming, #messages li.pending')
             && document.querySelector('#messages li.assistant[data-id] .body')?.textContent""",
         timeout=ANSWER_TIMEOUT_MS / 1000,
     )
-    assert "395" in answer
+    assert "1081" in answer.replace(",", "")
 
 
 def test_the_demo_operator_lands_on_the_operator_page(embedded_server, page):  # noqa: F811

@@ -36,6 +36,9 @@ def parley_manifest() -> PluginManifest:
                     "with its unit."
                 ),
                 tools=tuple(tool.name for tool in tools),
+                # Every question it takes needs a tool; small models rarely reach for one
+                # unasked (docs/benchmarks.md, tool calls).
+                tool_choice="required",
             )
         ],
     )
