@@ -231,6 +231,39 @@ HTTP_MATRIX["api/v1/plugins/<name>"] = Entry(
 )
 
 
+def _stored_document(world: World) -> tuple[Any, str]:
+    from documents.models import Document
+
+    with operator_scope():
+        document = Document.objects.create(
+            tenant=world.alice.tenant,
+            owner=world.alice.user,
+            title="Merger plans",
+            media_type=Document.MediaType.TEXT,
+            size_bytes=26,
+            sha256="0" * 64,
+            page_count=1,
+            file_name=f"{world.alice.tenant.id}/{uuid.uuid4()}",
+        )
+        document.pages.create(tenant=world.alice.tenant, number=1, text="Merger plans, secret")
+    return document.id, "Merger plans"
+
+
+# Documents are private to the member who uploaded them. The page route gets the
+# document's id as its page number too (the matrix fills every parameter with it): the
+# owner's answer is then 404 as well (no such page); tests/test_documents.py reads pages.
+HTTP_MATRIX.update(
+    {
+        "api/v1/documents/<document_id>": Entry(
+            _stored_document, {"GET": PRIVATE, "DELETE": PRIVATE}
+        ),
+        "api/v1/documents/<document_id>/pages/<number>": Entry(
+            _stored_document, {"GET": {"owner": 404, "member": 404}}
+        ),
+    }
+)
+
+
 WS_MATRIX: dict[str, dict[str, Callable[[World], tuple[Any, str]]]] = {
     "chat.send": {
         "conversation_id": _conversation,

@@ -13,6 +13,9 @@ from tenants.models import Tenant
 
 # sender=Tenant, tenant=..., reason=...: inside the suspending transaction.
 tenant_suspended = Signal()
+# sender=Tenant, tenant_id=...: inside the deleting transaction, after the tenant's rows
+# are gone. For what lives outside the database (document files): remove it on commit.
+tenant_deleted = Signal()
 
 ExportSection = Callable[[Tenant], Any]
 _export_sections: dict[str, ExportSection] = {}

@@ -77,6 +77,7 @@ INSTALLED_APPS = [
     "channels",
     "tenants",
     "inference",
+    "documents",
     "chat",
     "gateway",
     "agents",
@@ -449,11 +450,59 @@ STATICFILES_DIRS = [FRONTEND_DIR / "static", FRONTEND_DIR / "dist"]
 # the embedded mode) under names that carry a hash of their content, with compressed
 # copies beside them: WhiteNoise serves them compressed and cached for a year (a new
 # build has new names). DEBUG serves them from the frontend folders as they are.
-STORAGES = {
+STORAGES: dict[str, dict[str, Any]] = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "config.storage.StaticFilesStorage"},
 }
 WHITENOISE_USE_FINDERS = DEBUG
+
+# --- documents ----------------------------------------------------------------
+# Uploaded files live in the `documents` storage (documents.storage): a folder (under
+# PARLEY_VAR_DIR unless PARLEY_DOCUMENTS_DIR says where), or an S3-compatible bucket
+# when PARLEY_DOCUMENTS_S3_BUCKET is set (needs `pip install "django-storages[s3]"`;
+# credentials from boto3's usual sources, e.g. AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY).
+# Production with more than one machine needs the bucket, or a folder they all share.
+if env.present("PARLEY_DOCUMENTS_S3_BUCKET"):
+    try:
+        import storages.backends.s3  # noqa: F401
+    except ImportError as _exc:
+        raise ImproperlyConfigured(
+            'PARLEY_DOCUMENTS_S3_BUCKET needs django-storages: pip install "django-storages[s3]"'
+        ) from _exc
+    STORAGES["documents"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            "bucket_name": env.string("PARLEY_DOCUMENTS_S3_BUCKET"),
+            "endpoint_url": env.string("PARLEY_DOCUMENTS_S3_ENDPOINT_URL", default="") or None,
+            "region_name": env.string("PARLEY_DOCUMENTS_S3_REGION", default="") or None,
+            "location": env.string("PARLEY_DOCUMENTS_S3_PREFIX", default="documents"),
+            "default_acl": "private",
+            "file_overwrite": False,
+        },
+    }
+else:
+    STORAGES["documents"] = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": env.string("PARLEY_DOCUMENTS_DIR", default=str(VAR_DIR / "documents")),
+            "base_url": None,  # never served by URL: read through the API only
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    }
+# Storage a tenant's documents may take in all (bytes; unset: unlimited). Each upload
+# is also limited by the plan's `max_upload_bytes`.
+PARLEY_TENANT_STORAGE_BYTES = _optional_limit("PARLEY_TENANT_STORAGE_BYTES")
+# Refused at upload: PDFs with more pages than this, or a page tree nested deeper; DOCX
+# files (zips) that unpack to more than this, or any member compressed more than this.
+PARLEY_DOCUMENT_MAX_PAGES = env.integer("PARLEY_DOCUMENT_MAX_PAGES", default=5000, minimum=1)
+PARLEY_DOCUMENT_MAX_PAGE_TREE_DEPTH = env.integer(
+    "PARLEY_DOCUMENT_MAX_PAGE_TREE_DEPTH", default=32, minimum=2
+)
+PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES = env.integer(
+    "PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES", default=256 * 2**20, minimum=1
+)
+PARLEY_DOCUMENT_MAX_ZIP_RATIO = env.integer("PARLEY_DOCUMENT_MAX_ZIP_RATIO", default=100, minimum=1)
 
 LOGGING = {
     "version": 1,

@@ -13,7 +13,7 @@ from django.utils import timezone
 from django.utils.text import slugify
 
 from tenants.access import Actor, NotFound, require_role
-from tenants.lifecycle import export_sections, tenant_suspended
+from tenants.lifecycle import export_sections, tenant_deleted, tenant_suspended
 from tenants.models import (
     ApiKey,
     AuditEvent,
@@ -268,6 +268,7 @@ def tenant_delete(*, actor: Actor, confirm: str) -> None:
     )
     tenant_id, name = tenant.id, tenant.name
     tenant.delete()
+    tenant_deleted.send(sender=Tenant, tenant_id=tenant_id)
     transaction.on_commit(
         lambda: notify_tenant_closed(
             tenant_id=tenant_id, code="tenant_deleted", message=f"{name} was deleted."

@@ -1,0 +1,53 @@
+"""Reads of documents, always scoped by the acting tenant and member: another
+member's or another tenant's document raises `NotFound`, like a missing one."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from django.db.models import QuerySet, Sum
+
+from documents.models import Document, Page
+from tenants.access import Actor, NotFound
+
+
+def id_parse(value: Any) -> uuid.UUID:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except (ValueError, TypeError, AttributeError):
+        raise NotFound from None
+
+
+def document_list(*, actor: Actor) -> QuerySet[Document]:
+    """The actor's documents, newest first."""
+    return Document.objects.filter(tenant=actor.tenant, owner=actor.user)
+
+
+def document_get(*, actor: Actor, document_id: Any) -> Document:
+    try:
+        return document_list(actor=actor).get(id=id_parse(document_id))
+    except Document.DoesNotExist:
+        raise NotFound from None
+
+
+def page_get(*, document: Document, number: Any) -> Page:
+    """Page `number` (from 1) of a document the caller already holds; a page the
+    document has not got, or a number that is none, is `NotFound`. A page within the
+    page count that is not parsed yet has no text."""
+    if not re.fullmatch(r"[0-9]{1,9}", str(number)):
+        raise NotFound
+    wanted = int(str(number))
+    page = document.pages.filter(number=wanted).first()
+    if page is not None:
+        return page
+    if 1 <= wanted <= (document.page_count or 0):
+        return Page(tenant_id=document.tenant_id, document=document, number=wanted, text="")
+    raise NotFound
+
+
+def tenant_storage_used(*, tenant_id: Any) -> int:
+    """Bytes of the tenant's stored files."""
+    used = Document.objects.filter(tenant_id=tenant_id).aggregate(total=Sum("size_bytes"))
+    return int(used["total"] or 0)
