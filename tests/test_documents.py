@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import uuid
 import zipfile
 from datetime import timedelta
@@ -312,6 +313,17 @@ def test_the_plans_upload_size_is_enforced(client, alice, document_files):
     assert upload(client, b"x" * 100, "fits.txt").status_code == 201
 
 
+def test_the_platforms_document_size_is_enforced_whatever_the_plan(
+    client, alice, settings, document_files
+):
+    settings.PARLEY_DOCUMENT_MAX_BYTES = 50  # alice's tenant has no plan: no plan limit
+    client.force_login(alice.user)
+    response = upload(client, b"x" * 51, "big.txt")
+    assert response.status_code == 413
+    assert response.json()["detail"] == "The file is 51 bytes; documents may be up to 50 bytes."
+    assert stored_files(document_files) == []
+
+
 def test_the_tenants_storage_quota_is_enforced(client, alice, bob, settings, document_files):
     settings.PARLEY_TENANT_STORAGE_BYTES = 150
     client.force_login(alice.user)
@@ -441,3 +453,15 @@ def test_a_deletion_rolled_back_keeps_the_files(
             tenant_delete(actor=alice.actor, confirm=alice.tenant.slug)
         raise RuntimeError("a later step failed")
     assert len(stored_files(document_files)) == 1
+
+
+def test_the_tenant_export_lists_its_documents(client, alice, charlie):
+    client.force_login(charlie.user)
+    upload(client, b"Charlie's secrets", "c.txt")
+    client.force_login(alice.user)
+    document = upload(client, TEXT, "notes.txt", form={"title": "Notes"}).json()
+    archive = client.get("/api/v1/tenant/export").json()
+    assert [(d["id"], d["title"], d["sha256"]) for d in archive["documents"]] == [
+        (document["id"], "Notes", document["sha256"])
+    ]
+    assert "Charlie" not in json.dumps(archive)

@@ -6,7 +6,8 @@ class DocumentsConfig(AppConfig):
     name = "documents"
 
     def ready(self) -> None:
-        from documents.lifecycle import files_delete_for_tenant
-        from tenants.lifecycle import tenant_deleted
+        from documents.lifecycle import documents_export, files_delete_for_tenant
+        from tenants.lifecycle import register_export_section, tenant_deleted
 
         tenant_deleted.connect(files_delete_for_tenant, dispatch_uid="documents.files_delete")
+        register_export_section("documents", documents_export)

@@ -41,13 +41,20 @@ def _size_text(size: int) -> str:
 
 
 def upload_size_check(*, actor: Actor, size: int) -> None:
-    """The plan's `max_upload_bytes` (413), before the file is read."""
+    """The plan's `max_upload_bytes`, and the platform's PARLEY_DOCUMENT_MAX_BYTES
+    (413), before the file is read."""
     limit = limits_for(actor.tenant).max_upload_bytes
     if limit is not None and size > limit:
         raise Refused(
             413,
             f"The file is {_size_text(size)}; your plan allows uploads of up to "
             f"{_size_text(limit)}.",
+        )
+    platform_limit = settings.PARLEY_DOCUMENT_MAX_BYTES
+    if size > platform_limit:
+        raise Refused(
+            413,
+            f"The file is {_size_text(size)}; documents may be up to {_size_text(platform_limit)}.",
         )
 
 

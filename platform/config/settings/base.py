@@ -491,8 +491,10 @@ else:
         },
     }
 # Storage a tenant's documents may take in all (bytes; unset: unlimited). Each upload
-# is also limited by the plan's `max_upload_bytes`.
+# is limited by the plan's `max_upload_bytes`, and by PARLEY_DOCUMENT_MAX_BYTES whatever
+# the plan (a file is checked whole, in memory).
 PARLEY_TENANT_STORAGE_BYTES = _optional_limit("PARLEY_TENANT_STORAGE_BYTES")
+PARLEY_DOCUMENT_MAX_BYTES = env.integer("PARLEY_DOCUMENT_MAX_BYTES", default=200 * 2**20, minimum=1)
 # Refused at upload: PDFs with more pages than this, or a page tree nested deeper; DOCX
 # files (zips) that unpack to more than this, or any member compressed more than this.
 PARLEY_DOCUMENT_MAX_PAGES = env.integer("PARLEY_DOCUMENT_MAX_PAGES", default=5000, minimum=1)
