@@ -15,7 +15,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.utils import timezone
-from documents.models import Document, Page
+from documents.models import Chunk, Document, Page
+from documents.services import document_upload
 
 from tenants.models import Plan, Tenant
 from tenants.rls import operator_scope, tenant_scope
@@ -181,6 +182,28 @@ def test_html_is_kept_as_text_without_tags_scripts_or_styles(client, alice):
     text = client.get(f"{URL}/{document_id}/pages/1").json()["text"]
     assert text == "Minutes\n\nAll agreed & signed."
     assert "<" not in text and "alert" not in text and "color" not in text
+
+
+def test_a_text_that_mentions_html_further_down_stays_markdown(client, alice):
+    data = b"# Embedding\n\n```html\n<html><body><script>x()</script></body></html>\n```\n"
+    client.force_login(alice.user)
+    body = upload(client, data, "readme.md").json()
+    assert body["media_type"] == "text/markdown"
+    assert "<script>" in client.get(f"{URL}/{body['id']}/pages/1").json()["text"]
+
+
+@pytest.mark.parametrize(
+    ("title", "detail"),
+    [("x" * 201, "A title is at most 200 characters."), ("a\x00b", "NUL")],
+)
+def test_a_bad_title_is_refused_and_nothing_stored(client, alice, document_files, title, detail):
+    client.force_login(alice.user)
+    response = upload(client, TEXT, "notes.txt", form={"title": title})
+    assert response.status_code == 400, response.content
+    assert detail in response.json()["detail"]
+    assert stored_files(document_files) == []
+    with operator_scope():
+        assert not Document.objects.exists()
 
 
 def test_pages_outside_the_document_are_not_found(client, alice):
@@ -465,3 +488,15 @@ def test_the_tenant_export_lists_its_documents(client, alice, charlie):
         (document["id"], "Notes", document["sha256"])
     ]
     assert "Charlie" not in json.dumps(archive)
+
+
+def test_a_chunks_embedding_is_stored_as_a_list_of_floats(alice):
+    with tenant_scope(tenant_id=alice.tenant.id):
+        document = document_upload(actor=alice.actor, data=TEXT, filename="notes.txt")
+        common = {"tenant": alice.tenant, "document": document, "page_start": 1, "page_end": 1}
+        Chunk.objects.create(
+            index=0, text="Plain", char_start=0, char_end=5, embedding=[0.25, -1, 3e-8], **common
+        )
+        Chunk.objects.create(index=1, text="notes", char_start=6, char_end=11, **common)
+        stored = list(Chunk.objects.filter(document=document).values_list("index", "embedding"))
+    assert stored == [(0, [0.25, -1.0, 3e-8]), (1, None)]

@@ -221,12 +221,13 @@ def _utf8(data: bytes) -> str | None:
     return text
 
 
-_HTML_START = re.compile(r"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html[\s>])", re.I | re.S)
-_HTML_TAG = re.compile(r"<(html|head|body)[\s>]", re.I)
+# A page starts (after blanks and comments) with its doctype, <html>, <head> or <body>;
+# a text that only mentions tags further down (a Markdown code block) stays text.
+_HTML_START = re.compile(r"\s*(<!--.*?-->\s*)*<(!doctype\s+html|html|head|body)[\s>]", re.I | re.S)
 
 
 def _looks_like_html(text: str) -> bool:
-    return bool(_HTML_START.match(text[:4096]) or _HTML_TAG.search(text[:4096]))
+    return bool(_HTML_START.match(text[:4096]))
 
 
 _MARKDOWN = re.compile(

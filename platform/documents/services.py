@@ -7,7 +7,7 @@ import hashlib
 import logging
 
 from django.conf import settings
-from django.core.exceptions import PermissionDenied
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 
 from documents.intake import Refused, intake_check
@@ -62,11 +62,14 @@ def document_upload(*, actor: Actor, data: bytes, filename: str = "", title: str
     """Check the file whole (size, type, safety), then store the row, its cheap pages
     and the file together; a refusal (`Refused`) stores nothing."""
     documents_actor_check(actor)
+    title = title.strip()
+    if len(title) > TITLE_MAX_CHARS:
+        raise ValidationError(f"A title is at most {TITLE_MAX_CHARS} characters.")
     size = len(data)
     upload_size_check(actor=actor, size=size)
     intake = intake_check(data)
     filename = filename.replace("\\", "/").rsplit("/", 1)[-1][:FILENAME_MAX_CHARS]
-    title = (title.strip() or filename or "Untitled")[:TITLE_MAX_CHARS]
+    title = (title or filename or "Untitled")[:TITLE_MAX_CHARS]
     with transaction.atomic():
         # One upload at a time per tenant past this point: the quota holds.
         Tenant.objects.select_for_update().filter(id=actor.tenant_id).first()
