@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -470,3 +471,15 @@ def fresh_pool(settings):
     pool.forget_cache()
     yield
     pool.forget_cache()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def documents_folder_emptied():
+    """The tests' uploaded files (config.settings.test puts them in a temporary folder)
+    are gone after the run."""
+    yield
+    from django.conf import settings as django_settings
+
+    options = django_settings.STORAGES["documents"].get("OPTIONS", {})
+    if django_settings.STORAGES["documents"]["BACKEND"].endswith("FileSystemStorage"):
+        shutil.rmtree(options["location"], ignore_errors=True)

@@ -15,9 +15,9 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import connection
 from django.utils import timezone
+
 from documents.models import Chunk, Document, Page
 from documents.services import document_upload
-
 from tenants.models import Plan, Tenant
 from tenants.rls import operator_scope, tenant_scope
 from tenants.services.api_keys import api_key_create
@@ -458,8 +458,8 @@ def test_a_deletion_rolled_back_keeps_the_files(
 ):
     """The files go on commit: a deletion that fails later keeps them."""
     from django.db import transaction
-    from documents.services import document_upload
 
+    from documents.services import document_upload
     from tenants.services.tenants import tenant_delete
 
     with tenant_scope(tenant_id=alice.tenant.id):
@@ -500,3 +500,17 @@ def test_a_chunks_embedding_is_stored_as_a_list_of_floats(alice):
         Chunk.objects.create(index=1, text="notes", char_start=6, char_end=11, **common)
         stored = list(Chunk.objects.filter(document=document).values_list("index", "embedding"))
     assert stored == [(0, [0.25, -1.0, 3e-8]), (1, None)]
+
+
+def test_an_upload_larger_than_a_request_body_may_be_is_taken(client, alice, settings):
+    """Request bodies are capped at DATA_UPLOAD_MAX_MEMORY_SIZE before any view reads
+    them (config.middleware); a document upload is capped at the document's own limit."""
+    client.force_login(alice.user)
+    big = b"word " * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE // 5 + 1000)
+    response = upload(client, big, "long.txt")
+    assert response.status_code == 201, response.content
+    # Any other body that size is still refused, and so is an upload over its limit.
+    other = client.patch("/api/v1/tenant", big, content_type="application/json")
+    assert other.status_code == 413
+    settings.PARLEY_DOCUMENT_MAX_BYTES = len(big) // 2
+    assert upload(client, big, "long.txt").status_code == 413

@@ -12,6 +12,7 @@ from django.db import connection
 
 from agents.models import TenantPlugin
 from chat.models import Conversation, Message
+from documents.models import Chunk, Document, Page
 from inference.models import UsageRecord
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
@@ -68,6 +69,27 @@ def two_tenants(alice, charlie):
                 tenant=person.tenant, model="m", prompt_tokens=1, outcome="completed"
             )
             TenantPlugin.objects.create(tenant=person.tenant, plugin="calculator")
+            document = Document.objects.create(
+                tenant=person.tenant,
+                owner=person.user,
+                title="notes",
+                media_type=Document.MediaType.TEXT,
+                size_bytes=2,
+                sha256="0" * 64,
+                file_name=f"{person.tenant.id}/notes",
+            )
+            Page.objects.create(tenant=person.tenant, document=document, number=1, text="hi")
+            Chunk.objects.create(
+                tenant=person.tenant,
+                document=document,
+                index=0,
+                text="hi",
+                page_start=1,
+                page_end=1,
+                char_start=0,
+                char_end=2,
+                embedding=[0.25, -1.0],
+            )
     return alice, charlie
 
 
@@ -81,6 +103,9 @@ def test_every_tenant_owned_table_has_forced_row_level_security():
         "tenants_apikey",
         "tenants_auditevent",
         "tenants_tenant",
+        "documents_document",
+        "documents_page",
+        "documents_chunk",
     } <= set(tables)
     with connection.cursor() as cursor:
         cursor.execute(

@@ -41,9 +41,10 @@ class InputCheckMiddleware:
     """Refuses, before sessions, CSRF, authentication or a view read it, a request
     whose path, query string, headers or form fields hold a NUL or a lone surrogate
     (config.inputs: not text), and an API request whose body is over
-    DATA_UPLOAD_MAX_MEMORY_SIZE. The API (/api/) answers JSON `{"detail": ...}`, as
-    all its errors; pages answer a plain 400. JSON bodies are checked by the API's
-    parser (config.api), which knows the operation reads one."""
+    DATA_UPLOAD_MAX_MEMORY_SIZE (a document upload: PARLEY_DOCUMENT_MAX_BYTES). The API
+    (/api/) answers JSON `{"detail": ...}`, as all its errors; pages answer a plain 400.
+    JSON bodies are checked by the API's parser (config.api), which knows the operation
+    reads one."""
 
     def __init__(self, get_response: Callable[[HttpRequest], HttpResponse]) -> None:
         self.get_response = get_response
@@ -70,8 +71,8 @@ class InputCheckMiddleware:
             text_check(key, name="A query parameter's name")
             for value in values:
                 text_check(value, name=f"The query parameter {key!r}")
-        if api and _content_length(request) > _upload_limit():
-            raise RequestDataTooBig(too_large_detail())
+        if api and _content_length(request) > _upload_limit(request):
+            raise RequestDataTooBig(too_large_detail(request))
         if request.method == "POST" and request.content_type in FORM_TYPES:
             for key, values in request.POST.lists():
                 text_check(key, name="A form field's name")
@@ -94,13 +95,26 @@ def _content_length(request: HttpRequest) -> int:
         return 0
 
 
-def _upload_limit() -> int:
+# File uploads (multipart POSTs to these paths) may be as large as a document may be,
+# plus the multipart framing; the documents API checks the plan's own limit.
+UPLOAD_PATHS = ("/api/v1/documents",)
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+def _upload_limit(request: HttpRequest | None = None) -> int:
+    if (
+        request is not None
+        and request.method == "POST"
+        and request.path_info.rstrip("/") in UPLOAD_PATHS
+        and request.content_type == "multipart/form-data"
+    ):
+        return int(settings.PARLEY_DOCUMENT_MAX_BYTES) + MULTIPART_OVERHEAD
     limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
     return limit if limit is not None else 2**63
 
 
-def too_large_detail() -> str:
-    return f"The request body is over the limit of {_upload_limit()} bytes."
+def too_large_detail(request: HttpRequest | None = None) -> str:
+    return f"The request body is over the limit of {_upload_limit(request)} bytes."
 
 
 def _refusal(api: bool, status: int, detail: str) -> HttpResponse:

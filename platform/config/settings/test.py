@@ -2,6 +2,7 @@
 and Redis under `make test`), with fast password hashing and a private Redis prefix."""
 
 import os
+import tempfile
 
 # `make test` exports these (tests/services.sh); the defaults are the standard local ports.
 os.environ.setdefault("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/parley")
@@ -44,3 +45,8 @@ _plain = "django.contrib.staticfiles.storage.StaticFilesStorage"
 STORAGES = {**STORAGES, "staticfiles": {"BACKEND": _plain}}  # noqa: F405
 WHITENOISE_USE_FINDERS = True
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# Uploaded documents of the tests (and of the workers they start) go to a folder of the
+# system's temporary directory, not under var/ (tests/conftest.py empties it).
+STORAGES["documents"]["OPTIONS"]["location"] = os.environ.get(
+    "PARLEY_DOCUMENTS_DIR", os.path.join(tempfile.gettempdir(), "parley-test-documents")
+)
