@@ -21,6 +21,12 @@ MODEL = "SmolLM2-135M-Instruct"
 ARITHMETIC = [{"role": "user", "content": "What is 23 * 47?"}]
 
 
+def calculator_instructions() -> str:
+    from agents.registry import plugin_get
+
+    return plugin_get("calculator").manifest.agents[0].instructions
+
+
 @pytest.fixture
 def http(model_server):
     with httpx.Client(base_url=model_server.url, timeout=120) as client:
@@ -167,6 +173,26 @@ def test_a_tool_result_in_the_history_is_read(http, tools):
     response = chat(http, {"messages": messages, "tools": tools, "tool_choice": "none"})
     assert response.status_code == 200, response.text
     assert "1081" in response.json()["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("tool_choice", ["auto", "none"])
+def test_an_answer_never_shows_the_formats_markup(http, tools, tool_choice):
+    """SmolLM2 echoes the result's closing tag ("1000\n</tool_response>"): the answer
+    ends where the markup starts, as vLLM's parser never shows it either."""
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "calculate", "arguments": '{"expression": "88 * 12 - 56"}'},
+    }
+    messages = [
+        {"role": "system", "content": calculator_instructions()},
+        {"role": "user", "content": "What is 88 * 12 - 56?"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1000"},
+    ]
+    body = {"messages": messages, "tools": tools, "tool_choice": tool_choice, "max_tokens": 40}
+    content = chat(http, body).json()["choices"][0]["message"]["content"] or ""
+    assert "1000" in content and "tool_response" not in content, content
 
 
 @pytest.mark.parametrize(

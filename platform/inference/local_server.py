@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from inference.local_tools import (
+    RESPONSE_MARKUP,
     TRIGGER,
     CallParser,
     ToolError,
@@ -648,6 +649,8 @@ def create_app(engine: Engine) -> Any:
             messages = render_messages(_messages(body), plan)
             prompt = await asyncio.to_thread(engine.prompt_tokens, messages)
             sampling = _sampling(body, engine, prompt)
+            if plan is not None or any(m.get("role") == "tool" for m in messages):
+                sampling.stop = [*sampling.stop, *RESPONSE_MARKUP]
             if plan is not None:
                 if sampling.grammar is not None:
                     raise RequestError("'response_format' cannot be combined with 'tools'")

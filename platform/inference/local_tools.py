@@ -40,6 +40,9 @@ from typing import Any
 
 TRIGGER = "<tool_call>"
 CLOSE = "</tool_call>"
+# The format's markup for a tool's result: the model reads it, and a small model echoes
+# it after the result ("1000\n</tool_response>"); an answer ends where it starts.
+RESPONSE_MARKUP = ("<tool_response>", "</tool_response>")
 _NAME = re.compile(r"^[a-zA-Z0-9_.-]{1,64}$")
 
 SYSTEM_TOOLS = """You can call functions (tools) to answer. The tools, as JSON schemas:
@@ -171,7 +174,7 @@ def render_messages(messages: list[dict[str, Any]], plan: ToolPlan | None) -> li
             calls = "\n".join(_call_text(call) for call in message["tool_calls"])
             content = f"{content}\n{calls}" if content else calls
         elif role == "tool":
-            content = f"<tool_response>\n{content}\n</tool_response>"
+            content = f"{RESPONSE_MARKUP[0]}\n{content}\n{RESPONSE_MARKUP[1]}"
         out.append({"role": role, "content": content})
     if plan is None:
         return out
