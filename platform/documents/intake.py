@@ -16,12 +16,12 @@ import io
 import re
 import zipfile
 from dataclasses import dataclass, field
-from html.parser import HTMLParser
 from typing import Any
 
 from django.conf import settings
 
 from documents.models import Document
+from documents.parsing import html_text
 
 MediaType = Document.MediaType
 
@@ -240,39 +240,3 @@ _MARKDOWN = re.compile(
 def _looks_like_markdown(text: str) -> bool:
     """Headings, fences, lists, links, quotes or bold: Markdown; else plain text."""
     return bool(_MARKDOWN.search(text[:65536]))
-
-
-class _TextOfHtml(HTMLParser):
-    SKIPPED = {"script", "style", "template", "noscript", "head"}
-    BLOCKS = {"p", "div", "br", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "section"}
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self.skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: Any) -> None:
-        if tag in self.SKIPPED:
-            self.skipping += 1
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self.SKIPPED and self.skipping:
-            self.skipping -= 1
-        elif tag in self.BLOCKS:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.skipping:
-            self.parts.append(data)
-
-
-def html_text(html: str) -> str:
-    """The text a person reads on the page: no tags, scripts or styles."""
-    parser = _TextOfHtml()
-    parser.feed(html)
-    parser.close()
-    text = "".join(parser.parts)
-    lines = (re.sub(r"[ \t\r\f\v]+", " ", line).strip() for line in text.split("\n"))
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
