@@ -51,7 +51,8 @@ def document_pages(data: bytes, media_type: str) -> list[str]:
 
 
 def iter_pages(data: bytes, media_type: str) -> Iterator[str]:
-    """Each page's text, in order, read as it is asked for."""
+    """Each page's text, in order. A PDF's pages are read one at a time, as they are
+    asked for; other formats are read whole at the first."""
     if media_type == MediaType.PDF:
         return _pdf_pages(data)
     if media_type == MediaType.DOCX:
