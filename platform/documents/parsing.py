@@ -217,9 +217,6 @@ def _docx_pages(data: bytes) -> list[str]:
         else:
             page.append(str(item))
     pages.append(tidy("".join(page)))
-    # Word records a rendered break at the top of the first page in some files.
-    if rendered and len(pages) > 1 and not pages[0]:
-        pages.pop(0)
     return pages
 
 
