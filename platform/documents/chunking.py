@@ -45,6 +45,8 @@ _SENTENCE_END = re.compile(r"[.!?\u2026][\"'\u2019\u201d)\]]*$")
 
 @dataclass(frozen=True)
 class ChunkSpan:
+    """A chunk's text and its place: pages from 1, `char_end` exclusive (see above)."""
+
     text: str
     page_start: int
     page_end: int
