@@ -514,3 +514,15 @@ def test_an_upload_larger_than_a_request_body_may_be_is_taken(client, alice, set
     assert other.status_code == 413
     settings.PARLEY_DOCUMENT_MAX_BYTES = len(big) // 2
     assert upload(client, big, "long.txt").status_code == 413
+
+
+def test_a_text_file_is_stored_as_the_pages_parsing_gives(client, alice):
+    """Stored pages are what chunk offsets and quote checks point into: a form feed ends
+    a page, Windows line endings become plain ones, as parsing has them."""
+    client.force_login(alice.user)
+    response = upload(client, b"first page\r\nline two\fsecond page", "two.txt")
+    assert response.status_code == 201, response.content
+    document = response.json()
+    assert document["page_count"] == 2
+    page = client.get(f"{URL}/{document['id']}/pages/1").json()
+    assert page["text"] == "first page\nline two"

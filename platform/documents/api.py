@@ -47,7 +47,7 @@ def documents_actor(request: HttpRequest) -> Actor:
 
 class ListQuery(Schema):
     limit: int = Field(50, ge=1, le=200, description="How many, newest first.")
-    offset: int = Field(0, ge=0, description="How many to skip.")
+    offset: int = Field(0, ge=0, le=2**31 - 1, description="How many to skip.")
 
 
 @router.post(

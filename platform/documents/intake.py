@@ -21,7 +21,7 @@ from typing import Any
 from django.conf import settings
 
 from documents.models import Document
-from documents.parsing import html_text
+from documents.parsing import html_text, text_pages
 
 MediaType = Document.MediaType
 
@@ -82,7 +82,8 @@ def intake_check(data: bytes) -> Intake:
     if _looks_like_html(text):
         return Intake(MediaType.HTML, page_count=1, pages=[html_text(text)])
     media_type = MediaType.MARKDOWN if _looks_like_markdown(text) else MediaType.TEXT
-    return Intake(media_type, page_count=1, pages=[text])
+    pages = text_pages(text)  # the pages parsing gives: what chunk offsets point into
+    return Intake(media_type, page_count=len(pages), pages=pages)
 
 
 # --- executables ---------------------------------------------------------------------
