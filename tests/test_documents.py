@@ -21,6 +21,7 @@ from documents.services import document_upload
 from tenants.models import Plan, Tenant
 from tenants.rls import operator_scope, tenant_scope
 from tenants.services.api_keys import api_key_create
+from tests.pdfs import raw_pdf
 
 pytestmark = pytest.mark.django_db
 
@@ -69,24 +70,6 @@ def encrypted_pdf_bytes() -> bytes:
     out = io.BytesIO()
     writer.write(out)
     return out.getvalue()
-
-
-def raw_pdf(objects: list[bytes]) -> bytes:
-    """A PDF written by hand: objects 1..n (1 is the catalog), a correct xref table."""
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    for offset in offsets:
-        out += b"%010d 00000 n \n" % offset
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1,
-        xref,
-    )
-    return bytes(out)
 
 
 def nested_pdf_bytes(depth: int) -> bytes:

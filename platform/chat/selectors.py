@@ -22,18 +22,10 @@ from django.db.models import Q, QuerySet
 from chat.eventlog import cursor_parse, event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from config.inputs import json_loads
-from tenants.access import Actor, NotFound
+from tenants.access import Actor, NotFound, id_parse
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
-
-
-def id_parse(value: Any) -> uuid.UUID:
-    """An id a client sent, as a UUID; NotFound when it is none."""
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except (ValueError, TypeError, AttributeError):
-        raise NotFound from None
 
 
 def conversation_list(*, actor: Actor) -> QuerySet[Conversation]:

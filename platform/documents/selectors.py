@@ -4,20 +4,12 @@ member's or another tenant's document raises `NotFound`, like a missing one."""
 from __future__ import annotations
 
 import re
-import uuid
 from typing import Any
 
 from django.db.models import QuerySet, Sum
 
 from documents.models import Document, Page
-from tenants.access import Actor, NotFound
-
-
-def id_parse(value: Any) -> uuid.UUID:
-    try:
-        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
-    except (ValueError, TypeError, AttributeError):
-        raise NotFound from None
+from tenants.access import Actor, NotFound, id_parse
 
 
 def document_list(*, actor: Actor) -> QuerySet[Document]:

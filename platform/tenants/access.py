@@ -64,6 +64,15 @@ class Actor:
 SESSION_TENANT_KEY = "parley_tenant_id"
 
 
+def id_parse(value: Any) -> uuid.UUID:
+    """An id a client sent, as a UUID; NotFound when it is none (a malformed id names
+    nothing, as an unknown one)."""
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except (ValueError, TypeError, AttributeError):
+        raise NotFound from None
+
+
 def actor_for_user(user: User | Any, *, tenant_id: str | uuid.UUID | None = None) -> Actor | None:
     """The actor a signed-in user acts as: their membership in `tenant_id` (the tenant
     chosen in their session) or, failing that, their first membership. None for

@@ -16,9 +16,9 @@ from django.utils.text import slugify
 
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
-from chat.selectors import branch_leaf, conversation_get, id_parse, message_tree
+from chat.selectors import branch_leaf, conversation_get, message_tree
 from chat.services.run_state import run_cancel_request
-from tenants.access import Actor, NotFound
+from tenants.access import Actor, NotFound, id_parse
 from tenants.rls import tenant_scope
 
 TITLE_MAX_CHARS = 200  # Conversation.title's column

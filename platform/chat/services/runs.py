@@ -15,11 +15,11 @@ from django.utils import timezone
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
 from chat.protocol import run_started_frame
-from chat.selectors import conversation_get, id_parse, run_get
+from chat.selectors import conversation_get, run_get
 from chat.services.conversations import conversation_frame
 from chat.services.run_state import run_cancel_request
 from chat.titles import title_first_words
-from tenants.access import Actor, NotFound, Unavailable
+from tenants.access import Actor, NotFound, Unavailable, id_parse
 from tenants.models import User
 from tenants.rls import tenant_scope
 
