@@ -190,9 +190,9 @@ def celery_tool_worker_session(django_db_setup, django_db_blocker):
 
 @pytest.fixture(scope="session")
 def celery_worker_session(django_db_setup, django_db_blocker, celery_tool_worker_session):
-    """The worker for the `runs`, `agents` and `default` queues (and, with it, the tool
-    worker above)."""
-    with _celery_worker(django_db_blocker, ["runs", "agents", "default"]) as worker:
+    """The worker for the `runs`, `agents`, `documents` and `default` queues (and, with
+    it, the tool worker above)."""
+    with _celery_worker(django_db_blocker, ["runs", "agents", "documents", "default"]) as worker:
         yield worker
 
 

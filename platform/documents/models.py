@@ -50,6 +50,12 @@ class Document(models.Model):
     token_count = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UPLOADED)
     error_message = models.TextField(blank=True)
+    # The ingestion job's progress (documents.ingest): its stage (`pages`, `chunks`;
+    # empty when no job is at work) and how far it is (`progress_total` null while the
+    # count is not known: a DOCX's pages before the last is read).
+    stage = models.CharField(max_length=16, blank=True)
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(null=True, blank=True)
     # The file's name in the `documents` storage.
     file_name = models.CharField(max_length=255)
     created_at = models.DateTimeField(auto_now_add=True)

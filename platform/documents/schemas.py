@@ -19,6 +19,13 @@ class DocumentOut(Schema):
     token_count: int | None = Field(description="Estimated; null until the text is read.")
     state: str = Field(description="uploaded, parsing, embedding, ready or failed.")
     error_message: str = Field(description="Why it failed (state `failed`), else empty.")
+    stage: str = Field(
+        description="What the ingestion job is doing: `pages` or `chunks`; empty when idle."
+    )
+    progress_done: int = Field(description="Pages or chunks of the stage done so far.")
+    progress_total: int | None = Field(
+        description="Pages or chunks of the stage in all; null while not known."
+    )
     created_at: datetime
     updated_at: datetime
 

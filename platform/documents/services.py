@@ -1,5 +1,6 @@
-"""Writes of documents: upload (checked whole before anything is stored) and delete
-(the row, its pages and chunks, and its file)."""
+"""Writes of documents: upload (checked whole before anything is stored; once it
+commits, the ingestion job is queued: documents.ingest) and delete (the row, its pages
+and chunks, and its file)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 
+from config.celery import enqueue
 from documents.intake import Refused, intake_check
 from documents.models import Document, Page
 from documents.selectors import document_get, tenant_storage_used
 from documents.storage import file_delete, file_name_for, file_save
+from documents.tasks import document_ingest_task
 from inference.tokens import CHARS_PER_TOKEN
 from tenants.access import Actor, require_scope
 from tenants.models import Tenant
@@ -109,6 +112,8 @@ def document_upload(*, actor: Actor, data: bytes, filename: str = "", title: str
         )
         # Last: a failure above stores no file, and a failure here rolls the rows back.
         file_save(name=document.file_name, data=data)
+        document_id, tenant_id = str(document.id), str(actor.tenant_id)
+        transaction.on_commit(lambda: enqueue(document_ingest_task, document_id, tenant_id))
     return document
 
 

@@ -264,6 +264,8 @@ CELERY_TASK_ROUTES = {
     # Tools with side effects: each call names its queue (`tools` or `sandbox`, from the
     # tool's scopes, agents.scopes.SCOPE_QUEUES); this is the fallback.
     "agents.tasks.tool_execute": {"queue": "tools"},
+    # Document ingestion (parsing, chunking: minutes for a long PDF) has its own queue.
+    "documents.tasks.*": {"queue": "documents"},
 }
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "global_keyprefix": f"{PARLEY_REDIS_PREFIX}:celery:",
@@ -505,6 +507,18 @@ PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES = env.integer(
     "PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES", default=256 * 2**20, minimum=1
 )
 PARLEY_DOCUMENT_MAX_ZIP_RATIO = env.integer("PARLEY_DOCUMENT_MAX_ZIP_RATIO", default=100, minimum=1)
+# Ingestion (documents.ingest): chunks of about this many tokens, each overlapping the
+# one before by about this many; pages and chunks are stored (and progress reported)
+# this many at a time, so a job cut short resumes after its last stored batch.
+PARLEY_DOCUMENT_CHUNK_TOKENS = env.integer("PARLEY_DOCUMENT_CHUNK_TOKENS", default=400, minimum=1)
+PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS = env.integer(
+    "PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS", default=50, minimum=0
+)
+if PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS >= PARLEY_DOCUMENT_CHUNK_TOKENS:
+    raise ImproperlyConfigured(
+        "PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS must be less than PARLEY_DOCUMENT_CHUNK_TOKENS."
+    )
+PARLEY_DOCUMENT_INGEST_BATCH = env.integer("PARLEY_DOCUMENT_INGEST_BATCH", default=50, minimum=1)
 
 LOGGING = {
     "version": 1,

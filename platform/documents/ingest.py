@@ -1,0 +1,206 @@
+"""Ingestion: a document's file becomes its pages and chunks, on a worker
+(`documents.tasks`, the `documents` queue), queued when the upload commits.
+
+`document_ingest` sets the document `parsing`, reads the file from the `documents`
+storage page by page and stores the pages (`pages` stage), then cuts the stored pages'
+text into chunks (`chunks_of`, PARLEY_DOCUMENT_CHUNK_TOKENS with
+PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS of overlap) and stores them (`chunks` stage), and
+records the document's `page_count` and `token_count`. Embedding the chunks is the next
+stage, not done yet: a document goes from `parsing` straight to `ready`, and the
+`embedding` state is left for that stage.
+
+Pages and chunks are stored PARLEY_DOCUMENT_INGEST_BATCH at a time, each batch in its
+own transaction, and after each the owner's sockets get a `document.updated` frame
+(`documents.notify`). A worker killed mid-job leaves whole batches: the job run again
+(a redelivered message) skips the pages and chunks already stored, and the unique
+constraints on (document, number) and (document, index) keep a second writer from
+duplicating any. Running it on a `ready` or `failed` document changes nothing.
+
+A file that cannot be read (`ParseError`) ends `failed` with the reason; any other
+error ends `failed` with a generic reason, and the traceback is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from itertools import islice
+from typing import Any, TypeVar
+
+from django.conf import settings
+from django.db import transaction
+
+from documents.chunking import PAGE_BREAK, chunks_of, estimated_tokens
+from documents.models import Chunk, Document, Page
+from documents.notify import document_updated_send
+from documents.parsing import ParseError, iter_pages
+from documents.storage import file_read
+from tenants.rls import tenant_scope
+
+log = logging.getLogger(__name__)
+
+STAGE_PAGES = "pages"
+STAGE_CHUNKS = "chunks"
+FAILED_GENERIC = "The document could not be processed. Try uploading it again."
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _transaction(tenant_id: Any) -> Iterator[None]:
+    """A transaction under the tenant's scope (tenant_scope opens none where row level
+    security is not enforced, as on SQLite)."""
+    with tenant_scope(tenant_id=tenant_id), transaction.atomic():
+        yield
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    iterator = iter(items)
+    while batch := list(islice(iterator, size)):
+        yield batch
+
+
+def _progress(
+    document: Document, *, state: str | None = None, stage: str, done: int, total: int | None
+) -> None:
+    """Record how far the job is and tell the owner (in the caller's transaction)."""
+    if state is not None:
+        document.state = state
+    document.stage = stage
+    document.progress_done = done
+    document.progress_total = total
+    document.save(update_fields=["state", "stage", "progress_done", "progress_total", "updated_at"])
+    document_updated_send(document)
+
+
+def _document(document_id: Any) -> Document | None:
+    return Document.objects.select_for_update().filter(id=document_id).first()
+
+
+def document_ingest(*, document_id: Any, tenant_id: Any) -> None:
+    """Ingest the document (see the module's docstring); a document that is gone (deleted
+    before its job ran) is skipped."""
+    with _transaction(tenant_id):
+        document = _document(document_id)
+        if document is None or document.state in (Document.State.READY, Document.State.FAILED):
+            return
+        _progress(
+            document,
+            state=Document.State.PARSING,
+            stage=STAGE_PAGES,
+            done=document.pages.count(),
+            total=document.page_count,
+        )
+    try:
+        pages_store(document_id=document_id, tenant_id=tenant_id)
+        chunk_count = chunks_store(document_id=document_id, tenant_id=tenant_id)
+    except ParseError as exc:
+        _fail(document_id=document_id, tenant_id=tenant_id, reason=exc.message)
+    except Exception:
+        log.exception("documents: ingesting document %s failed", document_id)
+        _fail(document_id=document_id, tenant_id=tenant_id, reason=FAILED_GENERIC)
+    else:
+        with _transaction(tenant_id):
+            document = _document(document_id)
+            if document is not None:
+                _progress(
+                    document,
+                    state=Document.State.READY,
+                    stage="",
+                    done=chunk_count,
+                    total=chunk_count,
+                )
+
+
+def _fail(*, document_id: Any, tenant_id: Any, reason: str) -> None:
+    with _transaction(tenant_id):
+        document = _document(document_id)
+        if document is None:
+            return
+        document.error_message = reason
+        document.save(update_fields=["error_message"])
+        _progress(
+            document,
+            state=Document.State.FAILED,
+            stage="",
+            done=document.progress_done,
+            total=document.progress_total,
+        )
+
+
+def pages_store(*, document_id: Any, tenant_id: Any) -> None:
+    """Parse the file and store its pages, skipping those already stored; then the
+    document's `page_count`. Raises `ParseError` for a file that cannot be read."""
+    with _transaction(tenant_id):
+        document = Document.objects.get(id=document_id)
+        stored = set(document.pages.values_list("number", flat=True))
+    data = file_read(document.file_name)
+    count = 0
+    for batch in _batches(
+        enumerate(iter_pages(data, document.media_type), start=1),
+        settings.PARLEY_DOCUMENT_INGEST_BATCH,
+    ):
+        count = batch[-1][0]
+        new = [(number, text) for number, text in batch if number not in stored]
+        if not new:
+            continue
+        with _transaction(tenant_id):
+            Page.objects.bulk_create(
+                [
+                    Page(tenant_id=tenant_id, document_id=document_id, number=number, text=text)
+                    for number, text in new
+                ],
+                ignore_conflicts=True,
+            )
+            locked = _document(document_id)
+            if locked is not None:
+                _progress(locked, stage=STAGE_PAGES, done=count, total=locked.page_count)
+    with _transaction(tenant_id):
+        Document.objects.filter(id=document_id).update(page_count=count)
+
+
+def chunks_store(*, document_id: Any, tenant_id: Any) -> int:
+    """Cut the stored pages into chunks and store those not stored yet; then the
+    document's `token_count`. The number of chunks."""
+    with _transaction(tenant_id):
+        document = Document.objects.get(id=document_id)
+        pages = list(document.pages.order_by("number").values_list("text", flat=True))
+        stored = set(document.chunks.values_list("index", flat=True))
+    spans = chunks_of(
+        pages,
+        target_tokens=settings.PARLEY_DOCUMENT_CHUNK_TOKENS,
+        overlap_tokens=settings.PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS,
+    )
+    total = len(spans)
+    for batch in _batches(enumerate(spans), settings.PARLEY_DOCUMENT_INGEST_BATCH):
+        done = batch[-1][0] + 1
+        new = [(index, span) for index, span in batch if index not in stored]
+        if not new:
+            continue
+        with _transaction(tenant_id):
+            Chunk.objects.bulk_create(
+                [
+                    Chunk(
+                        tenant_id=tenant_id,
+                        document_id=document_id,
+                        index=index,
+                        text=span.text,
+                        page_start=span.page_start,
+                        page_end=span.page_end,
+                        char_start=span.char_start,
+                        char_end=span.char_end,
+                        token_count=span.token_count,
+                    )
+                    for index, span in new
+                ],
+                ignore_conflicts=True,
+            )
+            locked = _document(document_id)
+            if locked is not None:
+                _progress(locked, stage=STAGE_CHUNKS, done=done, total=total)
+    with _transaction(tenant_id):
+        Document.objects.filter(id=document_id).update(
+            token_count=estimated_tokens(PAGE_BREAK.join(pages))
+        )
+    return total

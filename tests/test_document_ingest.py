@@ -1,0 +1,249 @@
+"""Document ingestion (documents.ingest): PDF, DOCX and text files become pages and
+chunks whose offsets point into the pages' text; a file that cannot be parsed ends
+`failed` with its reason; a job run again, or resumed after some batches, stores
+nothing twice; the REST API and the owner's sockets (only theirs) follow it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
+
+from documents.chunking import ChunkSpan, chunk_text_from_pages
+from documents.ingest import FAILED_GENERIC, document_ingest, pages_store
+from documents.models import Document
+from documents.services import document_upload
+from tenants.notify import user_group
+from tenants.rls import tenant_scope
+from tests.conftest import as_operator
+from tests.pdfs import pdf_with_text
+
+URL = "/api/v1/documents"
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+@pytest.fixture(autouse=True)
+def document_files(settings, tmp_path):
+    """Each test's files in a folder of its own; small chunks and batches, so a short
+    document has several of each."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "documents": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(tmp_path / "documents"), "base_url": None},
+        },
+    }
+    settings.PARLEY_DOCUMENT_CHUNK_TOKENS = 20
+    settings.PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS = 5
+    settings.PARLEY_DOCUMENT_INGEST_BATCH = 2
+
+
+def sentences(page: int, count: int = 12) -> list[str]:
+    return [f"Page {page} line {n}: {' '.join(WORDS[: 3 + n % 6])}." for n in range(count)]
+
+
+def docx_bytes(pages: list[list[str]]) -> bytes:
+    import docx
+    from docx.enum.text import WD_BREAK
+
+    document = docx.Document()
+    for number, lines in enumerate(pages):
+        for line in lines:
+            document.add_paragraph(line)
+        if number < len(pages) - 1:
+            document.add_paragraph().add_run().add_break(WD_BREAK.PAGE)
+    out = io.BytesIO()
+    document.save(out)
+    return out.getvalue()
+
+
+def text_bytes(pages: list[list[str]]) -> bytes:
+    return "\f".join("\n".join(lines) for lines in pages).encode()
+
+
+def upload(person, data: bytes, filename: str) -> Document:
+    with tenant_scope(tenant_id=person.tenant.id, user_id=person.user.id):
+        return document_upload(actor=person.actor, data=data, filename=filename)
+
+
+def ingested(person, data: bytes, filename: str) -> Document:
+    document = upload(person, data, filename)
+    document_ingest(document_id=document.id, tenant_id=person.tenant.id)
+    with tenant_scope(tenant_id=person.tenant.id):
+        return Document.objects.get(id=document.id)
+
+
+def rows(document: Document) -> tuple[list, list]:
+    with tenant_scope(tenant_id=document.tenant_id):
+        pages = list(document.pages.order_by("number").values_list("id", "number", "text"))
+        chunks = list(
+            document.chunks.order_by("index").values_list(
+                "id", "index", "text", "page_start", "page_end", "char_start", "char_end"
+            )
+        )
+    return pages, chunks
+
+
+PAGES = [sentences(1), sentences(2), sentences(3)]
+
+
+@pytest.mark.parametrize(
+    ("filename", "make"),
+    [("report.pdf", pdf_with_text), ("report.docx", docx_bytes), ("notes.txt", text_bytes)],
+)
+def test_a_file_becomes_its_pages_and_chunks_at_their_places(alice, filename, make):
+    document = ingested(alice, make(PAGES), filename)
+    assert (document.state, document.error_message, document.stage) == ("ready", "", "")
+    assert document.page_count == 3
+    pages, chunks = rows(document)
+    texts = [text for _, _, text in pages]
+    assert [number for _, number, _ in pages] == [1, 2, 3]
+    for number, lines in enumerate(PAGES):
+        for line in lines:
+            assert line in texts[number]
+    assert len(chunks) > 3  # small chunks: several per page
+    assert [index for _, index, *_ in chunks] == list(range(len(chunks)))
+    for _, _, text, page_start, page_end, char_start, char_end in chunks:
+        span = ChunkSpan(text, page_start, page_end, char_start, char_end, token_count=0)
+        assert chunk_text_from_pages(texts, span) == text
+    # The first chunk starts the document; the last ends it.
+    assert chunks[0][2].startswith("Page 1 line 0")
+    assert PAGES[-1][-1].endswith(chunks[-1][2])
+    assert document.token_count and document.token_count > 0
+    assert document.progress_done == document.progress_total == len(chunks)
+
+
+def test_a_file_that_passed_intake_but_cannot_be_parsed_fails_with_its_reason(alice, settings):
+    document = upload(alice, pdf_with_text(PAGES), "a.pdf")
+    # The stored file is damaged after intake accepted it (a half-written copy).
+    from documents.storage import document_storage
+
+    path = document_storage().path(document.file_name)
+    with open(path, "wb") as file:
+        file.write(b"%PDF-1.4\n" + b"\x00garbage" * 20)
+    document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
+    with tenant_scope(tenant_id=alice.tenant.id):
+        document.refresh_from_db()
+    assert document.state == "failed"
+    assert document.error_message.startswith("This PDF is corrupt or unreadable")
+    assert rows(document) == ([], [])
+
+
+def test_an_unexpected_error_fails_with_a_generic_reason_and_is_logged(alice, monkeypatch, caplog):
+    document = upload(alice, text_bytes(PAGES), "a.txt")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("documents.ingest.chunks_of", broken)
+    document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
+    with tenant_scope(tenant_id=alice.tenant.id):
+        document.refresh_from_db()
+    assert (document.state, document.error_message) == ("failed", FAILED_GENERIC)
+    assert "disk on fire" in caplog.text
+
+
+def test_running_the_job_again_stores_nothing_twice(alice):
+    document = ingested(alice, pdf_with_text(PAGES), "a.pdf")
+    before = rows(document)
+    document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
+    # Even when the document's state says the job never finished:
+    with tenant_scope(tenant_id=alice.tenant.id):
+        Document.objects.filter(id=document.id).update(state="parsing")
+    document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
+    assert rows(document) == before
+    with tenant_scope(tenant_id=alice.tenant.id):
+        assert Document.objects.get(id=document.id).state == "ready"
+
+
+def test_a_job_cut_short_resumes_without_redoing_or_duplicating(alice, monkeypatch):
+    data = pdf_with_text([sentences(n) for n in range(1, 6)])
+    whole = ingested(alice, data, "whole.pdf")
+    document = upload(alice, data, "cut.pdf")
+    # Killed after its pages and two batches of chunks were stored:
+    pages_store(document_id=document.id, tenant_id=alice.tenant.id)
+    from documents import ingest
+
+    stored = []
+    real_bulk_create = ingest.Chunk.objects.bulk_create
+
+    def dies_on_the_third(objs, **kwargs):
+        if len(stored) == 2:
+            raise SystemExit("worker killed")
+        stored.append(real_bulk_create(objs, **kwargs))
+        return stored[-1]
+
+    monkeypatch.setattr(ingest.Chunk.objects, "bulk_create", dies_on_the_third)
+    with pytest.raises(SystemExit):
+        ingest.chunks_store(document_id=document.id, tenant_id=alice.tenant.id)
+    monkeypatch.undo()
+    pages_before, chunks_before = rows(document)
+    assert len(chunks_before) == 4  # two batches of two
+    # What is already stored is not written again.
+    parsed, created = [], []
+    monkeypatch.setattr(
+        ingest.Page.objects,
+        "bulk_create",
+        lambda objs, **kwargs: parsed.extend(objs),
+    )
+    real = ingest.Chunk.objects.bulk_create
+    monkeypatch.setattr(
+        ingest.Chunk.objects,
+        "bulk_create",
+        lambda objs, **kwargs: created.extend(objs) or real(objs, **kwargs),
+    )
+    document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
+    assert parsed == []
+    assert {chunk.index for chunk in created} == set(range(4, len(rows(whole)[1])))
+    pages, chunks = rows(document)
+    assert pages == pages_before
+    assert chunks[:4] == chunks_before
+    # The same pages and chunks as a job that was never interrupted.
+    assert [p[1:] for p in pages] == [p[1:] for p in rows(whole)[0]]
+    assert [c[1:] for c in chunks] == [c[1:] for c in rows(whole)[1]]
+    with tenant_scope(tenant_id=alice.tenant.id):
+        assert Document.objects.get(id=document.id).state == "ready"
+
+
+def test_the_rest_api_shows_the_state_and_progress(client, alice):
+    document = ingested(alice, text_bytes(PAGES), "a.txt")
+    client.force_login(alice.user)
+    body = client.get(f"{URL}/{document.id}").json()
+    assert body["state"] == "ready"
+    assert body["stage"] == ""
+    assert body["progress_done"] == body["progress_total"] == len(rows(document)[1]) > 0
+    assert body["page_count"] == 3
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_upload_queues_the_job_and_the_owner_is_told_its_progress(alice, bob, worker):
+    """The upload queues the job on the `documents` queue, where a worker runs it; the
+    owner's group (their sockets join it) gets its `document.updated` frames, ending
+    `ready`; another member's gets nothing."""
+    layer = get_channel_layer()
+    own, colleague = await layer.new_channel(), await layer.new_channel()
+    await layer.group_add(user_group(alice.tenant.id, alice.user.id), own)
+    await layer.group_add(user_group(bob.tenant.id, bob.user.id), colleague)
+    data = pdf_with_text([sentences(n) for n in range(1, 6)])
+    document = await sync_to_async(upload)(alice, data, "r.pdf")
+    frames: list[dict] = []
+    while not frames or frames[-1]["state"] not in ("ready", "failed"):
+        message = await asyncio.wait_for(layer.receive(own), timeout=60)
+        assert message["type"] == "frame.forward"
+        frames.append(message["frame"])
+    assert {f["type"] for f in frames} == {"document.updated"}
+    assert {f["document_id"] for f in frames} == {str(document.id)}
+    assert frames[0]["state"] == "parsing"
+    assert frames[-1]["state"] == "ready", frames[-1]
+    stages = [f["stage"] for f in frames[:-1]]
+    assert stages == sorted(stages, key=["pages", "chunks"].index)
+    assert [f["done"] for f in frames if f["stage"] == "pages"] == [0, 2, 4, 5]
+    count = await as_operator(lambda: Document.objects.get(id=document.id).chunks.count())
+    chunk_frames = [f for f in frames if f["stage"] == "chunks"]
+    assert chunk_frames[-1]["done"] == chunk_frames[-1]["total"] == count
+    assert frames[-1]["done"] == frames[-1]["total"] == count
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(layer.receive(colleague), timeout=0.5)
