@@ -18,7 +18,7 @@ from documents.models import Document
 from documents.services import document_upload
 from tenants.notify import user_group
 from tenants.rls import tenant_scope
-from tests.conftest import as_operator
+from tests.conftest import as_operator, ws_connect
 from tests.pdfs import pdf_with_text
 
 URL = "/api/v1/documents"
@@ -247,3 +247,24 @@ async def test_an_upload_queues_the_job_and_the_owner_is_told_its_progress(alice
     assert frames[-1]["done"] == frames[-1]["total"] == count
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(layer.receive(colleague), timeout=0.5)
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_the_owner_follows_the_job_on_their_sockets_and_no_one_else(alice, bob, worker):
+    """The frames reach the owner's sockets as documented (`Socket.receive` checks each
+    against docs/asyncapi.yaml), ending `ready`; another member's sockets get none."""
+    _, _, own = await ws_connect(alice.user)
+    _, _, colleague = await ws_connect(bob.user)
+    data = pdf_with_text([sentences(n) for n in range(1, 6)])
+    document = await sync_to_async(upload)(alice, data, "r.pdf")
+    frames = await own.receive_until(("document.updated",), timeout=60)
+    while frames[-1]["state"] not in ("ready", "failed"):
+        frames += await own.receive_until(("document.updated",), timeout=60)
+    assert {f["document_id"] for f in frames} == {str(document.id)}
+    assert frames[0]["state"] == "parsing"
+    assert frames[-1]["state"] == "ready", frames[-1]
+    count = await as_operator(lambda: Document.objects.get(id=document.id).chunks.count())
+    assert frames[-1]["done"] == frames[-1]["total"] == count
+    assert await colleague.nothing_pending()
+    await own.close()
+    await colleague.close()

@@ -143,6 +143,20 @@ export interface ConversationUpdatedFrame {
   updated_at?: string;
 }
 
+export interface DocumentUpdatedFrame {
+  type: "document.updated";
+  document_id: Uuid;
+  state: "uploaded" | "parsing" | "embedding" | "ready" | "failed";
+  /** What the job is doing: `pages` (parsing), `chunks`; empty when it is not at work. */
+  stage: "" | "pages" | "chunks";
+  /** Pages or chunks of the stage done. */
+  done: number;
+  /** Pages or chunks of the stage in all; null while not known (a DOCX's pages). */
+  total: number | null;
+  /** Why it failed (state `failed`). */
+  error?: string;
+}
+
 export interface ErrorFrame {
   type: "error";
   code: "invalid_json" | "invalid_frame" | "unknown_type" | "frame_too_large" | "rate_limited" | "not_found" | "unavailable" | "internal_error" | "tenant_suspended" | "tenant_deleted" | "api_key_revoked" | "access_revoked" | "unauthenticated" | "forbidden";
@@ -172,5 +186,6 @@ export type ServerFrame =
   | RunErrorFrame
   | RunCancellingFrame
   | ConversationUpdatedFrame
+  | DocumentUpdatedFrame
   | ErrorFrame
   | PongFrame;

@@ -46,6 +46,7 @@ SERVER_TYPES = (
     "run.error",
     "run.cancelling",
     "conversation.updated",
+    "document.updated",
     "error",
     "pong",
 )
