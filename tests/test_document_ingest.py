@@ -268,3 +268,78 @@ async def test_the_owner_follows_the_job_on_their_sockets_and_no_one_else(alice,
     assert await colleague.nothing_pending()
     await own.close()
     await colleague.close()
+
+
+# --- the watchdog -------------------------------------------------------------------------
+
+
+def stall(document: Document, *, state: str, seconds_ago: float) -> None:
+    """As a lost worker leaves it: the state, and no progress since `seconds_ago`."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    with tenant_scope(tenant_id=document.tenant_id):
+        Document.objects.filter(id=document.id).update(
+            state=state, updated_at=timezone.now() - timedelta(seconds=seconds_ago)
+        )
+
+
+def test_the_watchdog_resumes_a_stalled_job_and_fails_one_that_keeps_stalling(
+    alice, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    from documents import watchdog
+
+    # (The job runs here rather than on a worker: what was queued is run at once.)
+    monkeypatch.setattr(
+        watchdog,
+        "enqueue",
+        lambda task, document_id, tenant_id: document_ingest(
+            document_id=document_id, tenant_id=tenant_id
+        ),
+    )
+    settings.PARLEY_DOCUMENT_STALL_S = 60
+    settings.PARLEY_DOCUMENT_INGEST_RESTARTS = 1
+    data = pdf_with_text([sentences(n) for n in range(1, 4)])
+    document = upload(alice, data, "stalled.pdf")
+    pages_store(document_id=document.id, tenant_id=alice.tenant.id)  # then the worker died
+    fresh = upload(alice, data, "fresh.pdf")
+    stall(document, state=Document.State.PARSING, seconds_ago=120)
+    stall(fresh, state=Document.State.PARSING, seconds_ago=10)  # still at work: left alone
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert watchdog.documents_reap() == {"restarted": 1, "failed": 0, "moved_on": 0}
+    with tenant_scope(tenant_id=alice.tenant.id):
+        resumed = Document.objects.get(id=document.id)
+        assert Document.objects.get(id=fresh.id).state == Document.State.PARSING
+    assert resumed.state == Document.State.READY and resumed.ingest_restarts == 1
+    assert rows(resumed)[1] and len(rows(resumed)[0]) == 3
+
+    # One that stalls again after its restarts fails, with the reason.
+    stall(fresh, state=Document.State.PARSING, seconds_ago=120)
+    with tenant_scope(tenant_id=alice.tenant.id):
+        Document.objects.filter(id=fresh.id).update(ingest_restarts=1)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert watchdog.documents_reap() == {"restarted": 0, "failed": 1, "moved_on": 0}
+    with tenant_scope(tenant_id=alice.tenant.id):
+        failed = Document.objects.get(id=fresh.id)
+    assert failed.state == Document.State.FAILED
+    assert "stopped 2 times" in failed.error_message
+
+
+def test_the_watchdog_queues_again_an_upload_no_worker_took(
+    alice, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    from documents import watchdog
+
+    queued = []
+    monkeypatch.setattr(watchdog, "enqueue", lambda task, *args: queued.append(args))
+    settings.PARLEY_RUN_QUEUE_TIMEOUT_S = 600
+    document = upload(alice, text_bytes(PAGES), "waiting.txt")
+    stall(document, state=Document.State.UPLOADED, seconds_ago=300)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert watchdog.documents_reap()["restarted"] == 0  # not yet: within the timeout
+    stall(document, state=Document.State.UPLOADED, seconds_ago=900)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert watchdog.documents_reap()["restarted"] == 1
+    assert queued == [(str(document.id), str(alice.tenant.id))]

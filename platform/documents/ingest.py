@@ -96,10 +96,10 @@ def document_ingest(*, document_id: Any, tenant_id: Any) -> None:
         pages_store(document_id=document_id, tenant_id=tenant_id)
         chunk_count = chunks_store(document_id=document_id, tenant_id=tenant_id)
     except ParseError as exc:
-        _fail(document_id=document_id, tenant_id=tenant_id, reason=exc.message)
+        document_fail(document_id=document_id, tenant_id=tenant_id, reason=exc.message)
     except Exception:
         log.exception("documents: ingesting document %s failed", document_id)
-        _fail(document_id=document_id, tenant_id=tenant_id, reason=FAILED_GENERIC)
+        document_fail(document_id=document_id, tenant_id=tenant_id, reason=FAILED_GENERIC)
     else:
         with _transaction(tenant_id):
             document = _document(document_id)
@@ -113,7 +113,7 @@ def document_ingest(*, document_id: Any, tenant_id: Any) -> None:
                 )
 
 
-def _fail(*, document_id: Any, tenant_id: Any, reason: str) -> None:
+def document_fail(*, document_id: Any, tenant_id: Any, reason: str) -> None:
     with _transaction(tenant_id):
         document = _document(document_id)
         if document is None:

@@ -56,6 +56,8 @@ class Document(models.Model):
     stage = models.CharField(max_length=16, blank=True)
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(null=True, blank=True)
+    # Times the watchdog started the job again after it stalled (documents.watchdog).
+    ingest_restarts = models.PositiveSmallIntegerField(default=0)
     # The file's name in the `documents` storage.
     file_name = models.CharField(max_length=255)
     created_at = models.DateTimeField(auto_now_add=True)

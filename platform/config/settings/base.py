@@ -360,6 +360,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": PARLEY_RUN_WATCHDOG_INTERVAL_S,
         "options": {"expires": PARLEY_RUN_WATCHDOG_INTERVAL_S},
     },
+    "documents-reap": {
+        "task": "documents.tasks.documents_reap",
+        "schedule": PARLEY_RUN_WATCHDOG_INTERVAL_S,
+        "options": {"expires": PARLEY_RUN_WATCHDOG_INTERVAL_S},
+    },
 }
 
 
@@ -519,6 +524,14 @@ if PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS >= PARLEY_DOCUMENT_CHUNK_TOKENS:
         "PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS must be less than PARLEY_DOCUMENT_CHUNK_TOKENS."
     )
 PARLEY_DOCUMENT_INGEST_BATCH = env.integer("PARLEY_DOCUMENT_INGEST_BATCH", default=50, minimum=1)
+# The watchdog (documents.watchdog, with the run watchdog's interval) starts again an
+# ingestion that recorded no progress for this long (its worker was lost), at most
+# PARLEY_DOCUMENT_INGEST_RESTARTS times, then fails it with the reason; a document no
+# worker took within PARLEY_RUN_QUEUE_TIMEOUT_S is queued again the same way.
+PARLEY_DOCUMENT_STALL_S = env.floating("PARLEY_DOCUMENT_STALL_S", default=300.0, minimum=1.0)
+PARLEY_DOCUMENT_INGEST_RESTARTS = env.integer(
+    "PARLEY_DOCUMENT_INGEST_RESTARTS", default=3, minimum=0
+)
 
 LOGGING = {
     "version": 1,

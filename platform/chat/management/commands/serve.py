@@ -97,11 +97,13 @@ class Command(BaseCommand):
             # No Celery beat here: threads keep backend health and load fresh, and end
             # runs that no worker will finish, such as those a stopped server left running.
             from chat.watchdog import runs_reap
+            from documents.watchdog import documents_reap
             from inference.backends import backends_refresh
 
             for name, work, interval_s in (
                 ("pool-refresh", backends_refresh, settings.PARLEY_SCRAPE_INTERVAL_S),
                 ("run-watchdog", runs_reap, settings.PARLEY_RUN_WATCHDOG_INTERVAL_S),
+                ("document-watchdog", documents_reap, settings.PARLEY_RUN_WATCHDOG_INTERVAL_S),
             ):
                 threading.Thread(
                     target=_repeat, args=(name, work, interval_s), name=name, daemon=True
