@@ -40,15 +40,19 @@ def documents_reap(*, now: datetime | None = None) -> dict[str, int]:
     unqueued = now - timedelta(seconds=settings.PARLEY_RUN_QUEUE_TIMEOUT_S)
     with operator_scope():
         found = list(
-            Document.objects.filter(
-                Q(state=Document.State.PARSING, updated_at__lt=stalled)
-                | Q(state=Document.State.UPLOADED, updated_at__lt=unqueued)
-            ).values_list("id", "tenant_id")
+            Document.objects.filter(_stalled(stalled, unqueued)).values_list("id", "tenant_id")
         )
     counts = {"restarted": 0, "failed": 0, "moved_on": 0}
     for document_id, tenant_id in found:
         counts[_reap(document_id, tenant_id, stalled=stalled, unqueued=unqueued)] += 1
     return counts
+
+
+def _stalled(stalled: datetime, unqueued: datetime) -> Q:
+    """A job that recorded no progress since `stalled`, or no worker took since `unqueued`."""
+    return Q(state=Document.State.PARSING, updated_at__lt=stalled) | Q(
+        state=Document.State.UPLOADED, updated_at__lt=unqueued
+    )
 
 
 def _reap(
@@ -57,26 +61,25 @@ def _reap(
     from documents.tasks import document_ingest_task
 
     with tenant_scope(tenant_id=tenant_id), transaction.atomic():
-        document = Document.objects.select_for_update().filter(id=document_id).first()
         # (Looked at again under the lock: the job may have moved on meanwhile.)
-        still = document is not None and (
-            (document.state == Document.State.PARSING and document.updated_at < stalled)
-            or (document.state == Document.State.UPLOADED and document.updated_at < unqueued)
+        document = (
+            Document.objects.select_for_update()
+            .filter(_stalled(stalled, unqueued), id=document_id)
+            .first()
         )
-        if document is None or not still:
+        if document is None:
             return "moved_on"
-        if document.ingest_restarts >= settings.PARLEY_DOCUMENT_INGEST_RESTARTS:
-            spent = document.ingest_restarts
-        else:
-            spent = -1
+        restarts = document.ingest_restarts
+        spent = restarts >= settings.PARLEY_DOCUMENT_INGEST_RESTARTS
+        if not spent:
             document.ingest_restarts += 1
             document.save(update_fields=["ingest_restarts", "updated_at"])
             ids = (str(document.id), str(tenant_id))
             transaction.on_commit(lambda: enqueue(document_ingest_task, *ids))
-    if spent >= 0:
-        reason = RESTARTS_SPENT.format(times=spent + 1)
+    if spent:
+        reason = RESTARTS_SPENT.format(times=restarts + 1)
         document_fail(document_id=document_id, tenant_id=tenant_id, reason=reason)
-        log.warning("documents: ingestion of %s failed after %d restarts", document_id, spent)
+        log.warning("documents: ingestion of %s failed after %d restarts", document_id, restarts)
         return "failed"
     log.warning("documents: ingestion of %s stalled; queued again", document_id)
     return "restarted"
