@@ -239,6 +239,14 @@ def test_ellipsis_parts_must_be_in_order_and_close(source: SourceText) -> None:
     assert match.char_start == 0
 
 
+def test_an_ellipsis_quote_needs_one_part_long_enough(source: SourceText) -> None:
+    match = located(source, "The Customer shall not sublicense \u2026 party")
+    assert match.text == "The Customer shall not sublicense the Software to any third party"
+    assert quote_is_too_short("of the ... to the ... in the")
+    assert source.locate("of the ... to the ... in the") is None
+    assert source.locate("Customer ... Software ... party") is None
+
+
 def test_an_ellipsis_part_is_tried_at_each_of_its_occurrences() -> None:
     # The first part is on page 1 too, but only page 2's is followed by the second.
     pages = ["Alpha beta gamma delta. Nothing else here.", "x " * 600]
