@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
-from django.db import connection
 from django.test import AsyncClient
 from django.urls import reverse
 from django.utils import timezone
@@ -235,38 +234,21 @@ def _llama_notes(person) -> None:
         message(c, "user", f"note {i} about llamas and alpacas")
 
 
-def _index_expression() -> str:
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_get_indexdef('chat_message_content_fts'::regclass)")
-        indexdef = cursor.fetchone()[0]
-    return indexdef.split("USING gin (", 1)[1][:-1]
-
-
-def test_message_search_filters_on_the_indexed_expression(alice):
-    """The search builds exactly the expression of chat_message_content_fts."""
+def test_message_search_finds_the_members_own_best_message_per_conversation(alice, bob):
+    """parley_message_search (which uses the full-text index under row level security:
+    tests/test_search_rls.py) applies the tenant and the member itself."""
     _llama_notes(alice)
-    expression = _index_expression()
-    assert expression.startswith("to_tsvector('english'::regconfig")
+    _llama_notes(bob)
     with tenant_scope(tenant_id=alice.tenant.id):
-        plan = message_search(actor=alice.actor, query="llamas").explain()
-        assert message_search(actor=alice.actor, query="llamas").count() == 30
-    assert f"{expression} @@ " in plan, plan
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="Under row level security PostgreSQL uses an index only for leakproof operators, "
-    "and ts_match_vq (tsvector @@ tsquery) is not leakproof: the search scans the tenant's "
-    "messages. Passes once the search runs past RLS (e.g. a SECURITY DEFINER function).",
-)
-def test_message_search_uses_the_full_text_index_under_rls(alice):
-    _llama_notes(alice)
-    with tenant_scope(tenant_id=alice.tenant.id):
-        with connection.cursor() as cursor:
-            cursor.execute("SET LOCAL enable_seqscan = off")
-            cursor.execute("SET LOCAL enable_bitmapscan = on")
-        plan = message_search(actor=alice.actor, query="llamas").explain()
-    assert "chat_message_content_fts" in plan, plan
+        hits = message_search(actor=alice.actor, query="llamas")
+    # One conversation, its best message (all rank alike: the newest).
+    assert len(hits) == 1
+    with operator_scope():
+        newest = Message.objects.filter(conversation_id=hits[0][0]).latest("created_at")
+        assert Conversation.objects.get(id=hits[0][0]).user == alice.user
+    assert hits[0][1] == newest.id and hits[0][2] > 0
+    # No tenant in scope: nothing, whoever asks.
+    assert message_search(actor=alice.actor, query="llamas") == []
 
 
 # --- one conversation ------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import Any
 
 from django.contrib.postgres.search import SearchHeadline, SearchQuery, SearchRank, SearchVector
 from django.core.exceptions import ValidationError
@@ -23,9 +23,6 @@ from chat.eventlog import cursor_parse, event_log, run_log_key
 from chat.models import Conversation, Message, Run
 from config.inputs import json_loads
 from tenants.access import Actor, NotFound, id_parse
-
-if TYPE_CHECKING:
-    from django_stubs_ext import WithAnnotations
 
 
 def conversation_list(*, actor: Actor) -> QuerySet[Conversation]:
@@ -162,15 +159,9 @@ def conversation_search(*, actor: Actor, query: str, limit: int = 20) -> list[Se
         return _search_plain(actor=actor, query=query, limit=limit)
 
     search_query = _search_query(query)
-    messages = (
-        message_search(actor=actor, query=query)
-        # One row per conversation: its best matching message (PostgreSQL DISTINCT ON).
-        .order_by("conversation_id", "-rank", "-created_at")
-        .distinct("conversation_id")
-        .values_list("conversation_id", "id", "rank")
-    )
     best: dict[uuid.UUID, tuple[uuid.UUID | None, float]] = {
-        conversation_id: (message_id, rank) for conversation_id, message_id, rank in messages
+        conversation_id: (message_id, rank)
+        for conversation_id, message_id, rank in message_search(actor=actor, query=query)
     }
     title_vector = SearchVector("title", config="english")
     titles = (
@@ -232,22 +223,19 @@ def _search_query(query: str) -> SearchQuery:
     return SearchQuery(query, search_type="websearch", config="english")
 
 
-class _Ranked(TypedDict):
-    document: Any
-    rank: float
+def message_search(*, actor: Actor, query: str) -> list[tuple[uuid.UUID, uuid.UUID, float]]:
+    """The actor's conversations with a message matching `query` (PostgreSQL): for each,
+    (conversation id, its best matching message's id, that message's rank).
 
-
-def message_search(*, actor: Actor, query: str) -> QuerySet[WithAnnotations[Message, _Ranked]]:
-    """The actor's messages matching `query` (PostgreSQL), each with its `rank`."""
-    search_query = _search_query(query)
-    # Exactly the expression of the index chat_message_content_fts, so it is used.
-    vector = SearchVector("content", config="english")
-    return (
-        Message.objects.filter(tenant=actor.tenant, conversation__user=actor.user)
-        .annotate(document=vector)
-        .filter(document=search_query)
-        .annotate(rank=SearchRank(vector, search_query))
-    )
+    The search runs in `parley_message_search` (chat migration 0007), which applies the
+    tenant filter itself so that it can use the full-text index under row level
+    security; the actor's own conversations only."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT conversation_id, message_id, rank FROM parley_message_search(%s, %s)",
+            [actor.user.id if actor.user is not None else None, query],
+        )
+        return [(c, m, float(rank)) for c, m, rank in cursor.fetchall()]
 
 
 def _search_plain(*, actor: Actor, query: str, limit: int) -> list[SearchHit]:

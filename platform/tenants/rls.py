@@ -281,3 +281,30 @@ def grant_app_role(role: str, using: str = "default") -> None:
             f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {quoted}"
         )
         cursor.execute(f"GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {quoted}")
+        cursor.execute("SELECT current_user")
+        if cursor.fetchone()[0] != role:
+            _search_policies_create(cursor)
+
+
+# Tables searched by a SECURITY DEFINER function of their own (the migrations that
+# create parley_message_search and parley_chunk_search say why).
+SEARCHED_TABLES = ("chat_message", "documents_chunk")
+
+
+def _search_policies_create(cursor: Any) -> None:
+    """Let the owner read the searched tables, so that the search functions, which run
+    as the owner and apply the tenant filter themselves, can use their full-text
+    indexes: row level security would keep a non-leakproof `@@` off the index.
+
+    Only where the application connects as another role (`migrate` with
+    DATABASE_OWNER_URL): a deployment whose application role owns the tables would
+    otherwise lose row level security on them. The owner could anyway turn row level
+    security off on its own tables; the application role gains nothing."""
+    for table in SEARCHED_TABLES:
+        cursor.execute("SELECT to_regclass(%s)", [table])
+        if cursor.fetchone()[0] is None:
+            continue
+        cursor.execute(f"DROP POLICY IF EXISTS parley_search ON {table}")
+        cursor.execute(
+            f"CREATE POLICY parley_search ON {table} FOR SELECT TO CURRENT_USER USING (true)"
+        )
