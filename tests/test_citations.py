@@ -117,6 +117,13 @@ def test_a_soft_hyphen_at_a_line_break_is_accepted() -> None:
     assert match.text.endswith("par\u00adties")
 
 
+def test_windows_line_breaks_and_unicode_spaces() -> None:
+    pages = ["The obli-\r\ngation to pay\u00a0survives\r\ntermination\u2009of it."]
+    match = located(SourceText(pages), "The obligation to pay survives termination of it")
+    assert (match.char_start, match.char_end) == (0, len(pages[0]) - 1)
+    assert SourceText(pages).place(0) == (1, 0)
+
+
 def test_ligatures_match_their_letters(source: SourceText) -> None:
     match = located(source, "for five years after termination")
     assert "ﬁve" in match.text
