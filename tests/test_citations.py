@@ -390,6 +390,29 @@ def test_answer_mark_cites_verified_quotations_and_flags_the_others(
     assert answer_quotes(marked.text)[0].text == first.quote
 
 
+def test_a_blockquote_s_attribution_and_page_reference_are_not_quoted(
+    source: SourceText,
+) -> None:
+    answer = (
+        "> The Customer shall not sublicense the Software (p. 1)\n"
+        "> \u2014 Section 2, Licence\n\n"
+        "> Each party keeps its secrets forever. [p. 2]\n"
+        "> -- Section 3\n"
+    )
+    spans = answer_quotes(answer)
+    assert [s.text for s in spans] == [
+        "The Customer shall not sublicense the Software",
+        "Each party keeps its secrets forever.",
+    ]
+    marked = answer_mark(answer, quotes_verify(quotes=[s.text for s in spans], source=source))
+    # The verified one keeps its lines; the other is shown with all it said, unquoted.
+    assert marked.text == (
+        "> The Customer shall not sublicense the Software (p. 1)\n"
+        "> \u2014 Section 2, Licence ([p. 1](#cite-1))\n\n"
+        "[unverified: Each party keeps its secrets forever. [p. 2]\n-- Section 3]\n"
+    )
+
+
 def test_answer_mark_treats_a_quotation_without_a_check_as_unverified() -> None:
     marked = answer_mark("She said \u201cthe goods arrived broken\u201d.", [])
     assert marked.text == "She said [unverified: the goods arrived broken]."

@@ -63,9 +63,11 @@ Matching:
 Free-text answers (a chat answer over documents):
 - `answer_quotes(text)` finds what the answer presents as quotations: text in `“…”`,
   `„…“`, `"…"` and `«…»` within a paragraph, and Markdown blockquotes (consecutive lines
-  starting with `>`, nested `> >` markers taken off), outside fenced code blocks and
-  inline code spans. Quote marks inside a quotation belong to it. Single quote marks
-  are not taken as quotation marks (they are also apostrophes).
+  starting with `>`, nested `> >` markers taken off; a last line that attributes it,
+  `— Section 4`, and a page reference at its end, `(p. 3)`, are the answer's words, not
+  the quotation), outside fenced code blocks and inline code spans. Quote marks inside
+  a quotation belong to it. Single quote marks are not taken as quotation marks (they
+  are also apostrophes).
 - `answer_mark(text, checks)` rewrites the answer: a verified quotation keeps its marks
   (or its blockquote) and is followed by a citation marker, a Markdown link
   ` ([p. 12](#cite-1))` (`pp. 12-13`, with an en dash, across pages) whose fragment
@@ -502,6 +504,10 @@ _CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)((?:(?!\n[ \t]*\n).)+?)(?<!`)\1(?!`)", 
 _BLOCK_LINE = re.compile(r"^ {0,3}>.*$", re.MULTILINE)
 _BLOCK_MARKERS = re.compile(r"^(?: {0,3}> ?)+")
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
+_ATTRIBUTION = re.compile(r"\s*(?:--|[-\u2013\u2014])\s*\S")
+_TRAILING_PAGE_REFERENCE = re.compile(
+    r"\s*[(\[]\s*(?:pp?|pages?)\.?\s*\d+(?:\s*[-\u2013]\s*\d+)?\s*[)\]]\.?\s*$", re.IGNORECASE
+)
 _CLOSING = {"\u201c": "\u201d", "\u201e": "\u201c\u201d", "\u00ab": "\u00bb", '"': '"'}
 _OPENING = re.compile('[\u201c\u201e\u00ab"]')
 _BEFORE_STRAIGHT_OPEN = " \t\n([{\u2014\u2013-:/*_"
@@ -546,7 +552,7 @@ def answer_quotes(text: str) -> list[QuoteSpan]:
         if group and (line is None or line.start() != group[-1].end() + 1):
             start, end = group[0].start(), group[-1].end()
             blocks.append((start, end))
-            quoted = "\n".join(_BLOCK_MARKERS.sub("", g.group()) for g in group).strip()
+            quoted = _block_quotation(_block_content(text[start:end]))
             if quoted and not quote_is_too_short(quoted):
                 spans.append(QuoteSpan(start=start, end=end, text=quoted, kind="block"))
             group = []
@@ -570,6 +576,20 @@ def answer_quotes(text: str) -> list[QuoteSpan]:
         if quoted and not quote_is_too_short(quoted):
             spans.append(QuoteSpan(start=at, end=close + 1, text=quoted, kind="inline"))
     return sorted(spans, key=lambda s: s.start)
+
+
+def _block_content(block: str) -> str:
+    """A blockquote's lines without their `>` markers."""
+    return "\n".join(_BLOCK_MARKERS.sub("", line) for line in block.split("\n")).strip()
+
+
+def _block_quotation(content: str) -> str:
+    """What a blockquote quotes: its content less an attribution line (`— Section 4`)
+    or a page reference (`(p. 3)`) at its end, which are the answer's, not the source's."""
+    lines = content.split("\n")
+    if len(lines) > 1 and _ATTRIBUTION.match(lines[-1]):
+        content = "\n".join(lines[:-1])
+    return _TRAILING_PAGE_REFERENCE.sub("", content).strip()
 
 
 def _closing_of(
@@ -607,8 +627,9 @@ def answer_mark(text: str, checks: Sequence[QuoteCheck]) -> MarkedAnswer:
         length += len(before)
         check = by_quote.get(span.text)
         match = check.match if check is not None else None
+        quoted_as_written = text[span.start : span.end]
         if match is not None:
-            quoted = text[span.start : span.end]
+            quoted = quoted_as_written
             number = len(citations) + 1
             marker = f" ([{_pages_label(match.page_start, match.page_end)}](#cite-{number}))"
             pieces.append(quoted + marker)
@@ -627,7 +648,8 @@ def answer_mark(text: str, checks: Sequence[QuoteCheck]) -> MarkedAnswer:
                 )
             )
         else:
-            flagged = f"[unverified: {span.text}]"
+            shown = span.text if span.kind == "inline" else _block_content(quoted_as_written)
+            flagged = f"[unverified: {shown}]"
             pieces.append(flagged)
             length += len(flagged)
             unverified.append(span.text)
