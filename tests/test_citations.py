@@ -124,6 +124,12 @@ def test_windows_line_breaks_and_unicode_spaces() -> None:
     assert SourceText(pages).place(0) == (1, 0)
 
 
+def test_markdown_emphasis_in_a_quote_is_not_a_difference(source: SourceText) -> None:
+    match = located(source, "The Customer **shall not** sublicense the *Software*")
+    assert match.text == "The Customer shall not sublicense the Software"
+    assert SourceText(["The **fee** is due."]).locate("The fee is due") is not None
+
+
 def test_ligatures_match_their_letters(source: SourceText) -> None:
     match = located(source, "for five years after termination")
     assert "ﬁve" in match.text

@@ -27,7 +27,9 @@ Normalisation, applied alike to the source and to quotes:
   (U+2212) and the small and full-width hyphens become `-`; a run of dashes is one dash
   (`--` is an em dash), and whitespace around a dash is dropped (`a - b` and `a-b` are
   the same).
-- Soft hyphens and zero-width characters (U+200B-U+200D, U+2060, U+FEFF) removed.
+- Soft hyphens and zero-width characters (U+200B-U+200D, U+2060, U+FEFF) removed, and
+  asterisks: an answer may bold words inside a quotation (`**shall not**`), and a
+  Markdown source has them as emphasis.
 - Any run of whitespace (line breaks and page breaks included) is one space.
 - Hyphens are taken out of `text` and remembered by position, each either *real* or a
   *line break* one. A line-break hyphen is a hyphen (`-`, U+2010, U+2011) between a
@@ -107,7 +109,8 @@ _MAX_CANDIDATES = 10_000
 _DASHES = "-\u2010\u2011\u2012\u2013\u2014\u2015\u2212\ufe58\ufe63\uff0d"
 _DOUBLE_QUOTES = '"\u201c\u201d\u201e\u201f\u2033\u2036\u00ab\u00bb\uff02'
 _SINGLE_QUOTES = "\u2018\u2019\u201a\u201b\u2032\u2035\u2039\u203a\uff07"
-_INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff"
+# Soft hyphen, zero-width characters, and the asterisk of Markdown emphasis.
+_INVISIBLE = "\u00ad\u200b\u200c\u200d\u2060\ufeff*"
 _SPECIAL = _DASHES + _DOUBLE_QUOTES + _SINGLE_QUOTES + _INVISIBLE
 _CHAR_MAP: dict[int, str | None] = {
     **{ord(c): "'" for c in _DOUBLE_QUOTES},
