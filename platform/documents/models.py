@@ -58,6 +58,10 @@ class Document(models.Model):
     progress_total = models.PositiveIntegerField(null=True, blank=True)
     # Times the watchdog started the job again after it stalled (documents.watchdog).
     ingest_restarts = models.PositiveSmallIntegerField(default=0)
+    # The model its chunks' vectors are from (documents.embeddings.embedding_model_name);
+    # empty before the embedding stage. Another name than the configured model's means the
+    # vectors are stale: the watchdog has them embedded again.
+    embedding_model = models.CharField(max_length=200, blank=True)
     # The file's name in the `documents` storage.
     file_name = models.CharField(max_length=255)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -524,6 +524,34 @@ if PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS >= PARLEY_DOCUMENT_CHUNK_TOKENS:
         "PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS must be less than PARLEY_DOCUMENT_CHUNK_TOKENS."
     )
 PARLEY_DOCUMENT_INGEST_BATCH = env.integer("PARLEY_DOCUMENT_INGEST_BATCH", default=50, minimum=1)
+# Chunks' embeddings (documents.embeddings): all-MiniLM-L6-v2 on this machine's CPU
+# (`local`, the default: onnxruntime, PARLEY_EMBEDDING_THREADS threads, 0 for one per
+# core), or an OpenAI-compatible `/v1/embeddings` server (`openai`: vLLM serving an
+# embedding model) at PARLEY_EMBEDDING_URL serving PARLEY_EMBEDDING_MODEL. Texts are
+# embedded PARLEY_EMBEDDING_BATCH at a time. Changing the model makes the stored vectors
+# stale: the documents watchdog embeds them again (documents.watchdog).
+PARLEY_EMBEDDING_BACKEND = env.string("PARLEY_EMBEDDING_BACKEND", default="local").strip()
+if PARLEY_EMBEDDING_BACKEND not in ("local", "openai"):
+    raise ImproperlyConfigured(
+        f"PARLEY_EMBEDDING_BACKEND must be local or openai, not {PARLEY_EMBEDDING_BACKEND!r}."
+    )
+PARLEY_EMBEDDING_URL = ""
+PARLEY_EMBEDDING_MODEL = ""
+if PARLEY_EMBEDDING_BACKEND == "openai":
+    if not env.present("PARLEY_EMBEDDING_URL") or not env.present("PARLEY_EMBEDDING_MODEL"):
+        raise ImproperlyConfigured(
+            "PARLEY_EMBEDDING_BACKEND=openai needs PARLEY_EMBEDDING_URL (the server's base URL, "
+            "e.g. http://vllm-embed:8000) and PARLEY_EMBEDDING_MODEL (the model it serves)."
+        )
+    _embedding_urls = env.http_urls("PARLEY_EMBEDDING_URL")
+    if len(_embedding_urls) != 1:
+        raise ImproperlyConfigured("PARLEY_EMBEDDING_URL must be one http(s) base URL.")
+    PARLEY_EMBEDDING_URL = _embedding_urls[0]
+    PARLEY_EMBEDDING_MODEL = env.string("PARLEY_EMBEDDING_MODEL").strip()
+PARLEY_EMBEDDING_API_KEY = env.string("PARLEY_EMBEDDING_API_KEY", default="")
+PARLEY_EMBEDDING_BATCH = env.integer("PARLEY_EMBEDDING_BATCH", default=32, minimum=1)
+PARLEY_EMBEDDING_THREADS = env.integer("PARLEY_EMBEDDING_THREADS", default=0, minimum=0)
+PARLEY_EMBEDDING_TIMEOUT_S = env.floating("PARLEY_EMBEDDING_TIMEOUT_S", default=120.0, minimum=1.0)
 # The watchdog (documents.watchdog, with the run watchdog's interval) starts again an
 # ingestion that recorded no progress for this long (its worker was lost), at most
 # PARLEY_DOCUMENT_INGEST_RESTARTS times, then fails it with the reason; a document no

