@@ -64,8 +64,8 @@ def test_the_frame_table_names_a_handler_and_fields_of_each_frame_type():
             "'document_ids' must be a list of ids.",
         ),
         (
-            {"type": "chat.send", "content": "hi", "document_ids": ["d"] * 101},
-            "At most 100 documents per message.",
+            {"type": "chat.send", "content": "hi", "document_ids": ["d"] * 21},
+            "At most 20 documents per message.",
         ),
         (
             {"type": "chat.send", "content": "hi", "model": "m" * 201},
@@ -127,7 +127,7 @@ CLIENT_FRAMES: list[Any] = [
     {"type": "chat.send", "content": "hi", "document_ids": ["d1", "d2"]},
     {"type": "chat.send", "content": "hi", "document_ids": "d1"},
     {"type": "chat.send", "content": "hi", "document_ids": [""]},
-    {"type": "chat.send", "content": "hi", "document_ids": ["d"] * 101},
+    {"type": "chat.send", "content": "hi", "document_ids": ["d"] * 21},
     {"type": "chat.regenerate", "message_id": "m"},
     {"type": "chat.regenerate"},
     {"type": "chat.regenerate", "message_id": 7},

@@ -56,6 +56,10 @@ export interface MessageOut {
   content: string;
   /** An agent's answer: its tool calls, in order (else empty). */
   steps: ToolStepOut[];
+  /** A user message: the documents attached to it (else empty). */
+  document_ids: string[];
+  /** An answer over documents: how the model read them (`strategy`, `reason`, `documents` with the pages read) and its quotes checked against them (`citations`, `quotes`); else empty. */
+  documents: Record<string, unknown>;
   created_at: string;
 }
 

@@ -10,6 +10,36 @@ export type Seq = number;
 
 export type ShortText = string | null;
 
+export interface AnswerDocuments {
+  strategy: "whole" | "retrieval";
+  reason: string;
+  documents: ({
+    id: Uuid;
+    title: string;
+    /** The pages read. */
+    pages: number[];
+  })[];
+  citations: ({
+    number: number;
+    quote: string;
+    document_id: Uuid;
+    title: string;
+    page_start: number;
+    page_end: number;
+    /** Offset into page `page_start`'s text. */
+    char_start: number;
+    /** Offset (exclusive) into page `page_end`'s text. */
+    char_end: number;
+  })[];
+  /** Quotations the documents do not contain. */
+  unverified: string[];
+  quotes: {
+    verified: number;
+    unverified: number;
+  };
+  marked: string;
+}
+
 export interface Usage {
   prompt_tokens: number;
   completion_tokens: number;
@@ -25,6 +55,7 @@ export interface ChatSendFrame {
   model?: ShortText;
   /** An agent the tenant enabled, `<plugin>.<agent>`; it answers this and later messages of the conversation. Absent: the conversation's agent (none for a new conversation); `none`: back to plain chat. An agent that is not enabled is answered with `error` `not_found`. */
   agent?: ShortText;
+  /** Your documents (`GET /api/v1/documents`, state `ready`) to read with this message; they stay in play for the later messages of its branch. One that is not yours is answered with `error` `not_found`; one still being read, with `invalid_frame` and how far it is. */
   document_ids?: Id[];
   client_id?: ClientId;
 }
@@ -97,8 +128,11 @@ export interface ProgressFrame {
   type: "progress";
   run_id: Uuid;
   seq: Seq;
+  /** What the run is at; `documents`: how the model reads the documents in play (`strategy`, and `message` says why). */
   stage: string;
   message?: string;
+  /** `whole`: every page is in the prompt; `retrieval`: the passages that best match the question are. */
+  strategy?: "whole" | "retrieval";
   done?: number;
   total?: number;
 }
@@ -111,6 +145,7 @@ export interface RunDoneFrame {
   /** `stop`, `length`, ...; an agent run that reached a limit: `step_limit`, `time_limit`, `token_limit` (its text so far is the answer). */
   finish_reason: string;
   usage: Usage;
+  documents?: AnswerDocuments;
   /** Rebuilt from storage; the earlier events can no longer be replayed. */
   trimmed?: boolean;
 }

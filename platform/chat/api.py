@@ -106,7 +106,11 @@ def conversations_start(request: HttpRequest, payload: ConversationIn):
     actor = chat_actor(request)
     return _queued(
         lambda: chat_send(
-            actor=actor, content=payload.content, model=payload.model, client_id=payload.client_id
+            actor=actor,
+            content=payload.content,
+            model=payload.model,
+            client_id=payload.client_id,
+            document_ids=payload.document_ids,
         )
     )
 
@@ -166,6 +170,7 @@ def conversations_send(request: HttpRequest, conversation_id: str, payload: Mess
             conversation_id=conversation_id,
             model=payload.model,
             client_id=payload.client_id,
+            document_ids=payload.document_ids,
             **extra,
         )
     )

@@ -7,9 +7,11 @@ from typing import Any
 
 from django.conf import settings
 
+from chat.documents import answer_documents, documents_apply, documents_progress
 from chat.execution import RunExecution, run_execute
 from chat.models import Run
 from chat.prompts import prompt_build
+from documents.context import DocumentContext
 from inference import pool
 from inference.types import ChatRequest, InferenceError, StreamFinished, StreamStarted, TextDelta
 
@@ -18,10 +20,15 @@ class ChatTurn:
     """The answer is the model's completion of the prompt (chat.prompts.prompt_build)."""
 
     request: ChatRequest
+    documents: DocumentContext | None
 
     def prepare(self, run: Run) -> None:
+        messages = prompt_build(run=run)
+        self.documents = documents_apply(
+            run=run, messages=messages, max_tokens=settings.PARLEY_MAX_TOKENS
+        )
         self.request = ChatRequest(
-            messages=prompt_build(run=run),
+            messages=messages,
             model=run.model,
             max_tokens=settings.PARLEY_MAX_TOKENS,
             temperature=settings.PARLEY_TEMPERATURE,
@@ -34,6 +41,9 @@ class ChatTurn:
     def produce(self, execution: RunExecution) -> StreamFinished:
         run = execution.run
         finished: StreamFinished | None = None
+        if self.documents is not None:
+            execution.append(documents_progress(self.documents))
+            execution.documents = self.documents.as_dict()
         stream = pool.chat_stream(self.request)
         try:
             execution.raise_if_cancelled()
@@ -50,6 +60,10 @@ class ChatTurn:
             stream.close()  # a cancelled run hangs up on the backend, which stops generating
         if finished is None:
             raise InferenceError("internal_error", "The stream ended unexpectedly.")
+        if self.documents is not None:
+            execution.documents = answer_documents(
+                run=run, context=self.documents, answer="".join(execution.text)
+            )
         return finished
 
 

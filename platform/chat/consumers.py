@@ -228,9 +228,9 @@ class ChatConsumer(AsyncWebsocketConsumer):
             raise protocol.FrameError(protocol.UNAVAILABLE, str(exc), client_id) from None
 
     async def on_chat_send(self, send: protocol.ChatSend) -> None:
-        if send.document_ids:
-            raise protocol.FrameError(protocol.NOT_FOUND, "No such document.", send.client_id)
         kwargs: dict[str, Any] = {}
+        if send.document_ids:
+            kwargs["document_ids"] = list(send.document_ids)
         if send.has_parent:
             kwargs["parent_message_id"] = send.parent_message_id
         not_found = (
@@ -238,6 +238,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             if send.has_parent
             else "No such conversation."
         )
+        if send.document_ids:
+            not_found = f"{not_found[:-1]}, or no such document."
         # An agent is one the tenant enabled ("<plugin>.<agent>"); absent keeps the
         # conversation's agent, "none" returns it to plain chat (chat_send).
         if send.agent:

@@ -105,6 +105,9 @@ class RunExecution:
         self.seq = 0
         self.text: list[str] = []
         self.tool_events: list[dict[str, Any]] = []  # stored with the answer (chat.steps)
+        # An answer over documents: how they were read and its checked quotes
+        # (chat.documents), stored with the answer and sent with `run.done`.
+        self.documents: dict[str, Any] = {}
         self._pending: list[str] = []
         self._last_flush = 0.0
         self._stop: InferenceError | None = None
@@ -220,21 +223,29 @@ class RunExecution:
                     state=Run.State.SUCCEEDED,
                     finished=finished,
                     last_seq=self.seq + 1,
+                    documents=self.documents,
                 )
                 title_after_run(run=run)
-                self.append(
-                    {
-                        "type": "run.done",
-                        "message_id": str(message.id) if message else None,
-                        "finish_reason": finished.finish_reason,
-                        "usage": finished.usage.as_dict(),
-                    }
-                )
+                done: dict[str, Any] = {
+                    "type": "run.done",
+                    "message_id": str(message.id) if message else None,
+                    "finish_reason": finished.finish_reason,
+                    "usage": finished.usage.as_dict(),
+                }
+                if self.documents:
+                    done["documents"] = self.documents
+                self.append(done)
             else:
                 error = error or InferenceError("internal_error", "The stream ended unexpectedly.")
                 state = Run.State.CANCELLED if error.code == "cancelled" else Run.State.FAILED
                 message = run_close(
-                    run=run, text=text, steps=steps, state=state, error=error, last_seq=self.seq + 1
+                    run=run,
+                    text=text,
+                    steps=steps,
+                    state=state,
+                    error=error,
+                    last_seq=self.seq + 1,
+                    documents=self.documents,
                 )
                 self.append(
                     {

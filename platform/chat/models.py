@@ -64,6 +64,13 @@ class Message(models.Model):
     # An agent's answer: its tool calls in order, as its run logged them
     # (chat.steps.tool_steps): [{call_id, name, arguments, result, error, truncated}].
     steps = models.JSONField(default=list, blank=True)
+    # A user message: the ids of the documents attached to it (documents.Document),
+    # in play for this turn and the turns after it on its branch.
+    document_ids = models.JSONField(default=list, blank=True)
+    # An answer over documents: how the model read them and what it quoted
+    # (chat.documents): {strategy, reason, documents: [{id, title, pages}],
+    # citations: [...], quotes: {verified, unverified}}; empty otherwise.
+    documents = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -59,6 +59,12 @@ class ConversationIn(Schema):
     content: str = Field(description="The first message.")
     model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100, description="Retries with it return the first run.")
+    document_ids: list[uuid.UUID] = Field(
+        [],
+        max_length=20,
+        description="Your documents to read with this message (ready ones); they stay in "
+        "play for the later messages of its branch.",
+    )
 
 
 class RenameIn(Schema):
@@ -73,6 +79,12 @@ class MessageIn(Schema):
     )
     model: str = Field("", max_length=MODEL_MAX_CHARS)
     client_id: str = Field("", max_length=100)
+    document_ids: list[uuid.UUID] = Field(
+        [],
+        max_length=20,
+        description="Your documents to read with this message (ready ones); they stay in "
+        "play for the later messages of its branch.",
+    )
 
 
 class EditIn(Schema):
@@ -108,6 +120,14 @@ class MessageOut(Schema):
     content: str
     steps: list[ToolStepOut] = Field(
         description="An agent's answer: its tool calls, in order (else empty)."
+    )
+    document_ids: list[uuid.UUID] = Field(
+        description="A user message: the documents attached to it (else empty)."
+    )
+    documents: dict[str, Any] = Field(
+        description="An answer over documents: how the model read them (`strategy`, "
+        "`reason`, `documents` with the pages read) and its quotes checked against them "
+        "(`citations`, `quotes`); else empty."
     )
     created_at: datetime
 

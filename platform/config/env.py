@@ -74,10 +74,18 @@ def integer(
     return value
 
 
-def floating(name: str, default: Any = _MISSING, *, minimum: float | None = None) -> float:
+def floating(
+    name: str,
+    default: Any = _MISSING,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> float:
     value = _read(name, env.float, default)
     if minimum is not None and value < minimum:
         raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {value}.")
+    if maximum is not None and value > maximum:
+        raise ImproperlyConfigured(f"{name} must be at most {maximum}, not {value}.")
     return value
 
 

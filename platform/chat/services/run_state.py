@@ -89,9 +89,11 @@ def run_close(
     last_seq: int,
     finished: StreamFinished | None = None,
     error: InferenceError | None = None,
+    documents: dict[str, Any] | None = None,
 ) -> Message | None:
     """The worker's end of a run: store the answer (partial text is kept on failure)
-    and close the run; RunClosed if it was closed already (the watchdog took it)."""
+    with how it read its `documents`, and close the run; RunClosed if it was closed
+    already (the watchdog took it)."""
     with tenant_scope(tenant_id=run.tenant_id), transaction.atomic():
         # Open until an end is recorded (last_seq): running, or cancelled by a tenant
         # suspension (its worker writes the end). The row lock orders this against the
@@ -102,7 +104,11 @@ def run_close(
         if not still_open.exists():
             raise RunClosed(f"run {run.id} was closed already")
         message = run_answer_store(
-            run=run, text=text, steps=steps, succeeded=state == Run.State.SUCCEEDED
+            run=run,
+            text=text,
+            steps=steps,
+            succeeded=state == Run.State.SUCCEEDED,
+            documents=documents,
         )
         fields: dict[str, Any] = {
             "state": state,
@@ -137,7 +143,12 @@ def run_answer_keep(
 
 
 def run_answer_store(
-    *, run: Run, text: str, steps: list[dict[str, Any]] | None = None, succeeded: bool = False
+    *,
+    run: Run,
+    text: str,
+    steps: list[dict[str, Any]] | None = None,
+    succeeded: bool = False,
+    documents: dict[str, Any] | None = None,
 ) -> Message | None:
     """The assistant message of a run: its answer with an agent's tool calls (`steps`),
     or what a run that did not succeed produced (none if nothing). Call within the
@@ -151,6 +162,7 @@ def run_answer_store(
         role=Message.Role.ASSISTANT,
         content=text,
         steps=steps or [],
+        documents=documents or {},
     )
     # The answer extends the branch the client is on, unless it moved elsewhere.
     Conversation.objects.filter(id=run.conversation_id, current_leaf_id=run.user_message_id).update(

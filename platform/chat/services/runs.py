@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from django.conf import settings
@@ -12,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from chat.documents import attachments_check
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
 from chat.protocol import run_started_frame
@@ -160,8 +162,13 @@ def chat_send(
     model: str = "",
     client_id: str = "",
     agent: str | None = None,
+    document_ids: Sequence[Any] = (),
 ) -> Run:
     """Record the user's message and queue a run that answers it.
+
+    `document_ids` attaches the actor's documents to the message (chat.documents): they
+    are in play for this turn and the later ones of its branch. NotFound for one that is
+    not the actor's, ValidationError for one that is not ready.
 
     `agent` ("<plugin>.<agent>") makes that agent answer, in this and later sends of the
     conversation; None keeps the conversation's agent (a new conversation: plain chat);
@@ -197,6 +204,7 @@ def chat_send(
                 tenant=actor.tenant, user=user, title=title_first_words(content), model=model
             )
             parent = None
+        attached = attachments_check(actor=actor, document_ids=document_ids)
         if agent is not None and agent != conversation.agent:
             conversation.agent = agent
             conversation.save(update_fields=["agent", "updated_at"])
@@ -206,6 +214,7 @@ def chat_send(
             parent=parent,
             role=Message.Role.USER,
             content=content,
+            document_ids=attached,
         )
         return _run_create(
             actor=actor,

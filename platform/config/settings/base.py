@@ -560,6 +560,17 @@ PARLEY_DOCUMENT_STALL_S = env.floating("PARLEY_DOCUMENT_STALL_S", default=300.0,
 PARLEY_DOCUMENT_INGEST_RESTARTS = env.integer(
     "PARLEY_DOCUMENT_INGEST_RESTARTS", default=3, minimum=0
 )
+# A chat turn over documents (documents.context): whole documents in the prompt when
+# they fit in this share of the model's context left after the conversation and the
+# answer, else the best PARLEY_DOCUMENT_PASSAGES passages that fit. A model whose
+# context length the pool does not know counts as PARLEY_DOCUMENT_CONTEXT_TOKENS.
+PARLEY_DOCUMENT_CONTEXT_SHARE = env.floating(
+    "PARLEY_DOCUMENT_CONTEXT_SHARE", default=0.9, minimum=0.1, maximum=1.0
+)
+PARLEY_DOCUMENT_PASSAGES = env.integer("PARLEY_DOCUMENT_PASSAGES", default=8, minimum=1)
+PARLEY_DOCUMENT_CONTEXT_TOKENS = env.integer(
+    "PARLEY_DOCUMENT_CONTEXT_TOKENS", default=8192, minimum=512
+)
 
 LOGGING = {
     "version": 1,
