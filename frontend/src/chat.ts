@@ -1,7 +1,8 @@
-// The chat page: wires the conversation thread, the sidebar and the composer to the
-// websocket (/ws/v1/, protocol v1) and the REST API (/api/v1/).
+// The chat page: wires the conversation thread, the sidebar and the composer (with its
+// document attachments) to the websocket (/ws/v1/, protocol v1) and the REST API (/api/v1/).
 
 import { Api } from "./api";
+import { Attachments, DocumentsClient, PageViewer } from "./documents";
 import { required } from "./dom";
 import { Sidebar } from "./sidebar";
 import { ChatSocket } from "./socket";
@@ -11,6 +12,7 @@ const script = required<HTMLScriptElement>("#parley-client");
 const homeUrl = script.dataset.homeUrl ?? "/";
 const conversationUrl = script.dataset.conversationUrl ?? "/c/";
 const api = new Api(script.dataset.apiUrl ?? "/api/v1/", script.dataset.csrfToken ?? "");
+const documentsClient = new DocumentsClient(script.dataset.apiUrl ?? "/api/v1/", script.dataset.csrfToken ?? "");
 const data = JSON.parse(required<HTMLScriptElement>("#parley-chat").textContent ?? "{}") as PageData;
 
 const form = required<HTMLFormElement>("#composer");
@@ -21,6 +23,7 @@ const sendButton = required<HTMLButtonElement>("#send");
 const stopButton = required<HTMLButtonElement>("#stop");
 const status = required<HTMLParagraphElement>("#status");
 const heading = required<HTMLHeadingElement>("#conversation-title");
+const fileInput = required<HTMLInputElement>("#attach-file");
 
 let connected = false;
 let busy = false;
@@ -28,6 +31,15 @@ let busy = false;
 function say(message: string): void {
   status.textContent = message;
 }
+
+const attachments = new Attachments(required<HTMLUListElement>("#attachments"), documentsClient, () => {
+  // A document got ready: the message that waited for it may go now.
+  if (status.dataset.blockedBy && !attachments.blocker()) {
+    delete status.dataset.blockedBy;
+    say("");
+  }
+});
+const viewer = new PageViewer(required<HTMLDialogElement>("#page-viewer"), documentsClient);
 
 function updateControls(): void {
   sendButton.disabled = busy || !connected;
@@ -61,6 +73,7 @@ const socket = new ChatSocket(`${location.protocol === "https:" ? "wss" : "ws"}:
         if (frame.conversation_id === thread.conversationId) showTitle(frame.title);
       }
     }
+    if (frame.type === "document.updated") attachments.update(frame);
     thread.handle(frame);
   },
 });
@@ -79,8 +92,27 @@ const thread = new Thread(required<HTMLOListElement>("#messages"), data, {
     busy = value;
     updateControls();
   },
-  restoreDraft(content) {
+  restoreDraft(content, documentIds) {
     if (!prompt.value.trim()) prompt.value = content;
+    attachments.restore(documentIds);
+  },
+  accepted(documentIds) {
+    attachments.forget(documentIds);
+  },
+  async documentTitles(ids) {
+    const titles = new Map<string, string>();
+    await Promise.all(
+      ids.map((id) =>
+        documentsClient.get(id).then(
+          (d) => titles.set(id, d.title),
+          () => titles.set(id, "a deleted document"),
+        ),
+      ),
+    );
+    return titles;
+  },
+  openCitation(citation) {
+    void viewer.open(citation);
   },
   chosenAgent: () => agentSelect.value || null,
 });
@@ -105,8 +137,32 @@ form.addEventListener("submit", (event) => {
   event.preventDefault();
   const content = prompt.value.trim();
   if (!content || busy) return;
+  const blocked = attachments.blocker();
+  if (blocked) {
+    status.dataset.blockedBy = "attachments";
+    say(`Not sent: ${blocked}`);
+    return;
+  }
   prompt.value = "";
-  thread.sendMessage(content);
+  thread.sendMessage(content, undefined, attachments.take());
+});
+
+// Attach: the file picker, or files dropped on the composer.
+fileInput.addEventListener("change", () => {
+  for (const file of Array.from(fileInput.files ?? [])) attachments.add(file);
+  fileInput.value = ""; // the same file may be picked again
+});
+form.addEventListener("dragover", (event) => {
+  if (!event.dataTransfer?.types.includes("Files")) return;
+  event.preventDefault();
+  form.classList.add("dropping");
+});
+form.addEventListener("dragleave", () => form.classList.remove("dropping"));
+form.addEventListener("drop", (event) => {
+  form.classList.remove("dropping");
+  if (!event.dataTransfer?.files.length) return;
+  event.preventDefault();
+  for (const file of Array.from(event.dataTransfer.files)) attachments.add(file);
 });
 prompt.addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
@@ -123,3 +179,6 @@ agentSelect.value = data.agents.some((agent) => agent.id === thread.agent) ? (th
 busy = thread.busy;
 updateControls();
 socket.connect();
+// The page's own copy of the branch lacks what answers over documents carry (their
+// citations, how the documents were read): the API's has it.
+if (thread.conversationId) void thread.refresh();

@@ -8,6 +8,15 @@
 // after a reconnect never starts a second generation.
 
 import type { Api, MessageTree, ToolStep } from "./api";
+import {
+  type AnswerDocuments,
+  type Attached,
+  type Citation,
+  answerDocuments,
+  documentsFooter,
+  markedAnswer,
+  readingText,
+} from "./documents";
 import { button, el } from "./dom";
 import type { ClientFrame, RunEventFrame, SendFrame, ServerFrame } from "./protocol";
 import { isRunEvent } from "./protocol";
@@ -27,6 +36,10 @@ export interface Step {
   sibling_index: number;
   sibling_count: number;
   error?: Ending | null;
+  // A user message: the documents attached to it.
+  document_ids?: string[];
+  // An answer over documents: how they were read, its quotations checked.
+  documents?: AnswerDocuments | null;
 }
 
 export interface AgentChoice {
@@ -65,6 +78,9 @@ interface RunView {
   steps: HTMLDivElement;
   tools: Map<string, HTMLDetailsElement>;
   progress: HTMLParagraphElement | null;
+  // How the model reads the documents in play (a `progress` frame of stage `documents`).
+  reading: HTMLParagraphElement | null;
+  documents: AnswerDocuments | null;
 }
 
 interface PendingSend {
@@ -73,6 +89,7 @@ interface PendingSend {
   // message (null: a new root).
   parentId: string | null | undefined;
   element: HTMLLIElement | null;
+  documents: Attached[];
   runId?: string;
   userMessageId?: string;
 }
@@ -84,8 +101,14 @@ export interface ThreadOptions {
   // The run of a send started a new conversation.
   started: (conversationId: string, title: string) => void;
   busyChanged: (busy: boolean) => void;
-  // A message the server refused goes back into the composer.
-  restoreDraft: (content: string) => void;
+  // A message the server refused goes back into the composer, with its documents.
+  restoreDraft: (content: string, documentIds: string[]) => void;
+  // The server accepted a send: the documents it carried are attached for good.
+  accepted: (documentIds: string[]) => void;
+  // The titles of documents (attached to stored messages) the page does not know yet.
+  documentTitles: (ids: string[]) => Promise<Map<string, string>>;
+  // A citation's link was clicked: show its page.
+  openCitation: (citation: Citation) => void;
   // The agent the member picked for what they send next; null: plain chat.
   chosenAgent: () => string | null;
 }
@@ -104,6 +127,9 @@ export class Thread {
   private readonly endings = new Map<string, Ending>();
   private editing: { id: string; draft: string } | null = null;
   private fetchGeneration = 0;
+  // Document titles by id, for the user messages that carried them.
+  private readonly titles = new Map<string, string>();
+  private readonly askedTitles = new Set<string>();
   conversationId: string | null;
   // The agent that answers the conversation (as the server last accepted); null: plain chat.
   agent: string | null;
@@ -182,7 +208,7 @@ export class Thread {
       this.pending.delete(send.frame.client_id);
       if (send.frame.type === "chat.send") {
         this.options.say(`Not sent: ${message}`);
-        if (send.parentId === undefined) this.options.restoreDraft(send.frame.content);
+        if (send.parentId === undefined) this.options.restoreDraft(send.frame.content, send.frame.document_ids ?? []);
       } else this.options.say(`Could not regenerate: ${message}`);
       this.render();
       this.changed();
@@ -221,6 +247,7 @@ export class Thread {
       else {
         // Accepted: the agent it named answers the conversation from now on.
         if (send.frame.agent !== undefined) this.agent = send.frame.agent === PLAIN_CHAT ? null : send.frame.agent;
+        this.options.accepted(send.frame.document_ids ?? []);
         // Kept in view until the thread, fetched again, holds the new message.
         send.runId = runId;
         send.userMessageId = userMessageId;
@@ -269,6 +296,8 @@ export class Thread {
       steps,
       tools: new Map(),
       progress: null,
+      reading: null,
+      documents: null,
     };
     this.runs.set(id, run);
     return run;
@@ -308,9 +337,11 @@ export class Thread {
         this.toolEnded(run, frame.call_id, frame.name, frame.result ?? "", frame.error ?? null, frame.truncated);
         break;
       case "progress":
-        this.progressed(run, frame.stage, frame.message, frame.done, frame.total);
+        if (frame.stage === "documents") this.reads(run, frame.strategy, frame.message);
+        else this.progressed(run, frame.stage, frame.message, frame.done, frame.total);
         break;
       case "run.done":
+        if (frame.documents) this.answeredFromDocuments(run, frame.documents);
         this.ended(run, frame.message_id, null);
         this.options.say(`Done · ${frame.usage.completion_tokens} tokens`);
         break;
@@ -361,6 +392,29 @@ export class Thread {
     run.progress.textContent = `${message || stage}${count}`;
   }
 
+  // How the model reads the documents, and why: shown until the answer is stored (its
+  // footer says it then).
+  private reads(run: RunView, strategy: string | undefined, message: string | undefined): void {
+    if (!run.reading) {
+      run.reading = el("p", { class: "progress documents", role: "status" });
+      run.steps.prepend(run.reading);
+      run.steps.hidden = false;
+    }
+    run.reading.dataset.strategy = strategy ?? "";
+    run.reading.textContent = readingText(strategy, message);
+  }
+
+  // The answer as it should be read: citations linked, unverified quotations flagged.
+  private answeredFromDocuments(run: RunView, documents: AnswerDocuments): void {
+    run.documents = documents;
+    const body = run.text.parentElement;
+    if (!body) return;
+    body.replaceChildren(markedAnswer(documents));
+    run.reading?.remove();
+    run.reading = null;
+    run.element.append(documentsFooter(documents));
+  }
+
   private ended(run: RunView, messageId: string | null, ending: Ending | null): void {
     run.active = false;
     run.messageId = messageId;
@@ -386,8 +440,10 @@ export class Thread {
 
   // --- actions -------------------------------------------------------------------------
 
-  sendMessage(content: string, parentId?: string | null): void {
+  sendMessage(content: string, parentId?: string | null, documents: Attached[] = []): void {
     const frame: SendFrame = { type: "chat.send", content, client_id: newClientId() };
+    if (documents.length) frame.document_ids = documents.map((d) => d.id);
+    for (const d of documents) this.titles.set(d.id, d.title);
     if (this.conversationId) frame.conversation_id = this.conversationId;
     if (parentId !== undefined) frame.parent_message_id = parentId;
     // Only a change is sent: the conversation keeps its agent (or plain chat) otherwise.
@@ -395,7 +451,8 @@ export class Thread {
     if (agent !== this.agent) frame.agent = agent ?? PLAIN_CHAT;
     const element = el("li", { class: "message user pending" });
     element.append(el("div", { class: "body" }, content));
-    this.pending.set(frame.client_id, { frame, parentId, element });
+    if (documents.length) element.append(this.attachedList(documents.map((d) => d.id)));
+    this.pending.set(frame.client_id, { frame, parentId, element, documents });
     this.editing = null;
     this.options.say(this.options.send(frame) ? "Sending…" : "Waiting for the connection…");
     this.render();
@@ -406,7 +463,7 @@ export class Thread {
     const frame: SendFrame = { type: "chat.regenerate", message_id: step.id, client_id: newClientId() };
     const element = el("li", { class: "message assistant pending" });
     element.append(el("div", { class: "body" }, "…"));
-    this.pending.set(frame.client_id, { frame, parentId: step.parent_id, element });
+    this.pending.set(frame.client_id, { frame, parentId: step.parent_id, element, documents: [] });
     this.options.say(this.options.send(frame) ? "Regenerating…" : "Waiting for the connection…");
     this.render();
     this.changed();
@@ -475,14 +532,38 @@ export class Thread {
           role: message.role,
           content: message.content,
           steps: message.steps,
+          document_ids: message.document_ids,
+          documents: answerDocuments(message.documents),
           sibling_ids: step.sibling_ids,
           sibling_index: step.sibling_index,
           sibling_count: step.sibling_count,
         },
       ];
     });
+    this.learnTitles();
     this.render();
     this.changed();
+  }
+
+  // Titles for the documents the branch's messages carried: from the answers that read
+  // them, else asked for once.
+  private learnTitles(): void {
+    for (const step of this.branch) for (const d of step.documents?.documents ?? []) this.titles.set(d.id, d.title);
+    const unknown = this.branch
+      .flatMap((step) => step.document_ids ?? [])
+      .filter((id) => !this.titles.has(id) && !this.askedTitles.has(id));
+    if (!unknown.length) return;
+    for (const id of unknown) this.askedTitles.add(id);
+    void this.options.documentTitles(unknown).then((found) => {
+      for (const [id, title] of found) this.titles.set(id, title);
+      this.render();
+    });
+  }
+
+  private attachedList(ids: string[]): HTMLUListElement {
+    const list = el("ul", { class: "attached", "aria-label": "Attached documents" });
+    for (const id of ids) list.append(el("li", { "data-document-id": id }, this.titles.get(id) ?? "a document"));
+    return list;
   }
 
   private changed(): void {
@@ -537,7 +618,12 @@ export class Thread {
       return item;
     }
     if (step.steps?.length) item.append(storedSteps(step.steps));
-    item.append(el("div", { class: "body" }, step.content));
+    if (step.documents) {
+      const body = el("div", { class: "body" });
+      body.append(markedAnswer(step.documents));
+      item.append(body, documentsFooter(step.documents));
+    } else item.append(el("div", { class: "body" }, step.content));
+    if (step.document_ids?.length) item.append(this.attachedList(step.document_ids));
     const ending = step.error ?? this.endings.get(step.id);
     if (ending) {
       item.classList.add("failed");
@@ -601,6 +687,13 @@ export class Thread {
   }
 
   private onClick(event: Event): void {
+    const link = (event.target as HTMLElement).closest<HTMLAnchorElement>("a.cite[data-cite]");
+    if (link) {
+      event.preventDefault();
+      const citation = this.citationOf(link);
+      if (citation) this.options.openCitation(citation);
+      return;
+    }
     const target = (event.target as HTMLElement).closest<HTMLButtonElement>("button[data-action]");
     const item = target?.closest<HTMLLIElement>("li[data-id]");
     const step = this.branch.find((s) => s.id === item?.dataset.id);
@@ -626,6 +719,17 @@ export class Thread {
       default:
         break;
     }
+  }
+
+  // The citation a link of an answer (stored, or just streamed) names.
+  private citationOf(link: HTMLAnchorElement): Citation | undefined {
+    const number = Number(link.dataset.cite);
+    const item = link.closest<HTMLLIElement>("li.message");
+    const runId = item?.dataset.runId;
+    const documents = runId
+      ? this.runs.get(runId)?.documents
+      : this.branch.find((s) => s.id === item?.dataset.id)?.documents;
+    return documents?.citations.find((c) => c.number === number);
   }
 }
 
