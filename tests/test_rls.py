@@ -12,7 +12,7 @@ from django.db import connection
 
 from agents.models import TenantPlugin
 from chat.models import Conversation, Message
-from documents.models import Chunk, Document, Page
+from documents.models import Chunk, Document, Page, ReviewStep, ReviewTemplate
 from inference.models import UsageRecord
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
@@ -90,6 +90,17 @@ def two_tenants(alice, charlie):
                 char_end=2,
                 embedding=[0.25, -1.0],
             )
+            ReviewTemplate.objects.create(
+                tenant=person.tenant, kind="summary", name="Brief", instructions="Summarise."
+            )
+            ReviewStep.objects.create(
+                tenant=person.tenant,
+                document_sha256="0" * 64,
+                task="t",
+                model="m",
+                step="map:0:x",
+                output={"summary": "", "items": []},
+            )
     return alice, charlie
 
 
@@ -106,6 +117,8 @@ def test_every_tenant_owned_table_has_forced_row_level_security():
         "documents_document",
         "documents_page",
         "documents_chunk",
+        "documents_reviewtemplate",
+        "documents_reviewstep",
     } <= set(tables)
     with connection.cursor() as cursor:
         cursor.execute(

@@ -11,7 +11,8 @@ export type Seq = number;
 export type ShortText = string | null;
 
 export interface AnswerDocuments {
-  strategy: "whole" | "retrieval";
+  /** `whole`: every page was in the prompt; `retrieval`: the passages that best match the question were; `map_reduce`: a review of a document longer than the model's context, section by section, then merged. */
+  strategy: "whole" | "retrieval" | "map_reduce";
   reason: string;
   documents: ({
     id: Uuid;
@@ -38,6 +39,8 @@ export interface AnswerDocuments {
     unverified: number;
   };
   marked: string;
+  /** A document review's result, as docs/review.schema.json describes it. */
+  review?: Record<string, unknown>;
 }
 
 export interface Usage {

@@ -32,6 +32,7 @@ from chat.schemas import (
     MessageTreeOut,
     RegenerateIn,
     RenameIn,
+    ReviewIn,
     RunEventsOut,
     RunOut,
     SearchOut,
@@ -53,7 +54,14 @@ from chat.services.conversations import (
     conversation_export,
     conversation_rename,
 )
-from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
+from chat.services.runs import (
+    RunNotQueued,
+    chat_send,
+    review_start,
+    run_cancel,
+    run_regenerate,
+)
+from documents.review import review_markdown
 from tenants.access import Actor
 from tenants.api.auth import actor_of
 from tenants.rls import tenant_scope
@@ -61,6 +69,7 @@ from tenants.rls import tenant_scope
 conversations = Router(tags=["conversations"])
 messages = Router(tags=["conversations"])
 runs = Router(tags=["runs"])
+reviews = Router(tags=["documents"])
 
 NOT_QUEUED = (
     "Your message is saved, but no worker could take the run right now; try again in a moment."
@@ -360,3 +369,59 @@ async def _sse_relay(
             yield _sse_frame(item.run.last_seq, trimmed)
         else:
             yield _sse_frame(item["seq"], item)
+
+
+# --- reviews --------------------------------------------------------------------------
+
+
+@reviews.post("", response=RUN_ACCEPTED, url_name="chat_reviews")
+def reviews_start(request: HttpRequest, payload: ReviewIn):
+    """Review one of your documents with a template (`GET /api/v1/review-templates`), as
+    a run of a new conversation: follow it like any run; its answer is the review in
+    Markdown, and `GET /api/v1/reviews/{run_id}` exports it."""
+    actor = chat_actor(request)
+    return _queued(
+        lambda: review_start(
+            actor=actor,
+            document_id=payload.document_id,
+            template=payload.template,
+            questions=payload.questions,
+            model=payload.model,
+            client_id=payload.client_id,
+        )
+    )
+
+
+@reviews.get(
+    "/{run_id}",
+    response={200: dict[str, Any], 404: ErrorOut, 409: ErrorOut},
+    url_name="chat_review",
+    openapi_extra={
+        "responses": {
+            200: {
+                "description": "The review: JSON (docs/review.schema.json), or Markdown with "
+                "`format=markdown` (a file to download).",
+                "content": {"text/markdown": {"schema": {"type": "string"}}},
+            }
+        }
+    },
+)
+def reviews_export(request: HttpRequest, run_id: str, format: str = "json"):
+    """A finished review, as JSON or as Markdown (`format=markdown`)."""
+    run = run_get(actor=chat_actor(request), run_id=run_id)
+    if run.task != "review":
+        return Status(404, {"detail": "This run is no review."})
+    message = run.assistant_message
+    review = (message.documents or {}).get("review") if message is not None else None
+    if review is None:
+        return Status(409, {"detail": f"The review is not done (its run is {run.state})."})
+    if format == "markdown":
+        response = HttpResponse(
+            review_markdown(review), content_type="text/markdown; charset=utf-8"
+        )
+        name = "".join(c if c.isalnum() else "-" for c in review["document"]["title"])[:60]
+        response["Content-Disposition"] = f'attachment; filename="review-{name}.md"'
+        return response
+    if format != "json":
+        raise ValidationError("format must be json or markdown.")
+    return review

@@ -108,6 +108,9 @@ class Run(models.Model):
     model = models.CharField(max_length=200, blank=True)
     # The agent that answers this run ("<plugin>.<agent>"); blank: a plain chat run.
     agent = models.CharField(max_length=200, blank=True)
+    # What the run does other than answer: `review`, a document review (chat.review_turn;
+    # its template is on the user message's `documents`). Blank: a chat or agent turn.
+    task = models.CharField(max_length=16, blank=True)
     backend = models.CharField(max_length=500, blank=True)
     client_id = models.CharField(max_length=100, blank=True)
     prompt_tokens = models.PositiveIntegerField(default=0)

@@ -210,3 +210,16 @@ class RunEventsOut(Schema):
     message: MessageOut | None = Field(
         description="The run's stored answer, once the run has ended."
     )
+
+
+class ReviewIn(Schema):
+    document_id: uuid.UUID = Field(description="One of your documents, ready.")
+    template: str = Field(
+        description="A built-in template (`summary`, `key_terms`, `risks`, `questions`) or "
+        "the id of one of your organization's (`GET /api/v1/review-templates`)."
+    )
+    questions: list[str] = Field(
+        [], max_length=30, description="The questions of a `questions` review."
+    )
+    model: str = Field("", max_length=MODEL_MAX_CHARS)
+    client_id: str = Field("", max_length=100, description="Retries with it return the first run.")

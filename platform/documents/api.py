@@ -15,18 +15,33 @@ from ninja import Field, File, Form, Query, Router, Schema, Status
 from ninja.files import UploadedFile
 
 from documents.intake import ACCEPTED, Refused
-from documents.schemas import DocumentOut, PageOut
-from documents.selectors import document_get, document_list, page_get
+from documents.models import ReviewTemplate
+from documents.retrieval import passages_search
+from documents.review import BUILT_IN
+from documents.schemas import (
+    DocumentOut,
+    PageOut,
+    PassageOut,
+    ReviewTemplateIn,
+    ReviewTemplateOut,
+    ReviewTemplatePatch,
+    SearchIn,
+)
+from documents.selectors import document_get, document_list, page_get, review_template_list
 from documents.services import (
     document_delete,
     document_upload,
     documents_actor_check,
+    review_template_create,
+    review_template_delete,
+    review_template_update,
     upload_size_check,
 )
 from tenants.access import Actor
 from tenants.api.auth import actor_of
 
 router = Router(tags=["documents"])
+templates = Router(tags=["documents"])
 
 _ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}}
 UPLOAD_ERRORS = {
@@ -76,6 +91,19 @@ def documents_list(request: HttpRequest, query: Query[ListQuery]):
     return list(documents[query.offset : query.offset + query.limit])
 
 
+@router.post("/search", response=list[PassageOut], url_name="documents_search")
+def documents_search(request: HttpRequest, payload: SearchIn):
+    """The passages of your documents that best answer a query: full text and vectors,
+    fused (`mode` picks one alone), best first, each with its place."""
+    return passages_search(
+        actor=documents_actor(request),
+        query=payload.query,
+        document_ids=payload.document_ids,
+        limit=payload.limit,
+        mode=payload.mode,  # type: ignore[arg-type]  # checked by passages_search
+    )
+
+
 @router.get("/{document_id}", response=DocumentOut, url_name="document")
 def documents_get(request: HttpRequest, document_id: str):
     return document_get(actor=documents_actor(request), document_id=document_id)
@@ -100,3 +128,46 @@ def documents_page(request: HttpRequest, document_id: str, number: str):
         "text": page.text,
         "parsed": page.pk is not None,
     }
+
+
+# --- /api/v1/review-templates -------------------------------------------------------------
+
+
+def _template_out(template: ReviewTemplate) -> dict:
+    return {
+        "id": str(template.id),
+        "built_in": False,
+        "kind": template.kind,
+        "name": template.name,
+        "instructions": template.instructions,
+        "questions": template.questions,
+    }
+
+
+@templates.get("", response=list[ReviewTemplateOut], url_name="review_templates")
+def review_templates_list(request: HttpRequest):
+    """The built-in templates, then your organization's (copies of them, edited)."""
+    actor = documents_actor(request)
+    built_in = [{"id": key, "built_in": True, **spec.as_dict()} for key, spec in BUILT_IN.items()]
+    return built_in + [_template_out(t) for t in review_template_list(actor=actor)]
+
+
+@templates.post("", response={201: ReviewTemplateOut}, url_name="review_templates")
+def review_templates_create(request: HttpRequest, payload: ReviewTemplateIn):
+    """Copy a built-in template under a name of your own (owners and admins)."""
+    template = review_template_create(actor=documents_actor(request), **payload.dict())
+    return Status(201, _template_out(template))
+
+
+@templates.patch("/{template_id}", response=ReviewTemplateOut, url_name="review_template")
+def review_templates_update(request: HttpRequest, template_id: str, payload: ReviewTemplatePatch):
+    template = review_template_update(
+        actor=documents_actor(request), template_id=template_id, **payload.dict()
+    )
+    return _template_out(template)
+
+
+@templates.delete("/{template_id}", response={204: None}, url_name="review_template")
+def review_templates_delete(request: HttpRequest, template_id: str):
+    review_template_delete(actor=documents_actor(request), template_id=template_id)
+    return Status(204, None)

@@ -118,3 +118,55 @@ class Chunk(models.Model):
 
     def __str__(self) -> str:
         return f"chunk {self.index} (pages {self.page_start}-{self.page_end})"
+
+
+class ReviewTemplate(models.Model):
+    """A tenant's review template: a copy of a built-in one (documents.review.BUILT_IN)
+    with its own name, instructions and, for `questions`, its list of questions."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=16)  # documents.review.KINDS
+    name = models.CharField(max_length=100)
+    instructions = models.TextField()
+    questions = models.JSONField(default=list, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "name"], name="review_template_name_unique")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ReviewStep(models.Model):
+    """The output of one step of a review (a section's map, a group's reduce), kept so
+    that the review run again or resumed reuses it: keyed by the document's content
+    (sha256), what was asked (`task`: documents.review.ReviewSpec.key) and the model."""
+
+    id = models.BigAutoField(primary_key=True)
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
+    document_sha256 = models.CharField(max_length=64)
+    task = models.CharField(max_length=64)
+    model = models.CharField(max_length=200)
+    step = models.CharField(max_length=120)
+    output = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["tenant", "document_sha256", "task", "model", "step"],
+                name="review_step_unique",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.step} of {self.document_sha256[:8]}"

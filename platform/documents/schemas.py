@@ -35,3 +35,47 @@ class PageOut(Schema):
     number: int = Field(description="From 1.")
     text: str = Field(description="Plain text; empty until the document is parsed.")
     parsed: bool = Field(description="False while the page's text is not read yet.")
+
+
+class ReviewTemplateOut(Schema):
+    id: str = Field(description="A built-in kind (`summary`, ...) or a tenant template's id.")
+    built_in: bool
+    kind: str = Field(description="summary, key_terms, risks or questions.")
+    name: str
+    instructions: str
+    questions: list[str]
+
+
+class ReviewTemplateIn(Schema):
+    kind: str = Field(
+        description="The built-in template copied: summary, key_terms, risks or questions."
+    )
+    name: str = Field(max_length=100)
+    instructions: str = Field("", description="Left out: the built-in template's.")
+    questions: list[str] = Field([], max_length=30)
+
+
+class ReviewTemplatePatch(Schema):
+    name: str | None = Field(None, max_length=100)
+    instructions: str | None = None
+    questions: list[str] | None = Field(None, max_length=30)
+
+
+class SearchIn(Schema):
+    query: str = Field(description="A question or words.")
+    document_ids: list[uuid.UUID] = Field(min_length=1, max_length=20)
+    limit: int = Field(8, ge=1, le=50)
+    mode: str = Field("hybrid", description="hybrid, text or vector.")
+
+
+class PassageOut(Schema):
+    chunk_id: int
+    document_id: uuid.UUID
+    text: str
+    page_start: int
+    page_end: int
+    char_start: int = Field(description="Offset into page `page_start`'s text.")
+    char_end: int = Field(description="Offset (exclusive) into page `page_end`'s text.")
+    score: float = Field(description="Reciprocal rank fusion of the two rankings.")
+    text_rank: int | None = Field(description="Its place in the full-text ranking (from 1).")
+    vector_rank: int | None = Field(description="Its place in the vector ranking (from 1).")

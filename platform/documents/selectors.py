@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.models import QuerySet, Sum
 
-from documents.models import Document, Page
+from documents.models import Document, Page, ReviewTemplate
 from tenants.access import Actor, NotFound, id_parse
 
 
@@ -43,3 +43,15 @@ def tenant_storage_used(*, tenant_id: Any) -> int:
     """Bytes of the tenant's stored files."""
     used = Document.objects.filter(tenant_id=tenant_id).aggregate(total=Sum("size_bytes"))
     return int(used["total"] or 0)
+
+
+def review_template_list(*, actor: Actor) -> QuerySet[ReviewTemplate]:
+    """The tenant's review templates (every member may use them)."""
+    return ReviewTemplate.objects.filter(tenant=actor.tenant)
+
+
+def review_template_get(*, actor: Actor, template_id: Any) -> ReviewTemplate:
+    try:
+        return review_template_list(actor=actor).get(id=id_parse(template_id))
+    except ReviewTemplate.DoesNotExist:
+        raise NotFound from None

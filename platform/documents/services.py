@@ -13,8 +13,8 @@ from django.db import transaction
 
 from config.celery import enqueue
 from documents.intake import Refused, intake_check
-from documents.models import Document, Page
-from documents.selectors import document_get, tenant_storage_used
+from documents.models import Document, Page, ReviewTemplate
+from documents.selectors import document_get, review_template_get, tenant_storage_used
 from documents.storage import file_delete, file_name_for, file_save
 from documents.tasks import document_ingest_task
 from inference.tokens import CHARS_PER_TOKEN
@@ -132,3 +132,86 @@ def _file_delete_quietly(name: str) -> None:
         file_delete(name)
     except Exception:  # the row is gone; a file left over is logged, not an error
         log.exception("documents: could not delete the file %s", name)
+
+
+# --- review templates -------------------------------------------------------------------
+
+
+def _templates_admin_check(actor: Actor) -> None:
+    documents_actor_check(actor)
+    if not actor.is_admin:
+        raise PermissionDenied("Only the organization's owners and admins manage review templates.")
+
+
+def _template_fields(*, kind: str, name: str, instructions: str, questions: list[str]) -> dict:
+    from documents.review import spec_check
+
+    name, questions = name.strip(), [q.strip() for q in questions if q.strip()]
+    try:
+        spec_check(kind=kind, name=name, instructions=instructions, questions=questions)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+    return {"kind": kind, "name": name[:100], "instructions": instructions, "questions": questions}
+
+
+def review_template_create(
+    *,
+    actor: Actor,
+    kind: str,
+    name: str,
+    instructions: str = "",
+    questions: list[str] | None = None,
+) -> ReviewTemplate:
+    """A tenant template: a copy of the built-in one of `kind`, with the instructions
+    and questions given (the built-in's when left out)."""
+    from documents.review import BUILT_IN
+
+    _templates_admin_check(actor)
+    if kind not in BUILT_IN:
+        raise ValidationError(f"kind must be one of {', '.join(BUILT_IN)}.")
+    fields = _template_fields(
+        kind=kind,
+        name=name,
+        instructions=instructions or BUILT_IN[kind].instructions,
+        questions=list(questions or ()),
+    )
+    if ReviewTemplate.objects.filter(tenant=actor.tenant, name=fields["name"]).exists():
+        raise ValidationError(f"A template named “{fields['name']}” exists already.")
+    template = ReviewTemplate.objects.create(tenant=actor.tenant, created_by=actor.user, **fields)
+    audit_record(actor=actor, action="review_template.created", target=template)
+    return template
+
+
+def review_template_update(
+    *,
+    actor: Actor,
+    template_id: object,
+    name: str | None = None,
+    instructions: str | None = None,
+    questions: list[str] | None = None,
+) -> ReviewTemplate:
+    _templates_admin_check(actor)
+    template = review_template_get(actor=actor, template_id=template_id)
+    fields = _template_fields(
+        kind=template.kind,
+        name=template.name if name is None else name,
+        instructions=template.instructions if instructions is None else instructions,
+        questions=template.questions if questions is None else questions,
+    )
+    clash = ReviewTemplate.objects.filter(tenant=actor.tenant, name=fields["name"]).exclude(
+        id=template.id
+    )
+    if clash.exists():
+        raise ValidationError(f"A template named “{fields['name']}” exists already.")
+    for key, value in fields.items():
+        setattr(template, key, value)
+    template.save()
+    audit_record(actor=actor, action="review_template.updated", target=template)
+    return template
+
+
+def review_template_delete(*, actor: Actor, template_id: object) -> None:
+    _templates_admin_check(actor)
+    template = review_template_get(actor=actor, template_id=template_id)
+    audit_record(actor=actor, action="review_template.deleted", target=template)
+    template.delete()

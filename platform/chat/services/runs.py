@@ -105,7 +105,9 @@ def _run_create(
     `conversation.updated` (its message is stored, whatever becomes of the run), then,
     once a worker has the run, `run.started`, to attach to it. The socket that sent it
     has its own `run.started` and hears neither."""
-    if conversation.agent:
+    # A review's question carries its template: answering it again reviews again.
+    task = "review" if (user_message.documents or {}).get("review") else ""
+    if conversation.agent and not task:
         _agent_check(actor=actor, agent=conversation.agent)
     run = Run.objects.create(
         tenant=actor.tenant,
@@ -113,7 +115,8 @@ def _run_create(
         user=_chat_user(actor),
         user_message=user_message,
         model=model or conversation.model,
-        agent=conversation.agent,
+        agent="" if task else conversation.agent,
+        task=task,
         client_id=client_id,
     )
     conversation.current_leaf = user_message
@@ -129,7 +132,7 @@ def _run_create(
         )
         if listed is not None:
             tell(frame=listed)
-        run_enqueue(run_id=run_id, tenant_id=tenant_id, agent=agent)
+        run_enqueue(run_id=run_id, tenant_id=tenant_id, agent=agent, task=task)
         tell(frame=started)
 
     transaction.on_commit(hand_over)
@@ -271,15 +274,23 @@ def run_cancel(*, actor: Actor, run_id: Any) -> Run:
     return run
 
 
-def run_enqueue(*, run_id: uuid.UUID, tenant_id: uuid.UUID, agent: str = "") -> None:
-    """Hand the run to a worker: a plain chat run to the `runs` queue, an agent's run to
-    the `agents` queue (CELERY_TASK_ROUTES). If that fails, the run is failed with a
-    reason (the user's message stays stored) and RunNotQueued tells the caller."""
-    from chat.tasks import agent_execute_task, run_execute_task
+def run_enqueue(
+    *, run_id: uuid.UUID, tenant_id: uuid.UUID, agent: str = "", task: str = ""
+) -> None:
+    """Hand the run to a worker: a plain chat run to the `runs` queue, an agent's run or
+    a review to the `agents` queue (CELERY_TASK_ROUTES). If that fails, the run is
+    failed with a reason (the user's message stays stored) and RunNotQueued tells the
+    caller."""
+    from chat.tasks import agent_execute_task, review_execute_task, run_execute_task
     from config.celery import enqueue
 
+    chosen = (
+        review_execute_task
+        if task == "review"
+        else (agent_execute_task if agent else run_execute_task)
+    )
     try:
-        enqueue(agent_execute_task if agent else run_execute_task, str(run_id), str(tenant_id))
+        enqueue(chosen, str(run_id), str(tenant_id))
     except Exception as exc:
         logger.exception("could not enqueue run %s", run_id)
         with tenant_scope(tenant_id=tenant_id):
@@ -290,3 +301,71 @@ def run_enqueue(*, run_id: uuid.UUID, tenant_id: uuid.UUID, agent: str = "") -> 
                 finished_at=timezone.now(),
             )
         raise RunNotQueued(str(run_id)) from exc
+
+
+def review_start(
+    *,
+    actor: Actor,
+    document_id: Any,
+    template: str,
+    questions: Sequence[str] = (),
+    model: str = "",
+    client_id: str = "",
+) -> Run:
+    """Start a review of one of the actor's documents as a run of a new conversation
+    (chat.review_turn). `template` is a built-in kind (documents.review.BUILT_IN:
+    `summary`, `key_terms`, `risks`, `questions`) or the id of one of the tenant's
+    templates; `questions` are asked by a `questions` review (the built-in one needs
+    them; they replace a tenant template's). NotFound for a document or template the
+    actor cannot see; ValidationError for one not ready, or no questions."""
+    from documents.review import BUILT_IN, ReviewSpec, spec_check
+    from documents.selectors import review_template_get
+
+    user = _chat_user(actor)
+    questions = [q.strip() for q in questions if q.strip()]
+    if template in BUILT_IN:
+        base = BUILT_IN[template]
+    else:
+        row = review_template_get(actor=actor, template_id=template)
+        base = ReviewSpec(row.kind, row.name, row.instructions, tuple(row.questions))
+    spec = ReviewSpec(base.kind, base.name, base.instructions, tuple(questions or base.questions))
+    try:
+        spec_check(
+            kind=spec.kind, name=spec.name, instructions=spec.instructions, questions=spec.questions
+        )
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+
+    def create() -> Run:
+        [attached] = attachments_check(actor=actor, document_ids=[document_id])
+        from documents.models import Document
+
+        title = Document.objects.get(id=attached).title
+        conversation = Conversation.objects.create(
+            tenant=actor.tenant,
+            user=user,
+            title=f"{spec.name}: {title}"[:200],
+            title_auto=False,
+            model=model,
+        )
+        asked = f"Review “{title}”: {spec.name}."
+        if spec.questions:
+            asked += "\n" + "\n".join(f"- {q}" for q in spec.questions)
+        user_message = Message.objects.create(
+            tenant=actor.tenant,
+            conversation=conversation,
+            role=Message.Role.USER,
+            content=asked,
+            document_ids=[attached],
+            documents={"review": spec.as_dict()},
+        )
+        return _run_create(
+            actor=actor,
+            conversation=conversation,
+            user_message=user_message,
+            model=model,
+            client_id=client_id,
+            new_conversation=True,
+        )
+
+    return _idempotent(create, actor=actor, client_id=client_id)

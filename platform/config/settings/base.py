@@ -260,6 +260,8 @@ CELERY_TASK_ROUTES = {
     "chat.tasks.runs_reap": {"queue": "default"},
     # Agent runs (tool loops, minutes long) have workers of their own.
     "chat.tasks.agent_execute": {"queue": "agents"},
+    # So do document reviews (documents.review: many model calls).
+    "chat.tasks.review_execute": {"queue": "agents"},
     "chat.tasks.*": {"queue": "runs"},
     # Tools with side effects: each call names its queue (`tools` or `sandbox`, from the
     # tool's scopes, agents.scopes.SCOPE_QUEUES); this is the fallback.
@@ -571,6 +573,11 @@ PARLEY_DOCUMENT_PASSAGES = env.integer("PARLEY_DOCUMENT_PASSAGES", default=8, mi
 PARLEY_DOCUMENT_CONTEXT_TOKENS = env.integer(
     "PARLEY_DOCUMENT_CONTEXT_TOKENS", default=8192, minimum=512
 )
+# Reviews (documents.review): each model call may write up to PARLEY_REVIEW_MAX_TOKENS;
+# a long document's sections are reviewed at most PARLEY_REVIEW_PARALLEL at a time (and
+# never more than the tenant's concurrent runs).
+PARLEY_REVIEW_MAX_TOKENS = env.integer("PARLEY_REVIEW_MAX_TOKENS", default=1024, minimum=64)
+PARLEY_REVIEW_PARALLEL = env.integer("PARLEY_REVIEW_PARALLEL", default=4, minimum=1)
 
 LOGGING = {
     "version": 1,
