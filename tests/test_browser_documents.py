@@ -27,8 +27,9 @@ from tests.test_browser import log_in, page, wait_for_answer, wait_until  # noqa
 
 pytestmark = [pytest.mark.embedded]
 
-# Page 2 puts its clause after enough lines that the viewer must scroll to show it.
-FILLER = "".join(
+# Page 2 puts its clause after enough lines that the viewer must scroll to show it; the
+# document and the answer hold markup, which must show as text.
+FILLER = "Markup such as <img src=x> is text here.\n" + "".join(
     f"Schedule item {n}: one chair, one table and a lamp of brass, found in good order.\n"
     for n in range(1, 41)
 )
@@ -42,7 +43,7 @@ LEASE = (
 )
 QUOTE = "Either party may end this lease by giving three months' notice in writing."
 FABRICATED = "the deposit is returned within ten days of moving out"
-ANSWER = f'The lease says: "{QUOTE}" It also says "{FABRICATED}".'
+ANSWER = f'The lease says: "{QUOTE}" It also says "{FABRICATED}". See <b>Termination</b>.'
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +159,7 @@ def test_upload_ask_and_open_a_citations_page(parley, page):  # noqa: F811
     page.wait_for_selector("#attachments .chip.ready", timeout=30_000)
     states = page.evaluate("window.__chips")
     assert states[0].startswith("Uploading") and states[-1] == "Ready", states
-    assert len(states) >= 3, states  # uploading, being read, ready
+    assert any(s.startswith(("Reading pages", "Indexing passages")) for s in states), states
     assert page.inner_text("#attachments .chip .chip-title") == "lease.txt"
     assert page.inner_text("#status") == ""  # the block is lifted
 
@@ -183,6 +184,8 @@ def test_upload_ask_and_open_a_citations_page(parley, page):  # noqa: F811
     assert f'"{FABRICATED}' not in shown["text"]
     assert "Quotes: 1 verified, 1 unverified" in shown["footer"]
     assert "Read whole" in shown["footer"]
+    assert shown["text"].endswith("See <b>Termination</b>.")
+    assert page.locator("#messages b, #messages img").count() == 0
 
     # The citation opens its page, the quotation highlighted and scrolled into view.
     viewer = open_citation(page)
@@ -191,6 +194,7 @@ def test_upload_ask_and_open_a_citations_page(parley, page):  # noqa: F811
     assert QUOTE.startswith(viewer["quoted"]) and len(viewer["quoted"]) >= len(QUOTE) - 1
     assert viewer["page"] == FILLER + CLAUSE + "\n"
     assert viewer["scrolled"] and viewer["inView"], viewer
+    assert page.locator("#page-viewer img").count() == 0
     page.keyboard.press("Escape")
     wait_until(page, "() => !document.getElementById('page-viewer').open", timeout=5)
 
@@ -229,3 +233,35 @@ def test_a_refused_upload_shows_the_servers_reason(parley, page):  # noqa: F811
     page.click("#attachments button[data-action=detach]")
     assert page.locator("#attachments .chip").count() == 0
     assert page.is_hidden("#attachments")
+
+
+def test_progress_comes_from_the_api_when_the_socket_says_nothing(parley, page):  # noqa: F811
+    """The socket's `document.updated` frames are dropped on their way: the chip asks
+    the API how far the document is, and gets to ready all the same."""
+    base, _ = parley
+
+    def without_document_frames(ws) -> None:
+        server = ws.connect_to_server()
+        ws.on_message(lambda message: server.send(message))
+        server.on_message(
+            lambda message: None if "document.updated" in str(message) else ws.send(message)
+        )
+
+    page.route_web_socket("**/ws/v1/", without_document_frames)
+    asked = []
+    page.on(
+        "request",
+        lambda request: (
+            request.method == "GET"
+            and "/api/v1/documents/" in request.url
+            and asked.append(request.url)
+        ),
+    )
+    log_in(page, base)
+    page.set_input_files(
+        "#attach-file",
+        files=[{"name": "notes.md", "mimeType": "text/markdown", "buffer": b"# Notes\n\nShort."}],
+    )
+    page.wait_for_selector("#attachments .chip.ready", timeout=30_000)
+    document_id = page.get_attribute("#attachments .chip", "data-document-id")
+    assert asked and all(url.endswith(f"/api/v1/documents/{document_id}") for url in asked)
