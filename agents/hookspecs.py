@@ -44,6 +44,17 @@ def parley_manifest() -> PluginManifest:  # type: ignore[empty-body]
     Build the manifest without side effects: no network, no files, no database. A
     manifest that breaks the rules (agents.manifest.manifest_problems) is reported to
     the operator and the plugin is skipped.
+
+    A tool learns whose call it serves from its `RunnableConfig`:
+    `agents.context.tool_context(config)` is the run's `ToolContext` (tenant, member,
+    run, the documents in play; `scope()` for database access through the access
+    functions from the tool's thread; `progress(...)` for a long tool's `progress`
+    events); never trust ids in the model's arguments for these. A tool whose scopes
+    act on the world (`code.execute`, `network.fetch`, `documents.write`) is never
+    offered to, nor run by, a run that reads document text (`ToolContext.untrusted`):
+    design such tools so that a document cannot be their reason to act. Results are
+    cut to 4,000 characters for the model: a tool with more to give takes paging
+    arguments (a page, an offset) and returns a part at a time.
     """
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 from langchain_core.language_models import BaseChatModel
 
+from agents.context import ToolContext
 from agents.runtime import AgentLimits, AgentResult, Emit, agent_run
 from agents.selectors import RunTools
 from agents.tool_queue import QueuedToolExecutor
@@ -33,8 +34,10 @@ def tenant_agent_run(
     messages: list[dict[str, Any]],
     emit: Emit,
     cancelled: Callable[[], bool],
+    context: ToolContext | None = None,
 ) -> AgentResult:
-    """`agent_run` for the agent `agent` of `tenant_id`, as `tools_for_run` gave it."""
+    """`agent_run` for the agent `agent` of `tenant_id`, as `tools_for_run` gave it;
+    `context` is what its tools learn of the run (agents.context)."""
     return agent_run(
         spec=tools.agent,
         manifest=tools.manifest,
@@ -49,4 +52,5 @@ def tenant_agent_run(
         tool_executor=QueuedToolExecutor(
             tenant_id=tenant_id, agent=agent, timeout_s=settings.PARLEY_TOOL_TIMEOUT_S
         ),
+        context=context,
     )

@@ -30,6 +30,15 @@ scopes are not granted, a tool the spec does not name, a name the plugin does no
 model as the tool's result. A tool that raises does not end the run: the error text
 goes back to the model, which may correct itself.
 
+A run whose context holds document text (`ToolContext.untrusted`: documents attached
+to the conversation) is offered no tool with side effects (`agents.scopes.side_effects`:
+running code, outside requests, document writes), and a call to one is refused: a
+document cannot make the agent act on its say-so.
+
+A tool learns whose call it serves from `config["configurable"]["parley_context"]`
+(`agents.context.ToolContext`: tenant, member, run, documents in play, a database
+scope, progress events, which this loop sends while the tool runs).
+
 A tool sees the run's cancel through its `RunnableConfig`:
 `config["configurable"]["parley_cancelled"]()` is true once the run is cancelled (or
 out of time); long tools should check it and return early. The tenant's settings of
@@ -43,7 +52,9 @@ of their own. Either way the loop watches the cancel and the deadline the same w
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import queue
 import threading
 import time
 import uuid
@@ -63,8 +74,9 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
+from agents.context import CONTEXT_KEY, ToolContext
 from agents.manifest import AgentSpec, PluginManifest
-from agents.scopes import ToolRefused, tool_guard, tools_allowed
+from agents.scopes import ToolRefused, side_effects, tool_guard, tools_allowed
 from inference.tokens import CHARS_PER_TOKEN, prompt_tokens_estimate
 
 Emit = Callable[[dict[str, Any]], None]
@@ -149,11 +161,20 @@ class _Stop(Exception):
 
 
 def agent_tools(
-    *, spec: AgentSpec, manifest: PluginManifest, granted_scopes: Iterable[str]
+    *,
+    spec: AgentSpec,
+    manifest: PluginManifest,
+    granted_scopes: Iterable[str],
+    untrusted: bool = False,
 ) -> list[BaseTool]:
-    """The tools offered to the agent: those its spec names whose scopes are granted."""
+    """The tools offered to the agent: those its spec names whose scopes are granted;
+    for an `untrusted` run (it reads document text), none with side effects."""
     named = set(spec.tools)
-    return [t for t in tools_allowed(manifest, granted_scopes=granted_scopes) if t.name in named]
+    return [
+        tool
+        for tool in tools_allowed(manifest, granted_scopes=granted_scopes)
+        if tool.name in named and not (untrusted and side_effects(manifest.tool_scopes(tool.name)))
+    ]
 
 
 def bound_text(text: str, limit: int) -> tuple[str, bool]:
@@ -194,13 +215,21 @@ class _Loop:
         clock: Callable[[], float],
         settings: dict[str, Any] | None = None,
         tool_executor: ToolExecutor = tool_invoke_in_process,
+        context: ToolContext | None = None,
     ) -> None:
         self.spec = spec
         self.tool_executor = tool_executor
         self.settings = dict(settings or {})
         self.manifest = manifest
         self.granted = frozenset(granted_scopes)
-        self.tools = agent_tools(spec=spec, manifest=manifest, granted_scopes=self.granted)
+        self.events: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+        self.context = (
+            dataclasses.replace(context, events=self.events) if context is not None else None
+        )
+        self.untrusted = context is not None and context.untrusted
+        self.tools = agent_tools(
+            spec=spec, manifest=manifest, granted_scopes=self.granted, untrusted=self.untrusted
+        )
         self.offered = {tool.name for tool in self.tools}
         self.model = model
         self.emit = emit
@@ -322,6 +351,16 @@ class _Loop:
 
     def guard(self, name: str) -> BaseTool:
         tool = tool_guard(self.manifest, tool_name=name, granted_scopes=self.granted)
+        scopes = self.manifest.tool_scopes(name)
+        if self.untrusted and side_effects(scopes):
+            raise ToolRefused(
+                f"Tool {name!r} has side effects ({', '.join(sorted(side_effects(scopes)))}) "
+                "and this run reads document text, which may carry instructions: tools "
+                "with side effects are off while documents are in the conversation.",
+                plugin=self.manifest.name,
+                tool=name,
+                missing=frozenset(),
+            )
         if name not in self.offered:
             raise ToolRefused(
                 f"Tool {name!r} is not one of the agent {self.spec.name!r}'s tools.",
@@ -345,6 +384,7 @@ class _Loop:
                     "configurable": {
                         "parley_cancelled": should_stop,
                         "parley_settings": self.settings,
+                        CONTEXT_KEY: self.context,
                     }
                 }
                 outcome["value"] = self.tool_executor(
@@ -362,6 +402,7 @@ class _Loop:
         worker.start()
         while worker.is_alive():
             worker.join(self.limits.poll_s)
+            self.send_progress()
             if worker.is_alive() and self.interrupted():
                 stop.set()
                 worker.join(self.limits.tool_grace_s)
@@ -370,9 +411,19 @@ class _Loop:
                 except _Stop as reason:
                     self.end_interrupted_tool(call_id, name, reason, abandoned=worker.is_alive())
                     raise
+        self.send_progress()
         if "error" in outcome:
             raise outcome["error"]
         return outcome.get("value")
+
+    def send_progress(self) -> None:
+        """The tool's progress events (ToolContext.progress), sent from this thread."""
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            self.emit(event)
 
     def end_interrupted_tool(
         self, call_id: str, name: str, reason: _Stop, *, abandoned: bool
@@ -460,6 +511,7 @@ def agent_run(
     clock: Callable[[], float] = time.monotonic,
     settings: dict[str, Any] | None = None,
     tool_executor: ToolExecutor = tool_invoke_in_process,
+    context: ToolContext | None = None,
 ) -> AgentResult:
     """Run the agent `spec` of plugin `manifest` on a conversation until it answers or
     stops; see the module docstring. `messages` are chat messages as dicts (`role`,
@@ -482,5 +534,6 @@ def agent_run(
         clock=clock,
         settings=settings,
         tool_executor=tool_executor,
+        context=context,
     )
     return loop.run(history)

@@ -88,6 +88,12 @@ SCOPE_QUEUES: dict[str, str] = {
 QUEUE_ORDER = ("sandbox", "tools")
 
 
+def side_effects(scopes: Iterable[str]) -> frozenset[str]:
+    """Those of `scopes` that act on the world (SCOPE_QUEUES): never on a document's
+    say-so (agents.runtime: a run reading document text is offered no such tool)."""
+    return frozenset(scope for scope in scopes if scope in SCOPE_QUEUES)
+
+
 def tool_queue(scopes: Iterable[str]) -> str | None:
     """The queue that runs a tool needing `scopes`; None when it runs in-process."""
     queues = {SCOPE_QUEUES[scope] for scope in scopes if scope in SCOPE_QUEUES}

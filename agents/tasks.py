@@ -9,7 +9,13 @@ from agents.tool_queue import tool_execute
 # not run twice because its worker died, and the agent waiting for it has moved on.
 @shared_task(name="agents.tasks.tool_execute", acks_late=False, ignore_result=True)
 def tool_execute_task(
-    tenant_id: str, agent: str, tool: str, arguments: dict[str, Any], call: str, deadline: float
+    tenant_id: str,
+    agent: str,
+    tool: str,
+    arguments: dict[str, Any],
+    call: str,
+    deadline: float,
+    context: dict[str, Any] | None = None,
 ) -> None:
     # Everything here comes from the agent worker, never from a client; the tool and
     # the plugin's settings (secrets) are read again from the database, not sent.
@@ -20,4 +26,5 @@ def tool_execute_task(
         arguments=arguments,
         call=call,
         deadline=deadline,
+        context=context,
     )

@@ -35,7 +35,8 @@ from agents.manifest import (
     tool_parameters,
 )
 from agents.registry import ENTRY_POINT_GROUP, LoadedPlugin, PluginRegistry, plugin_load
-from agents.scopes import ToolRefused, tool_guard, tools_allowed
+from agents.runtime import agent_tools
+from agents.scopes import ToolRefused, side_effects, tool_guard, tools_allowed
 
 
 class PluginConformance:
@@ -107,6 +108,21 @@ class PluginConformance:
                     tool_guard(manifest, tool_name=tool.name, granted_scopes=())
             else:
                 assert tool.name in offered
+
+    def test_untrusted_runs_get_no_tool_with_side_effects(self, plugin: LoadedPlugin) -> None:
+        # A run reading document text (agents.context.ToolContext.untrusted) is never
+        # offered a tool that acts on the world, whatever the tenant granted.
+        manifest = plugin.manifest
+        for agent in manifest.agents:
+            offered = agent_tools(
+                spec=agent, manifest=manifest, granted_scopes=SCOPES, untrusted=True
+            )
+            for tool in offered:
+                assert not side_effects(manifest.tool_scopes(tool.name)), (agent.name, tool.name)
+            trusted = agent_tools(spec=agent, manifest=manifest, granted_scopes=SCOPES)
+            assert {t.name for t in trusted} - {t.name for t in offered} == {
+                t.name for t in trusted if side_effects(manifest.tool_scopes(t.name))
+            }
 
     def test_agents_use_own_tools(self, plugin: LoadedPlugin) -> None:
         names = {tool.name for tool in plugin.manifest.tools}

@@ -29,6 +29,7 @@ enough concurrent runs would leave no thread to run their tools.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -42,8 +43,9 @@ from django.conf import settings
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
+from agents.context import CONTEXT_KEY, ToolContext, tool_context
 from agents.runtime import tool_invoke_in_process, tool_result_text
-from agents.scopes import ToolRefused, tool_guard, tool_queue
+from agents.scopes import ToolRefused, side_effects, tool_guard, tool_queue
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +200,7 @@ class QueuedToolExecutor:
             )
         call = uuid.uuid4().hex
         deadline = time.time() + self.timeout_s
+        context = tool_context(config)
         message = {
             "tenant_id": str(self.tenant_id),
             "agent": self.agent,
@@ -205,12 +208,23 @@ class QueuedToolExecutor:
             "arguments": arguments,
             "call": call,
             "deadline": deadline,
+            "context": context.for_worker() if context is not None else None,
         }
         tool_dispatch(queue=queue, message=message, expires_s=self.timeout_s)
         cancelled = config.get("configurable", {}).get("parley_cancelled", lambda: False)
-        return self.wait(tool=tool.name, call=call, deadline=deadline, cancelled=cancelled)
+        return self.wait(
+            tool=tool.name, call=call, deadline=deadline, cancelled=cancelled, context=context
+        )
 
-    def wait(self, *, tool: str, call: str, deadline: float, cancelled: Any) -> Any:
+    def wait(
+        self,
+        *,
+        tool: str,
+        call: str,
+        deadline: float,
+        cancelled: Any,
+        context: ToolContext | None = None,
+    ) -> Any:
         results = tool_results()
         key = tool_result_key(tenant_id=self.tenant_id, call=call)
         cancel_sent = False
@@ -220,7 +234,12 @@ class QueuedToolExecutor:
                 break
             raw = results.pop(key, min(self.poll_s, left))
             if raw is not None:
-                return self.answer(tool, json.loads(raw))
+                answer = json.loads(raw)
+                if "progress" in answer:  # the tool's ToolContext.progress, relayed
+                    if context is not None and context.events is not None:
+                        context.events.put(answer["progress"])
+                    continue
+                return self.answer(tool, answer)
             if not cancel_sent and cancelled():
                 cancel_sent = True
                 results.flag(
@@ -281,10 +300,13 @@ def tool_execute(
     arguments: dict[str, Any],
     call: str,
     deadline: float,
+    context: dict[str, Any] | None = None,
 ) -> None:
     """Run one queued tool call and push its answer (the body of agents.tasks.tool_execute).
     The tool and the settings come from the database, as of now: a plugin disabled or a
-    scope revoked since the call was queued refuses it."""
+    scope revoked since the call was queued refuses it; so is a tool with side effects
+    called by a run that reads document text (`context["untrusted"]`), again here. The
+    tool's progress events go back on the answer's list, ahead of the answer."""
     from agents.selectors import tools_for_run
     from tenants.access import NotFound
 
@@ -315,6 +337,22 @@ def tool_execute(
     if found is None:
         reply({"error": f"Tool {tool!r} is not one of the agent's tools.", "refused": True})
         return
+    run_context = ToolContext.from_worker({**context, "tenant_id": tenant_id}) if context else None
+    if (
+        run_context is not None
+        and run_context.untrusted
+        and side_effects(run_tools.manifest.tool_scopes(tool))
+    ):
+        reply(
+            {
+                "error": f"Tool {tool!r} has side effects and the run reads document text.",
+                "refused": True,
+            }
+        )
+        return
+    if run_context is not None:
+        events = _RelayedEvents(lambda event: reply({"progress": event}))
+        run_context = dataclasses.replace(run_context, events=events)
 
     cancel_key = tool_cancel_key(tenant_id=tenant_id, call=call)
     seen = {"at": float("-inf"), "cancelled": False}
@@ -329,7 +367,11 @@ def tool_execute(
         return bool(seen["cancelled"])
 
     config: RunnableConfig = {
-        "configurable": {"parley_cancelled": cancelled, "parley_settings": run_tools.settings}
+        "configurable": {
+            "parley_cancelled": cancelled,
+            "parley_settings": run_tools.settings,
+            CONTEXT_KEY: run_context,
+        }
     }
     try:
         output = found.invoke(arguments, config=config)
@@ -337,3 +379,13 @@ def tool_execute(
         reply({"error": f"{type(exc).__name__}: {exc}"})
         return
     reply({"result": tool_result_text(output)})
+
+
+class _RelayedEvents:
+    """Stands in for ToolContext.events on a tool worker: each event is pushed at once."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._send(event)

@@ -141,8 +141,19 @@ async def test_a_network_tool_runs_on_the_tools_queue_and_a_plain_one_in_process
     assert message["queue"] == "tools"
     args, kwargs, _ = message["body"]
     assert args == [] or args == ()
-    assert set(kwargs) == {"tenant_id", "agent", "tool", "arguments", "call", "deadline"}
+    assert set(kwargs) == {
+        "tenant_id",
+        "agent",
+        "tool",
+        "arguments",
+        "call",
+        "deadline",
+        "context",
+    }
     assert kwargs["tenant_id"] == str(alice.tenant.id) and kwargs["agent"] == AGENT
+    # The run's context: ids only (agents.context.ToolContext.for_worker).
+    assert kwargs["context"]["user_id"] == str(alice.user.id) and kwargs["context"]["run_id"]
+    assert kwargs["context"]["untrusted"] is False
     assert kwargs["arguments"] == {"code": "KE"}
     # The plugin's settings (its secret key) never go through the broker.
     assert SECRET not in json.dumps([message["body"], message["headers"]], default=str)

@@ -22,13 +22,21 @@ from typing import Any
 from django.conf import settings
 from langchain_core.language_models import BaseChatModel
 
+from agents.context import ToolContext
 from agents.pool_model import PoolChatModel
 from agents.runs import tenant_agent_run
 from agents.runtime import STOP_CANCELLED, STOP_DONE
 from agents.selectors import tools_for_run
+from chat.documents import (
+    answer_documents,
+    documents_apply,
+    documents_in_play,
+    documents_progress,
+)
 from chat.execution import RunExecution, run_execute
 from chat.models import Run
 from chat.prompts import thread_messages
+from documents.context import DocumentContext
 from inference.types import InferenceError, StreamFinished, Usage
 from tenants.access import NotFound
 
@@ -53,12 +61,28 @@ class AgentTurn:
     limit stops it."""
 
     messages: list[dict[str, Any]]
+    documents: DocumentContext | None
+    context: ToolContext
 
     def prepare(self, run: Run) -> None:
         self.messages = thread_messages(run=run, tool_calls=True)
+        self.documents = documents_apply(
+            run=run, messages=self.messages, max_tokens=settings.PARLEY_MAX_TOKENS
+        )
+        # Document text in the prompt makes the run untrusted: no tool with side effects.
+        self.context = ToolContext(
+            tenant_id=str(run.tenant_id),
+            user_id=str(run.user_id),
+            run_id=str(run.id),
+            document_ids=tuple(str(d.id) for d in documents_in_play(run=run)),
+            untrusted=self.documents is not None,
+        )
 
     def produce(self, execution: RunExecution) -> StreamFinished:
         run = execution.run
+        if self.documents is not None:
+            execution.append(documents_progress(self.documents))
+            execution.documents = self.documents.as_dict()
         try:
             tools = tools_for_run(tenant_id=run.tenant_id, agent=run.agent)
             result = tenant_agent_run(
@@ -69,6 +93,7 @@ class AgentTurn:
                 messages=self.messages,
                 emit=execution.emit,  # tokens coalesced like a chat turn's
                 cancelled=execution.cancelled,
+                context=self.context,
             )
         except NotFound:
             raise InferenceError(
@@ -79,6 +104,10 @@ class AgentTurn:
             raise execution.stop_reason or InferenceError("cancelled", result.detail)
         if result.stop_reason != STOP_DONE:
             logger.info("agent run %s stopped: %s", run.id, result.detail)
+        if self.documents is not None:
+            execution.documents = answer_documents(
+                run=run, context=self.documents, answer="".join(execution.text)
+            )
         return StreamFinished(
             finish_reason="stop" if result.stop_reason == STOP_DONE else result.stop_reason,
             usage=Usage(

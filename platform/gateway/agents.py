@@ -58,6 +58,7 @@ async def agent_events(
     reference: str,
 ) -> AsyncGenerator[StreamEvent, None]:
     """The agent's run as the pool's stream events: started, text deltas, finished."""
+    from agents.context import ToolContext
     from agents.pool_model import PoolChatModel
     from agents.runs import tenant_agent_run
 
@@ -83,6 +84,12 @@ async def agent_events(
                 messages=messages,
                 emit=emit,
                 cancelled=stop.is_set,
+                # No conversation, no documents in play: the key's creator's call.
+                context=ToolContext(
+                    tenant_id=str(actor.tenant_id),
+                    user_id=str(actor.user.pk) if actor.user is not None else "",
+                    run_id=reference,
+                ),
             )
             finish = "stop" if result.stop_reason == "done" else "length"
             usage = Usage(
