@@ -19,8 +19,8 @@ from documents.chunking import ChunkSpan, chunk_text_from_pages
 from documents.embeddings import EMBEDDING_DIM, embedding_model_name, texts_embed
 from documents.ingest import FAILED_EMBEDDING, FAILED_GENERIC, document_ingest, pages_store
 from documents.models import Document
+from documents.notify import documents_group
 from documents.services import document_upload
-from tenants.notify import user_group
 from tenants.rls import tenant_scope
 from tests.conftest import as_operator, ws_connect
 from tests.pdfs import pdf_with_text
@@ -229,8 +229,8 @@ async def test_an_upload_queues_the_job_and_the_owner_is_told_its_progress(alice
     `ready`; another member's gets nothing."""
     layer = get_channel_layer()
     own, colleague = await layer.new_channel(), await layer.new_channel()
-    await layer.group_add(user_group(alice.tenant.id, alice.user.id), own)
-    await layer.group_add(user_group(bob.tenant.id, bob.user.id), colleague)
+    await layer.group_add(documents_group(alice.tenant.id, alice.user.id), own)
+    await layer.group_add(documents_group(bob.tenant.id, bob.user.id), colleague)
     data = pdf_with_text([sentences(n) for n in range(1, 6)])
     document = await sync_to_async(upload)(alice, data, "r.pdf")
     frames: list[dict] = []
@@ -257,12 +257,6 @@ async def test_an_upload_queues_the_job_and_the_owner_is_told_its_progress(alice
         await asyncio.wait_for(layer.receive(colleague), timeout=0.5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/asyncapi.yaml's document.updated `stage` lists '', pages, chunks: the "
-    "`embeddings` stage's frames are not in it yet (the protocol document and its generated "
-    "types are to add it)",
-)
 @pytest.mark.django_db(transaction=True)
 async def test_the_owner_follows_the_job_on_their_sockets_and_no_one_else(alice, bob, worker):
     """The frames reach the owner's sockets as documented (`Socket.receive` checks each
@@ -282,6 +276,34 @@ async def test_the_owner_follows_the_job_on_their_sockets_and_no_one_else(alice,
     assert await colleague.nothing_pending()
     await own.close()
     await colleague.close()
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_an_api_key_socket_follows_the_job_with_the_documents_scope_only(alice, worker):
+    from tenants.services.api_keys import api_key_create
+
+    def key(scopes: list[str]) -> str:
+        with tenant_scope(tenant_id=alice.tenant.id):
+            return api_key_create(actor=alice.actor, name="-".join(scopes), scopes=scopes)[1]
+
+    documents_key = await sync_to_async(key)(["chat", "documents"])
+    chat_key = await sync_to_async(key)(["chat"])
+    _, _, with_scope = await ws_connect(
+        origin=None, headers=[(b"authorization", f"Bearer {documents_key}".encode())]
+    )
+    _, _, without = await ws_connect(
+        origin=None, headers=[(b"authorization", f"Bearer {chat_key}".encode())]
+    )
+    data = pdf_with_text([sentences(n) for n in range(1, 3)])
+    document = await sync_to_async(upload)(alice, data, "r.pdf")
+    frames = await with_scope.receive_until(("document.updated",), timeout=60)
+    while frames[-1]["state"] not in ("ready", "failed"):
+        frames += await with_scope.receive_until(("document.updated",), timeout=60)
+    assert {f["document_id"] for f in frames} == {str(document.id)}
+    assert frames[-1]["state"] == "ready"
+    assert await without.nothing_pending()
+    await with_scope.close()
+    await without.close()
 
 
 # --- the watchdog -------------------------------------------------------------------------

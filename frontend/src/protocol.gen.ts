@@ -185,8 +185,8 @@ export interface DocumentUpdatedFrame {
   type: "document.updated";
   document_id: Uuid;
   state: "uploaded" | "parsing" | "embedding" | "ready" | "failed";
-  /** What the job is doing: `pages` (parsing), `chunks`; empty when it is not at work. */
-  stage: "" | "pages" | "chunks";
+  /** What the job is doing: `pages` (parsing), `chunks`, `embeddings` (state `embedding`); empty when it is not at work. */
+  stage: "" | "pages" | "chunks" | "embeddings";
   /** Pages or chunks of the stage done. */
   done: number;
   /** Pages or chunks of the stage in all; null while not known (a DOCX's pages). */

@@ -26,6 +26,7 @@ from chat.selectors import run_get
 from chat.services.runs import RunNotQueued, chat_send, run_cancel, run_regenerate
 from chat.tickets import TicketRefused, socket_credentials, ticket_redeem
 from config import inputs
+from documents.notify import documents_group
 from tenants.access import SESSION_TENANT_KEY, Actor, NotFound, actor_for_user, require_scope
 from tenants.models import ApiKey
 from tenants.notify import api_key_group, tenant_group, user_group
@@ -107,6 +108,8 @@ class ChatConsumer(AsyncWebsocketConsumer):
             self.groups.append(user_group(self.actor.tenant_id, self.actor.user.pk))
         if self.actor.user is not None:
             self.groups.append(conversation_group(self.actor.tenant_id, self.actor.user.pk))
+            if self.actor.has_scope("documents"):
+                self.groups.append(documents_group(self.actor.tenant_id, self.actor.user.pk))
         for group in self.groups:
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
