@@ -55,11 +55,10 @@ class FakeModel:
         try:
             time.sleep(self.delay)
             user = messages[-1]["content"]
-            if "<partial_reviews>" in user:
-                body = user.split("<partial_reviews>\n", 1)[1].rsplit("\n</partial_reviews>", 1)[0]
-                partials = json.loads(body)
-                items = [item for partial in partials for item in partial["items"]]
-                return json.dumps({"summary": "Merged.", "items": items})
+            if "summary" in schema["required"] and "items" not in schema["required"]:
+                parts = re.findall(r'<part number="\d+">\n(.*?)\n</part>', user, re.S)
+                assert len(parts) >= 2
+                return json.dumps({"summary": " ".join(parts)})
             items = []
             for number, text in re.findall(r'<page number="(\d+)">\n(.*?)\n</page>', user, re.S):
                 sentence = text.split(". ")[1]
@@ -74,7 +73,10 @@ class FakeModel:
                         "page": int(number),
                     }
                 )
-            return json.dumps({"summary": "Part.", "items": items})
+            first = re.search(r'<page number="(\d+)">', user).group(1)
+            # Long enough that the summaries of a long document need several merges.
+            summary = f"Part {first}. " + "It sets delivery terms. " * 20
+            return json.dumps({"summary": summary, "items": items})
         finally:
             with self.lock:
                 self.in_flight -= 1
@@ -122,8 +124,10 @@ def test_a_long_document_is_mapped_in_parallel_and_reduced_hierarchically():
     stats = review["stats"]
     assert review["strategy"] == "map_reduce" and stats["sections"] > 6
     assert stats["map_calls"] == stats["sections"]
-    # Merged in more than one level: more reduce calls than one.
+    # Merged in more than one level: more reduce calls than one, the parts in order.
     assert stats["reduce_calls"] > 1
+    firsts = [int(n) for n in re.findall(r"Part (\d+)\.", review["summary"])]
+    assert len(firsts) == stats["sections"] and firsts == sorted(firsts) and firsts[0] == 1
     assert model.most == 3 == stats["parallel_max"]
     # Every page's quote made it through, verified and placed.
     assert review["quotes"] == {"verified": 40, "unverified": 0}

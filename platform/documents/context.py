@@ -52,7 +52,7 @@ PASSAGE_RULES = (
 )
 
 # Whatever looks like one of our tags inside a document loses its angle bracket.
-_TAG = re.compile(r"<(/?)(document|page|passage|passages)\b", re.IGNORECASE)
+_TAG = re.compile(r"<(/?)(document|page|passages?|parts?|partial_reviews)\b", re.IGNORECASE)
 
 
 def defuse(text: str) -> str:

@@ -2,19 +2,23 @@
 
 from django.db import migrations, models
 
+import tenants.rls
 
+
+# The message table has a full-text index only PostgreSQL can build: on SQLite, adding
+# a column remakes the table without it (tenants.rls.AddFieldBesidePostgresIndexes).
 class Migration(migrations.Migration):
     dependencies = [
         ("chat", "0007_message_search_function"),
     ]
 
     operations = [
-        migrations.AddField(
+        tenants.rls.AddFieldBesidePostgresIndexes(
             model_name="message",
             name="document_ids",
             field=models.JSONField(blank=True, default=list),
         ),
-        migrations.AddField(
+        tenants.rls.AddFieldBesidePostgresIndexes(
             model_name="message",
             name="documents",
             field=models.JSONField(blank=True, default=dict),
