@@ -159,11 +159,6 @@ def _run(world: World) -> tuple[Any, str]:
     return run.id, text
 
 
-def _document(world: World) -> tuple[Any, str]:
-    # No document exists yet (documents come with their own issue): any id is foreign.
-    return uuid.uuid4(), "Merger plans"
-
-
 def _branch_body(conversation_id: Any) -> dict[str, Any]:
     with operator_scope():
         message = Message.objects.get(conversation_id=conversation_id)
@@ -264,11 +259,84 @@ HTTP_MATRIX.update(
 )
 
 
+def _review(world: World) -> tuple[Any, str]:
+    """A finished review of alice's document: its run and its stored answer."""
+    document_id, text = _stored_document(world)
+    conversation_id, _ = _conversation(world)
+    with operator_scope():
+        question = Message.objects.get(conversation_id=conversation_id)
+        answer = MessageFactory(
+            conversation_id=conversation_id,
+            tenant=world.alice.tenant,
+            parent=question,
+            role="assistant",
+            content=f"# Risks: {text}",
+            documents={"review": {"document": {"id": str(document_id), "title": text}}},
+        )
+        run = RunFactory(
+            user_message=question,
+            assistant_message=answer,
+            state=Run.State.SUCCEEDED,
+            task="review",
+        )
+    return run.id, text
+
+
+def _review_template(world: World) -> tuple[Any, str]:
+    from documents.models import ReviewTemplate
+
+    with operator_scope():
+        template = ReviewTemplate.objects.create(
+            tenant=world.alice.tenant,
+            kind="risks",
+            name=f"Merger plans checklist {secrets.token_hex(2)}",
+            instructions="Find the risks.",
+        )
+    return template.id, "Merger plans checklist"
+
+
+# Reviews are runs (private, like any run); templates are the tenant's, changed by its
+# owners and admins only.
+HTTP_MATRIX.update(
+    {
+        "api/v1/reviews/<run_id>": Entry(_review, {"GET": PRIVATE}),
+        "api/v1/review-templates/<template_id>": Entry(
+            _review_template,
+            {
+                "PATCH": {"owner": OK, "member": 403, "body": {"name": "Renamed"}},
+                "DELETE": {"owner": OK, "member": 403},
+            },
+        ),
+    }
+)
+
+
+# Ids in request bodies: another's document is not found, and nothing is created.
+BODY_IDS = [
+    ("/api/v1/reviews", lambda d: {"document_id": d, "template": "risks"}),
+    ("/api/v1/documents/search", lambda d: {"query": "merger", "document_ids": [d]}),
+    ("/api/v1/conversations", lambda d: {"content": "hello", "document_ids": [d]}),
+]
+
+
+@pytest.mark.parametrize(("path", "body"), BODY_IDS, ids=[p for p, _ in BODY_IDS])
+def test_document_ids_in_bodies_are_isolated(client, alice, bob, charlie, path, body):
+    world = World(alice, bob, charlie)
+    document_id, text = _stored_document(world)
+    before = _snapshot(alice), _snapshot(bob), _snapshot(charlie)
+    for person in (charlie, bob):
+        client.force_login(person.user)
+        response = client.post(path, body(str(document_id)), content_type="application/json")
+        assert response.status_code == 404, (path, response.status_code, response.content)
+        assert text not in response.content.decode()
+    assert (_snapshot(alice), _snapshot(bob), _snapshot(charlie)) == before
+
+
 WS_MATRIX: dict[str, dict[str, Callable[[World], tuple[Any, str]]]] = {
     "chat.send": {
         "conversation_id": _conversation,
         "parent_message_id": _message,
-        "document_ids": _document,
+        "document_ids": _stored_document,
     },
     "chat.regenerate": {"message_id": _message},
     "run.cancel": {"run_id": _run},
