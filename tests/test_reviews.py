@@ -110,6 +110,16 @@ def test_sections_keep_pages_whole_and_in_order_and_cut_a_page_too_long():
     assert len(parts) > 1 and all(p.page_start == p.page_end == 1 for p in parts)
 
 
+def test_sections_can_be_held_below_what_the_context_allows():
+    pages = pages_of(12)
+    wide = engine(pages, FakeModel(), context=8000).run()
+    review_engine = engine(pages, FakeModel(), context=8000)
+    review_engine.section_tokens = 300
+    narrow = review_engine.run()
+    assert wide["stats"]["sections"] == 1 and narrow["stats"]["sections"] >= 4
+    assert narrow["quotes"] == wide["quotes"] == {"verified": 12, "unverified": 0}
+
+
 def test_a_document_that_fits_is_reviewed_in_one_call():
     model = FakeModel()
     result = engine(pages_of(2), model, context=8000).run()

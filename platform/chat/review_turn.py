@@ -132,6 +132,7 @@ class ReviewTurn:
             progress=progress,
             cancelled=execution.cancelled,
             parallel=self.parallel,
+            section_tokens=settings.PARLEY_REVIEW_SECTION_TOKENS,
         )
         try:
             result = engine.run()

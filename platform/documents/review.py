@@ -375,12 +375,16 @@ class ReviewEngine:
     progress: Callable[[str, int, int, str], None] = lambda stage, done, total, message: None
     cancelled: Callable[[], bool] = lambda: False
     parallel: int = 4
+    # At most this many tokens of document a call (0: as many as the context allows):
+    # a small model on a CPU reads a long prompt slowly, and reads it worse.
+    section_tokens: int = 0
     stats: ReviewStats = field(default_factory=ReviewStats)
 
     def budget(self) -> int:
         """Tokens of document (or partial reviews) one call can take."""
         overhead = estimated_tokens(_rules(self.spec)) + 200
-        return max(256, int(self.context_tokens * 0.9) - self.max_output_tokens - overhead)
+        fits = max(256, int(self.context_tokens * 0.9) - self.max_output_tokens - overhead)
+        return min(fits, self.section_tokens) if self.section_tokens else fits
 
     def run(self) -> dict[str, Any]:
         sections = sections_of(self.pages, budget_tokens=self.budget())

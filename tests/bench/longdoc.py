@@ -19,8 +19,9 @@ slots, the tokens read. Then a worker is killed mid-map (every call from the fir
 the first batch fails) and the review run again with the steps that were kept: the calls
 redone (lost in flight) must be at most one batch (`parallel`), and the result the same.
 
-`--local` reviews a smaller document (`--local-tokens`, 20,000 by default) with the
-bundled SmolLM2 (8k context) under the local server's grammar: a 135M model quotes
+`--local` reviews a smaller document (`--local-tokens`, 10,000 by default) with the
+bundled SmolLM2 (8k context; sections of PARLEY_REVIEW_SECTION_TOKENS, 2,048 in the
+embedded mode) under the local server's grammar: a 135M model quotes
 badly, and the point is that whatever it invents is never shown as a quote.
 
 The goal (docs/benchmarks.md): no error, every shown quote verified.
@@ -208,6 +209,7 @@ def review(
     model: str = "",
     steps: dict[str, dict] | None = None,
     fail_after: int | None = None,
+    section_tokens: int = 0,
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """Run the product's review engine through the pool; the result (None when the
     simulated worker died) and the calls made."""
@@ -253,6 +255,7 @@ def review(
         step_get=kept.get,
         step_put=kept.__setitem__,
         parallel=parallel,
+        section_tokens=section_tokens,
     )
     try:
         result = engine.run()
@@ -350,7 +353,11 @@ def local_run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         started = time.perf_counter()
         result, _ = review(
-            pages, tenant=tenant_id(), context=settings.PARLEY_LOCAL_MODEL_CTX, parallel=1
+            pages,
+            tenant=tenant_id(),
+            context=settings.PARLEY_LOCAL_MODEL_CTX,
+            parallel=1,
+            section_tokens=settings.PARLEY_REVIEW_SECTION_TOKENS,
         )
         wall = time.perf_counter() - started
     finally:
@@ -361,6 +368,7 @@ def local_run(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "document": {"tokens": args.local_tokens, "pages": len(pages)},
         "model": "SmolLM2-135M-Instruct (local server, grammar-constrained JSON)",
+        "section_tokens": settings.PARLEY_REVIEW_SECTION_TOKENS,
         "wall_s": round(wall, 1),
         "sections": result["stats"]["sections"],
         "map_calls": result["stats"]["map_calls"],
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=32768, help="the servers' max_model_len")
     parser.add_argument("--local", action="store_true", help="also the bundled model")
     parser.add_argument("--local-only", action="store_true", help="only the bundled model")
-    parser.add_argument("--local-tokens", type=int, default=20_000)
+    parser.add_argument("--local-tokens", type=int, default=10_000)
     parser.add_argument("--quick", action="store_true", help="100,000 tokens, no local model")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--out", type=Path, help="write the results JSON here")

@@ -578,6 +578,12 @@ PARLEY_DOCUMENT_CONTEXT_TOKENS = env.integer(
 # never more than the tenant's concurrent runs).
 PARLEY_REVIEW_MAX_TOKENS = env.integer("PARLEY_REVIEW_MAX_TOKENS", default=1024, minimum=64)
 PARLEY_REVIEW_PARALLEL = env.integer("PARLEY_REVIEW_PARALLEL", default=4, minimum=1)
+# At most this many tokens of document per review call (0: as the model's context
+# allows). The embedded default's small model on a CPU reads shorter sections faster
+# and better.
+PARLEY_REVIEW_SECTION_TOKENS = env.integer(
+    "PARLEY_REVIEW_SECTION_TOKENS", default=2048 if EMBEDDED else 0, minimum=0
+)
 
 LOGGING = {
     "version": 1,
