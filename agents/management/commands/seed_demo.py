@@ -12,19 +12,27 @@ DEMO_PASSWORD = "parley-demo"  # noqa: S105 - the documented login of the local 
 DEMO_PLAN = "Team"
 DEMO_OPERATOR = "operator"
 DEMO_OPERATOR_PASSWORD = "parley-operator"  # noqa: S105 - the documented local operator
+# The scopes the demo grants a built-in plugin whose tools need some: the document
+# reviewer reads documents and starts reviews (plugins/docreview).
+DEMO_SCOPES = {"docreview": ["documents.read", "documents.write"]}
 
 
 def builtin_agents_enable(tenant: Tenant, owner) -> list[str]:
     """Enable for the tenant every built-in plugin (shipped in Parley's `plugins`
-    package) that has agents: the demo shows them in the agent picker."""
+    package) that has agents, with the scopes of DEMO_SCOPES: the demo shows them in
+    the agent picker."""
     from agents.registry import plugins_loaded
-    from agents.services import plugin_enable
+    from agents.services import plugin_enable, plugin_scopes_grant
 
     enabled = []
     with tenant_scope(tenant_id=tenant.id):
         actor = actor_for_user(owner, tenant_id=tenant.id)
         for plugin in plugins_loaded():
             if plugin.entry_point.startswith("plugins.") and plugin.manifest.agents:
+                if plugin.name in DEMO_SCOPES:
+                    plugin_scopes_grant(
+                        actor=actor, name=plugin.name, scopes=DEMO_SCOPES[plugin.name]
+                    )
                 plugin_enable(actor=actor, name=plugin.name)
                 enabled.append(plugin.name)
     return enabled
