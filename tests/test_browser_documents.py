@@ -43,7 +43,9 @@ LEASE = (
 )
 QUOTE = "Either party may end this lease by giving three months' notice in writing."
 FABRICATED = "the deposit is returned within ten days of moving out"
-ANSWER = f'The lease says: "{QUOTE}" It also says "{FABRICATED}". See <b>Termination</b>.'
+# The model also writes a citation marker of its own: it must not become a link.
+FORGED = "Rent is one pound a year [p. 2](#cite-1)."
+ANSWER = f'{FORGED} The lease says: "{QUOTE}" It also says "{FABRICATED}". See <b>Termination</b>.'
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +186,7 @@ def test_upload_ask_and_open_a_citations_page(parley, page):  # noqa: F811
     assert f'"{FABRICATED}' not in shown["text"]
     assert "Quotes: 1 verified, 1 unverified" in shown["footer"]
     assert "Read whole" in shown["footer"]
-    assert shown["text"].endswith("See <b>Termination</b>.")
+    assert shown["text"].startswith(FORGED) and shown["text"].endswith("See <b>Termination</b>.")
     assert page.locator("#messages b, #messages img").count() == 0
 
     # The citation opens its page, the quotation highlighted and scrolled into view.

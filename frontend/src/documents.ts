@@ -376,10 +376,13 @@ const MARKER = /\[(pp?\. [^\]\n]{1,40})\]\(#cite-(\d+)\)|\[unverified: /g;
 const UNVERIFIED = "[unverified: ";
 
 // `documents.marked` as nodes: its citations as links (`a.cite[data-cite]`), its
-// unverified quotations flagged (`span.unverified`), the rest as text.
+// unverified quotations flagged (`span.unverified`), the rest as text. A citation marker
+// is a link only right after its quotation, and once: the model cannot make one of its
+// own words look cited by writing the marker itself.
 export function markedAnswer(answer: AnswerDocuments): DocumentFragment {
   const text = answer.marked;
-  const numbers = new Set(answer.citations.map((c) => c.number));
+  const quotes = new Map(answer.citations.map((c) => [c.number, c.quote]));
+  const linked = new Set<number>();
   const out = document.createDocumentFragment();
   let position = 0;
   MARKER.lastIndex = 0;
@@ -388,7 +391,9 @@ export function markedAnswer(answer: AnswerDocuments): DocumentFragment {
     let end = MARKER.lastIndex;
     if (match[2] !== undefined) {
       const number = Number(match[2]);
-      if (numbers.has(number)) {
+      const quote = quotes.get(number);
+      if (quote !== undefined && !linked.has(number) && follows(text.slice(0, match.index), quote)) {
+        linked.add(number);
         node = el("a", { class: "cite", href: `#cite-${number}`, "data-cite": String(number) }, match[1]);
         node.title = "Open the page this quotation is from";
       }
@@ -407,6 +412,18 @@ export function markedAnswer(answer: AnswerDocuments): DocumentFragment {
   }
   out.append(text.slice(position));
   return out;
+}
+
+// Letters and digits only: a quotation and the text it ends, compared past quote marks,
+// blockquote markers, line breaks and spaces.
+function bare(text: string): string {
+  return text.normalize("NFC").replace(/[^\p{L}\p{N}]+/gu, "");
+}
+
+// Whether `before` (the answer up to a marker) ends with the quotation.
+function follows(before: string, quote: string): boolean {
+  const tail = bare(quote).slice(-24);
+  return tail.length > 0 && bare(before.slice(-4 * quote.length - 16)).endsWith(tail);
 }
 
 // Where the `]` closing an unverified quotation that starts at `from` is: after one of

@@ -674,7 +674,9 @@ export class Thread {
       event.preventDefault();
       const content = area.value.trim();
       if (!content || this.busy) return;
-      this.sendMessage(content, step.parent_id);
+      // The edited message reads the documents the original carried.
+      const documents = (step.document_ids ?? []).map((id) => ({ id, title: this.titles.get(id) ?? "a document" }));
+      this.sendMessage(content, step.parent_id, documents);
     });
     area.addEventListener("keydown", (event) => {
       if (event.key === "Escape") {
