@@ -52,9 +52,10 @@ def parley_manifest() -> PluginManifest:  # type: ignore[empty-body]
     events); never trust ids in the model's arguments for these. A tool whose scopes
     act on the world (`code.execute`, `network.fetch`, `documents.write`) is never
     offered to, nor run by, a run that reads document text (`ToolContext.untrusted`):
-    design such tools so that a document cannot be their reason to act. Results are
-    cut to 4,000 characters for the model: a tool with more to give takes paging
-    arguments (a page, an offset) and returns a part at a time.
+    design such tools so that a document cannot be their reason to act. A result
+    longer than 4,000 characters is passed by reference: the model gets its start and a
+    `ref`, and reads on with the runtime's `tool_result_read` (agents.runtime); a tool
+    over large data (a long document) had better take paging arguments anyway.
     """
 
 

@@ -11,6 +11,11 @@ a tool, or a limit, a cancel or an error ends it. It emits the run's frames thro
 - `{"type": "tool.end", "call_id", "name", "result", "error", "truncated"}` after it,
   `result` cut to `AgentLimits.tool_result_chars`.
 
+A result longer than that is passed by reference: the model gets its first part and
+the call id as a `ref`, and from then on the runtime's own tool `tool_result_read(ref,
+offset)` (no scopes; it reads what the run's tools already returned) gives it the rest
+a part at a time.
+
 The caller ends the run (`run.done` / `run.error`) from the `AgentResult` it gets back.
 
 Why a hand-written loop and not `langchain.agents.create_agent`: the LangGraph agent
@@ -194,6 +199,38 @@ def tool_result_text(output: Any) -> str:
         return str(output)
 
 
+RESULT_READ = "tool_result_read"
+
+
+def _result_reader(results: dict[str, str], limit: int) -> BaseTool:
+    """The runtime's own tool, offered once a tool's result was cut: the rest of it, by
+    reference (the call id), a part at a time."""
+    from langchain_core.tools import StructuredTool
+
+    def read(ref: str, offset: int = 0) -> str:
+        full = results.get(ref)
+        if full is None:
+            return f"No stored result {ref!r}: give the `ref` a cut result named."
+        offset = max(0, int(offset))
+        part = full[offset : offset + limit]
+        end = offset + len(part)
+        more = (
+            f"\n[characters {offset}-{end} of {len(full)}; read on with offset={end}]"
+            if end < len(full)
+            else f"\n[characters {offset}-{end} of {len(full)}: the end]"
+        )
+        return part + more
+
+    return StructuredTool.from_function(
+        read,
+        name=RESULT_READ,
+        description=(
+            "Read more of a tool result that was cut because it was long: give the `ref` "
+            "the cut result named and the `offset` to read from."
+        ),
+    )
+
+
 def _estimate_tokens(messages: Sequence[BaseMessage]) -> int:
     # The pool's one estimate (inference.tokens), over the messages as the pool sees them.
     return prompt_tokens_estimate(
@@ -231,6 +268,12 @@ class _Loop:
             spec=spec, manifest=manifest, granted_scopes=self.granted, untrusted=self.untrusted
         )
         self.offered = {tool.name for tool in self.tools}
+        # Results longer than the cap, whole, by call id: the model reads on through
+        # the runtime's RESULT_READ tool, offered once there is one.
+        self.full_results: dict[str, str] = {}
+        self.reader = _result_reader(
+            self.full_results, limits.tool_result_chars - min(100, limits.tool_result_chars // 2)
+        )
         self.model = model
         self.emit = emit
         self.cancelled = cancelled
@@ -261,10 +304,11 @@ class _Loop:
 
     def model_step(self, messages: list[BaseMessage]) -> AIMessage:
         runnable: Any = self.model
-        if self.tools and self.steps == 0 and self.spec.tool_choice == "required":
-            runnable = self.model.bind_tools(self.tools, tool_choice="required")
-        elif self.tools:
-            runnable = self.model.bind_tools(self.tools)
+        tools = [*self.tools, self.reader] if self.full_results else self.tools
+        if tools and self.steps == 0 and self.spec.tool_choice == "required":
+            runnable = self.model.bind_tools(tools, tool_choice="required")
+        elif tools:
+            runnable = self.model.bind_tools(tools)
         self.steps += 1
         reply: AIMessageChunk | None = None
         text = ""
@@ -322,10 +366,20 @@ class _Loop:
         self.emit({"type": "tool.start", "call_id": call_id, "name": name, "arguments": arguments})
         error: str | None = None
         try:
-            tool = self.guard(name)
+            reading = name == RESULT_READ and bool(self.full_results)
+            tool = self.reader if reading else self.guard(name)
             if call.get("error"):  # an invalid tool call: arguments that do not parse
                 raise ValueError(f"The arguments are not valid JSON: {call['error']}")
             result = tool_result_text(self.invoke(tool, arguments, call_id=call_id, name=name))
+            if len(result) > self.limits.tool_result_chars and name != RESULT_READ:
+                # Passed by reference: the first part now, the rest on request.
+                self.full_results[call_id] = result
+                limit = self.limits.tool_result_chars
+                shown = limit - min(200, limit // 2)
+                result = (
+                    f"{result[:shown]}\n[cut at {shown} of {len(result)} characters: read "
+                    f"on with {RESULT_READ}(ref={call_id!r}, offset={shown})]"
+                )
         except _Stop:
             raise
         except ToolRefused as exc:
@@ -335,6 +389,7 @@ class _Loop:
             error = f"{type(exc).__name__}: {exc}"
             result = f"Error: {error}"
         result, truncated = bound_text(result, self.limits.tool_result_chars)
+        truncated = truncated or call_id in self.full_results
         self.emit(
             {
                 "type": "tool.end",
@@ -372,6 +427,8 @@ class _Loop:
 
     def invoke(self, tool: BaseTool, arguments: dict[str, Any], *, call_id: str, name: str) -> Any:
         """Run the tool in a worker thread, watching the cancel and the deadline."""
+        if tool is self.reader:
+            return tool.invoke(arguments)
         stop = threading.Event()
         outcome: dict[str, Any] = {}
 

@@ -308,12 +308,27 @@ def test_a_tool_that_raises_returns_the_error_to_the_model(manifest):
     assert "boom: testing" in tool_messages[0].content
 
 
-def test_a_long_tool_result_is_bounded(manifest):
-    model = scripted(calls(("shout", {"text": "ab"})), AIMessage(content="Done."))
-    result, events = run(manifest, model, agent="shouter", limits=AgentLimits(tool_result_chars=50))
-    end = next(e for e in events if e["type"] == "tool.end")
-    assert end["result"] == "ab" * 25 and end["truncated"] is True
-    assert model.seen[1][-1].content == "ab" * 25
+def test_a_long_tool_result_is_bounded_and_read_on_by_reference(manifest):
+    model = scripted(
+        calls(("shout", {"text": "ab"})),
+        calls(("tool_result_read", {"ref": "call_shout_0", "offset": 200})),
+        calls(("tool_result_read", {"ref": "call_shout_0", "offset": 19_900})),
+        AIMessage(content="Done."),
+    )
+    limits = AgentLimits(tool_result_chars=400)
+    result, events = run(manifest, model, agent="shouter", limits=limits)
+    ends = [e for e in events if e["type"] == "tool.end"]
+    # The first 200 characters and the reference, within the cap.
+    assert ends[0]["result"].startswith("ab" * 100 + "\n[cut at 200 of 20000 characters")
+    assert "tool_result_read(ref='call_shout_0', offset=200)" in ends[0]["result"]
+    assert len(ends[0]["result"]) <= 400 and ends[0]["truncated"] is True
+    # Offered only once a result was cut; then it reads on, a part at a time, to the end.
+    assert "tool_result_read" not in model.offered[0] and "tool_result_read" in model.offered[1]
+    assert (
+        ends[1]["result"] == "ab" * 150 + "\n[characters 200-500 of 20000; read on with offset=500]"
+    )
+    assert ends[2]["result"] == "ab" * 50 + "\n[characters 19900-20000 of 20000: the end]"
+    assert ends[1]["error"] is None and ends[2]["truncated"] is False
     assert result.succeeded
 
 
