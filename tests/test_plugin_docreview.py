@@ -12,6 +12,7 @@ import pytest
 from asgiref.sync import sync_to_async
 from langchain_core.messages import AIMessage, ToolMessage
 
+from agents import tool_queue
 from agents.context import ToolContext
 from agents.testing import PluginConformance
 from chat import agent_turn
@@ -412,6 +413,78 @@ async def test_the_reviewer_searches_then_answers_in_an_agent_run(
     assert "three months' notice" in sent.content
     answer = "".join(f["delta"] for f in frames if f["type"] == "token")
     assert answer == "Three months' notice in writing (page 1)."
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_without_attachments_the_reviewer_starts_a_review_on_the_tools_worker(
+    alice, storage, worker, all_plugins, fresh_pool, monkeypatch, settings
+):
+    """No document in the conversation: the run is trusted and offered review_start,
+    which runs on the `tools` queue (documents.write) and starts a review run."""
+    from agents.services import plugin_enable, plugin_scopes_grant
+
+    settings.PARLEY_REVIEW_START = "chat.services.runs.review_start"
+
+    def prepare() -> Document:
+        with tenant_scope(tenant_id=alice.tenant.id):
+            plugin_scopes_grant(
+                actor=alice.actor, name="docreview", scopes=["documents.read", "documents.write"]
+            )
+            plugin_enable(actor=alice.actor, name="docreview")
+        return ingested(alice, "\n\n".join(LEASE), "lease.txt")
+
+    document = await sync_to_async(prepare)()
+    model = ScriptedChatModel(
+        script=iter(
+            [
+                AIMessage(
+                    content="",
+                    tool_calls=[
+                        {
+                            "name": "review_start",
+                            "args": {"template": "risks", "document": "lease.txt"},
+                            "id": "call_review",
+                        }
+                    ],
+                ),
+                AIMessage(content="The risks review is running."),
+            ]
+        )
+    )
+    monkeypatch.setattr(agent_turn, "agent_model_build", lambda *, run: model)
+    queues: list[str] = []
+    dispatch = tool_queue.tool_dispatch
+
+    def recorded(*, queue, message, expires_s):
+        queues.append(queue)
+        dispatch(queue=queue, message=message, expires_s=expires_s)
+
+    monkeypatch.setattr(tool_queue, "tool_dispatch", recorded)
+    _, _, socket = await ws_connect(alice.user)
+    await socket.send(
+        {"type": "chat.send", "agent": "docreview.reviewer", "content": "Review my lease's risks."}
+    )
+    started = await socket.receive(timeout=15)
+    assert started["type"] == "run.started", started
+    frames = await socket.receive_until(("run.done", "run.error"), timeout=60)
+    await socket.close()
+    frames = [f for f in frames if f.get("run_id") == started["run_id"]]
+
+    assert frames[-1]["type"] == "run.done", frames[-1]
+    assert "review_start" in model.offered[0] and queues == ["tools"]
+    end = next(f for f in frames if f["type"] == "tool.end")
+    assert end["error"] is None, end
+    assert end["result"].startswith(
+        f"Started a Risks review of “lease.txt” (doc {short_id(document)})"
+    )
+
+    def review_run() -> Run:
+        with tenant_scope(tenant_id=alice.tenant.id):
+            return Run.objects.get(task="review")
+
+    run = await sync_to_async(review_run)()
+    assert f"run {run.id}" in end["result"] and run.user_id == alice.user.id
+    assert str(run.id) != started["run_id"]
 
 
 @pytest.mark.django_db
