@@ -221,6 +221,18 @@ def test_the_rest_api_attaches_documents_and_shows_them(alice, worker, model, cl
     assert question["document_ids"] == [str(lease.id)]
     assert answer["documents"]["strategy"] == "whole"
     assert answer["documents"]["documents"][0]["id"] == str(lease.id)
+    # A key without the documents scope cannot attach them; with it, it can.
+    from tenants.services.api_keys import api_key_create
+
+    with tenant_scope(tenant_id=alice.tenant.id):
+        chat_only = api_key_create(actor=alice.actor, name="bot", scopes=["chat"])[1]
+    response = client.post(
+        "/api/v1/conversations",
+        {"content": "Notice?", "document_ids": [str(lease.id)]},
+        content_type="application/json",
+        HTTP_AUTHORIZATION=f"Bearer {chat_only}",
+    )
+    assert response.status_code == 400 and "`documents` scope" in response.json()["detail"]
     # Another tenant's id is not found, like a missing one.
     response = client.post(
         "/api/v1/conversations",

@@ -37,6 +37,11 @@ def attachments_check(*, actor: Actor, document_ids: Sequence[Any]) -> list[str]
     or that could not be read."""
     if not document_ids:
         return []
+    if not actor.has_scope("documents"):
+        raise ValidationError(
+            "This API key has no `documents` scope: it cannot attach documents. Give it the "
+            "scope, or send without document_ids."
+        )
     if len(document_ids) > 20:
         raise ValidationError("A message can carry at most 20 documents.")
     documents = documents_in_scope(actor=actor, document_ids=document_ids)
