@@ -27,6 +27,7 @@ def builtin_agents_enable(tenant: Tenant, owner) -> list[str]:
     enabled = []
     with tenant_scope(tenant_id=tenant.id):
         actor = actor_for_user(owner, tenant_id=tenant.id)
+        assert actor is not None  # the owner has just been made a member
         for plugin in plugins_loaded():
             if plugin.entry_point.startswith("plugins.") and plugin.manifest.agents:
                 if plugin.name in DEMO_SCOPES:
