@@ -36,7 +36,9 @@ model as the tool's result. A tool that raises does not end the run: the error t
 goes back to the model, which may correct itself.
 
 A run whose context holds document text (`ToolContext.untrusted`: documents attached
-to the conversation) is offered no tool with side effects (`agents.scopes.side_effects`:
+to the conversation; or, from the moment one returns, a result of a tool with the
+`documents.read` scope, in this run or earlier in the conversation) is offered no tool
+with side effects (`agents.scopes.side_effects`:
 running code, outside requests, document writes), and a call to one is refused: a
 document cannot make the agent act on its say-so.
 
@@ -85,6 +87,7 @@ from agents.scopes import ToolRefused, side_effects, tool_guard, tools_allowed
 from inference.tokens import CHARS_PER_TOKEN, prompt_tokens_estimate
 
 Emit = Callable[[dict[str, Any]], None]
+READS_DOCUMENTS = "documents.read"
 
 
 class ToolExecutor(Protocol):
@@ -263,11 +266,8 @@ class _Loop:
         self.context = (
             dataclasses.replace(context, events=self.events) if context is not None else None
         )
-        self.untrusted = context is not None and context.untrusted
-        self.tools = agent_tools(
-            spec=spec, manifest=manifest, granted_scopes=self.granted, untrusted=self.untrusted
-        )
-        self.offered = {tool.name for tool in self.tools}
+        self.untrusted = False
+        self.mark_untrusted(context is not None and context.untrusted)
         # Results longer than the cap, whole, by call id: the model reads on through
         # the runtime's RESULT_READ tool, offered once there is one.
         self.full_results: dict[str, str] = {}
@@ -284,6 +284,23 @@ class _Loop:
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.text = ""
+
+    def mark_untrusted(self, untrusted: bool = True) -> None:
+        """Offer the tools a run that reads document text may use (none with side
+        effects) from now on; `untrusted=False` only sets up a run that does not."""
+        self.untrusted = self.untrusted or untrusted
+        if self.context is not None and self.untrusted:
+            self.context = dataclasses.replace(self.context, untrusted=True)
+        self.tools = agent_tools(
+            spec=self.spec,
+            manifest=self.manifest,
+            granted_scopes=self.granted,
+            untrusted=self.untrusted,
+        )
+        self.offered = {tool.name for tool in self.tools}
+
+    def reads_documents(self, name: str) -> bool:
+        return READS_DOCUMENTS in self.manifest.tool_scopes(name)
 
     # --- limits -------------------------------------------------------------------
 
@@ -390,6 +407,9 @@ class _Loop:
             result = f"Error: {error}"
         result, truncated = bound_text(result, self.limits.tool_result_chars)
         truncated = truncated or call_id in self.full_results
+        if error is None and self.reads_documents(name) and not self.untrusted:
+            # Document text is in the conversation now: no side effects from here on.
+            self.mark_untrusted()
         self.emit(
             {
                 "type": "tool.end",
@@ -580,6 +600,14 @@ def agent_run(
     if not messages:
         raise ValueError("An agent run needs at least one message.")
     history = [SystemMessage(content=spec.instructions), *convert_to_messages(messages)]
+    # Results of document-reading tools earlier in the conversation are document text too.
+    read_before = any(
+        READS_DOCUMENTS in manifest.tool_scopes(str(call.get("name") or ""))
+        for message in messages
+        for call in message.get("tool_calls") or ()
+    )
+    if read_before:
+        context = dataclasses.replace(context or ToolContext(tenant_id=""), untrusted=True)
     loop = _Loop(
         spec=spec,
         manifest=manifest,

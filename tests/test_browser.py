@@ -529,7 +529,11 @@ def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server
     options = page.eval_on_selector_all(
         "#agent option", "(options) => options.map((o) => [o.value, o.textContent])"
     )
-    assert options == [["", "Plain chat"], ["calculator.calculator", "Calculator"]]
+    assert options == [
+        ["", "Plain chat"],
+        ["calculator.calculator", "Calculator"],
+        ["docreview.reviewer", "Document reviewer"],
+    ]
     assert page.input_value("#agent") == ""
 
     sent: list[dict[str, Any]] = []

@@ -578,6 +578,9 @@ PARLEY_DOCUMENT_CONTEXT_TOKENS = env.integer(
 # never more than the tenant's concurrent runs).
 PARLEY_REVIEW_MAX_TOKENS = env.integer("PARLEY_REVIEW_MAX_TOKENS", default=1024, minimum=64)
 PARLEY_REVIEW_PARALLEL = env.integer("PARLEY_REVIEW_PARALLEL", default=4, minimum=1)
+# The function plugins start reviews with (plugins never import chat: the docreview
+# plugin's `review_start` tool calls it by this name, as Django names its backends).
+PARLEY_REVIEW_START = "chat.services.runs.review_start"
 # At most this many tokens of document per review call (0: as the model's context
 # allows). The embedded default's small model on a CPU reads shorter sections faster
 # and better.
