@@ -4,7 +4,8 @@ composer and its chip shows the upload and the reading until it is ready (sendin
 waits for it); the question goes with it (`document_ids`), the page says how the model
 reads it and why, and the answer shows its verified quotation with a link to its page
 and its fabricated one flagged, not as a quotation; the link opens the page with the
-quotation highlighted and scrolled into view; a reload shows the same. A renamed
+quotation highlighted and scrolled into view; a reload shows the same; an edited
+question reads the same document. A renamed
 executable is refused with the server's reason, and cannot go with a message.
 
 (The page's CSP forbids eval, so waits poll `page.evaluate`: tests.test_browser.)"""
@@ -209,6 +210,18 @@ def test_upload_ask_and_open_a_citations_page(parley, page):  # noqa: F811
     assert QUOTE.startswith(viewer["quoted"]) and viewer["inView"]
     page.click("#page-viewer button[data-action=close-viewer]")
     wait_until(page, "() => !document.getElementById('page-viewer').open", timeout=5)
+
+    # An edited question reads the documents the original carried.
+    asked = len(model.bodies)
+    page.click("#messages li.user button[data-action=edit]")
+    page.fill("#messages li.user form.editor textarea", "How much notice ends the lease?")
+    page.click("#messages li.user form.editor button[type=submit]")
+    wait_until(page, "(n) => document.querySelectorAll('#messages li.user').length === 1", arg=1)
+    wait_for_answer(page)
+    assert len(model.bodies) == asked + 1
+    assert CLAUSE in model.bodies[-1]["messages"][0]["content"]
+    assert page.inner_text("#messages li.user .body") == "How much notice ends the lease?"
+    assert page.inner_text("#messages li.user ul.attached") == "lease.txt"
 
 
 def test_a_refused_upload_shows_the_servers_reason(parley, page):  # noqa: F811
