@@ -6,6 +6,11 @@
 // the socket comes back, so the text is neither doubled nor lost across reloads and
 // reconnects. A send keeps its client id until the server answers it, so resending it
 // after a reconnect never starts a second generation.
+//
+// Documents (./documents): a send carries the ready attachments (`document_ids`) and
+// shows their titles; a run says how the model reads them; an answer over them is shown
+// as `documents.marked` (citations as links that open their page, unverified quotations
+// flagged) with a footer, live at `run.done` and from storage after a reload.
 
 import type { Api, MessageTree, ToolStep } from "./api";
 import {
@@ -89,7 +94,6 @@ interface PendingSend {
   // message (null: a new root).
   parentId: string | null | undefined;
   element: HTMLLIElement | null;
-  documents: Attached[];
   runId?: string;
   userMessageId?: string;
 }
@@ -452,7 +456,7 @@ export class Thread {
     const element = el("li", { class: "message user pending" });
     element.append(el("div", { class: "body" }, content));
     if (documents.length) element.append(this.attachedList(documents.map((d) => d.id)));
-    this.pending.set(frame.client_id, { frame, parentId, element, documents });
+    this.pending.set(frame.client_id, { frame, parentId, element });
     this.editing = null;
     this.options.say(this.options.send(frame) ? "Sending…" : "Waiting for the connection…");
     this.render();
@@ -463,7 +467,7 @@ export class Thread {
     const frame: SendFrame = { type: "chat.regenerate", message_id: step.id, client_id: newClientId() };
     const element = el("li", { class: "message assistant pending" });
     element.append(el("div", { class: "body" }, "…"));
-    this.pending.set(frame.client_id, { frame, parentId: step.parent_id, element, documents: [] });
+    this.pending.set(frame.client_id, { frame, parentId: step.parent_id, element });
     this.options.say(this.options.send(frame) ? "Regenerating…" : "Waiting for the connection…");
     this.render();
     this.changed();
