@@ -179,6 +179,3 @@ agentSelect.value = data.agents.some((agent) => agent.id === thread.agent) ? (th
 busy = thread.busy;
 updateControls();
 socket.connect();
-// The page's own copy of the branch lacks what answers over documents carry (their
-// citations, how the documents were read): the API's has it.
-if (thread.conversationId) void thread.refresh();

@@ -146,10 +146,11 @@ export class Thread {
     this.conversationId = data.conversation?.id ?? null;
     this.agent = data.conversation?.agent ?? null;
     this.leafId = data.conversation?.current_leaf_id ?? null;
-    this.branch = data.branch;
+    this.branch = data.branch.map((step) => ({ ...step, documents: answerDocuments(step.documents) }));
     for (const step of data.branch) if (step.error) this.endings.set(step.id, step.error);
     for (const run of data.runs) this.addRun(run.id, run.user_message_id);
     list.addEventListener("click", (event) => this.onClick(event));
+    this.learnTitles();
     this.render();
   }
 

@@ -78,6 +78,8 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
                 "role": step.message.role,
                 "content": step.message.content,
                 "steps": step.message.steps,
+                "document_ids": step.message.document_ids,
+                "documents": step.message.documents,
                 "sibling_ids": [str(s) for s in step.sibling_ids],
                 "sibling_index": step.sibling_index,
                 "sibling_count": step.sibling_count,
