@@ -89,9 +89,11 @@ class LocalBackend:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
         options.log_severity_level = 3  # errors only
+        graph = bert_graph_bytes(model_dir)
         self._session = onnxruntime.InferenceSession(
-            bert_graph_bytes(model_dir), options, providers=["CPUExecutionProvider"]
+            graph, options, providers=["CPUExecutionProvider"]
         )
+        del graph  # onnxruntime keeps its own copy
 
     def embed(self, texts: list[str]) -> np.ndarray:
         encodings = self._tokenizer.encode_batch(texts)
