@@ -193,6 +193,7 @@ def corpus_evaluate(
     product_reproduced = True
     per_question = []
     seconds: dict[str, float] = defaultdict(float)
+    own_ranks: dict[str, list[int | None]] = {mode: [] for mode in MODES}
     for number, question in enumerate(questions):
         found: dict[str, list[int]] = {}
         with tenant_scope(tenant_id=actor.tenant.id):
@@ -215,6 +216,20 @@ def corpus_evaluate(
             ranks[mode].append(rank)
             row[mode] = rank
         if variants:
+            # The same question with only its licence in play (one attached document):
+            # which passage, without which document.
+            with tenant_scope(tenant_id=actor.tenant.id):
+                for mode in MODES:
+                    own = passages_search(
+                        actor=actor,
+                        query=question["question"],
+                        document_ids=[question["document_id"]],
+                        limit=MRR_AT,
+                        mode=mode,
+                    )
+                    own_ranks[mode].append(
+                        rank_of_answer([p.chunk_id for p in own], question, chunks)
+                    )
             lists = [found["text"], found["vector"]]
             if fused(lists, k=60, candidates=CANDIDATES, limit=MRR_AT) != found["hybrid"]:
                 product_reproduced = False
@@ -269,6 +284,7 @@ def corpus_evaluate(
     if variants:
         result["fusion_variants"] = {name: scores(r) for name, r in variant_ranks.items()}
         result["fusion_reproduces_product_hybrid"] = product_reproduced
+        result["own_licence_only"] = {mode: scores(own_ranks[mode]) for mode in MODES}
     return result
 
 
@@ -300,6 +316,8 @@ def table(result: dict[str, Any]) -> str:
             lines.append(
                 f"  {name:<12}" + "".join(f"{row[m][recall]:>18}{row[m][mrr]:>7}" for m in MODES)
             )
+        for mode, row in corpus.get("own_licence_only", {}).items():
+            lines.append(f"  {mode + ', its licence only':<30}{row[recall]:>8}{row[mrr]:>8}")
         for name, row in corpus.get("fusion_variants", {}).items():
             lines.append(f"  {name:<30}{row[recall]:>8}{row[mrr]:>8}")
     lines.append(f"goals: {json.dumps(result['goals'])}")
