@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--chunk-tokens",
-        default="200",
+        default="250,200",
         help="other chunk sizes to measure too, comma separated (overlap an eighth)",
     )
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_LICENCES)}")
