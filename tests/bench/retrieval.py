@@ -15,8 +15,11 @@ Goal (issue 13): hybrid at least as good as each mode alone, recall@5 at least 0
 
 Measured in the same run, to explain the result (the product's code is not changed):
 - fusion variants: the text and vector lists (50 candidates each, as passages_search
-  returns them) fused here by reciprocal rank with other constants and fewer
-  candidates; the product's own setting is reproduced as a check;
+  returns them) fused here by reciprocal rank with other constants, fewer candidates
+  or a lighter vector list; the product's own setting is reproduced as a check;
+- full text by BM25 (what passages_search runs on the embedded mode's SQLite);
+- vectors of each chunk embedded with its document's title in front, alone and fused;
+- each question with only its licence in play (which passage, without which document);
 - chunk sizes: the licences ingested again with smaller chunks (`--chunk-tokens`);
 - how much of each chunk the embedding model reads (all-MiniLM-L6-v2 reads 256 word
   pieces; the rest of a longer chunk does not reach its vector);
@@ -172,8 +175,9 @@ def model_pieces(texts: Sequence[str]) -> list[int]:
 def corpus_evaluate(
     actor: Any, questions: list[dict[str, Any]], document_ids: dict[str, Any], *, variants: bool
 ) -> dict[str, Any]:
-    """Every question in every mode over all the documents; with `variants`, the fusion
-    variants too."""
+    """Every question in every mode over all the documents; with `variants`, also what
+    explains the result: fusion constants and weights, BM25, each chunk embedded with
+    its document's title, and only the question's licence in play."""
     from documents.models import Document
     from documents.retrieval import _bm25_ranking, passages_search
     from tenants.rls import tenant_scope
@@ -282,7 +286,7 @@ def corpus_evaluate(
         "questions": per_question,
     }
     if variants:
-        result["fusion_variants"] = {name: scores(r) for name, r in variant_ranks.items()}
+        result["variants"] = {name: scores(r) for name, r in variant_ranks.items()}
         result["fusion_reproduces_product_hybrid"] = product_reproduced
         result["own_licence_only"] = {mode: scores(own_ranks[mode]) for mode in MODES}
     return result
@@ -317,9 +321,9 @@ def table(result: dict[str, Any]) -> str:
                 f"  {name:<12}" + "".join(f"{row[m][recall]:>18}{row[m][mrr]:>7}" for m in MODES)
             )
         for mode, row in corpus.get("own_licence_only", {}).items():
-            lines.append(f"  {mode + ', its licence only':<30}{row[recall]:>8}{row[mrr]:>8}")
-        for name, row in corpus.get("fusion_variants", {}).items():
-            lines.append(f"  {name:<30}{row[recall]:>8}{row[mrr]:>8}")
+            lines.append(f"  {mode + ', its licence only':<36}{row[recall]:>8}{row[mrr]:>8}")
+        for name, row in corpus.get("variants", {}).items():
+            lines.append(f"  {name:<36}{row[recall]:>8}{row[mrr]:>8}")
     lines.append(f"goals: {json.dumps(result['goals'])}")
     return "\n".join(lines)
 
