@@ -354,3 +354,27 @@ def test_templates_are_copied_and_edited_by_admins_and_private_to_the_tenant(
     assert client.delete(f"/api/v1/review-templates/{template['id']}").status_code == 404
     client.force_login(alice.user)
     assert client.delete(f"/api/v1/review-templates/{template['id']}").status_code == 204
+
+
+def test_a_reply_cut_off_mid_json_keeps_what_was_complete():
+    from documents.review import output_parse
+
+    spec = BUILT_IN["risks"]
+    whole = {
+        "category": "risk",
+        "title": "Penalty",
+        "detail": "Ten percent.",
+        "severity": "high",
+        "quote": "a penalty of ten percent",
+        "page": 2,
+    }
+    cut = (
+        '{"summary": "A supply \\"agreement\\" with penalties", "items": ['
+        + json.dumps(whole)
+        + ', {"category": "risk", "title": "Renew'
+    )
+    parsed = output_parse(cut, spec)
+    assert parsed["summary"] == 'A supply "agreement" with penalties'
+    assert parsed["items"] == [whole]
+    # Not JSON at all: the text is the summary, nothing invented.
+    assert output_parse("Just prose.", spec) == {"summary": "Just prose.", "items": []}

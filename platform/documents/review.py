@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -167,16 +168,55 @@ def output_schema(spec: ReviewSpec) -> dict[str, Any]:
     if spec.kind == "questions":
         item["properties"]["question"] = {"type": "string", "enum": list(spec.questions)}
         item["required"].append("question")
+    # At most 12 items a call, so that a reply is likelier to end within its tokens (a
+    # reply cut off keeps what was complete: output_parse). No `maxLength`: llama.cpp's
+    # grammar from it (a nested option per character) is too deep for its parser.
     return {
         "type": "object",
-        "properties": {"summary": {"type": "string"}, "items": {"type": "array", "items": item}},
+        "properties": {
+            "summary": {"type": "string"},
+            "items": {"type": "array", "items": item, "maxItems": 12},
+        },
         "required": ["summary", "items"],
     }
 
 
+_SUMMARY = re.compile(r'"summary"\s*:\s*"((?:[^"\\]|\\.)*)')
+
+
+def _salvage(text: str) -> dict[str, Any] | None:
+    """What a reply cut off mid-JSON (out of tokens) still holds: its summary so far and
+    the items that were complete."""
+    if "{" not in text:
+        return None
+    found = _SUMMARY.search(text)
+    summary = ""
+    if found:
+        try:
+            summary = json.loads(f'"{found.group(1)}"')
+        except ValueError:
+            summary = found.group(1)
+    items: list[Any] = []
+    at = text.find('"items"')
+    decoder = json.JSONDecoder()
+    while at >= 0:
+        at = text.find("{", at + 1)
+        if at < 0:
+            break
+        try:
+            item, end = decoder.raw_decode(text, at)
+        except ValueError:
+            continue
+        if isinstance(item, dict):
+            items.append(item)
+            at = end - 1
+    return {"summary": summary, "items": items}
+
+
 def output_parse(text: str, spec: ReviewSpec) -> dict[str, Any]:
-    """The model's JSON, kept to the schema's fields; a reply that is no JSON object
-    becomes its text as the summary (nothing is lost, nothing is invented)."""
+    """The model's JSON, kept to the schema's fields; a reply cut off mid-JSON keeps
+    what was complete; a reply that is no JSON at all becomes its text as the summary
+    (nothing is lost, nothing is invented)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -185,6 +225,8 @@ def output_parse(text: str, spec: ReviewSpec) -> dict[str, Any]:
             data = json.loads(text[start : end + 1]) if 0 <= start < end else None
         except ValueError:
             data = None
+        if data is None:
+            data = _salvage(text)
     if not isinstance(data, dict):
         return {"summary": text.strip(), "items": []}
     items = []
