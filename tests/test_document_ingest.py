@@ -16,7 +16,12 @@ from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
 from documents.chunking import ChunkSpan, chunk_text_from_pages
-from documents.embeddings import EMBEDDING_DIM, embedding_model_name, texts_embed
+from documents.embeddings import (
+    EMBEDDING_DIM,
+    embedding_model_name,
+    texts_embed,
+    vectors_version,
+)
 from documents.ingest import FAILED_EMBEDDING, FAILED_GENERIC, document_ingest, pages_store
 from documents.models import Document
 from documents.notify import documents_group
@@ -401,12 +406,14 @@ def vectors(document: Document) -> list[tuple[int, list[float] | None]]:
 
 def test_the_chunks_get_the_models_vectors(alice):
     document = ingested(alice, text_bytes(PAGES), "a.txt")
-    assert document.embedding_model == embedding_model_name()
+    assert document.embedding_model == vectors_version() == embedding_model_name() + "+title"
     texts = [text for _, _, text, *_ in rows(document)[1]]
     stored = np.array([vector for _, vector in vectors(document)])
     assert stored.shape == (len(texts), EMBEDDING_DIM)
     assert np.allclose(np.linalg.norm(stored, axis=1), 1.0, atol=1e-5)
-    assert np.allclose(stored, texts_embed(texts), atol=1e-5)
+    # Each chunk is embedded after its document's title.
+    assert np.allclose(stored, texts_embed([f"a.txt\n\n{t}" for t in texts]), atol=1e-5)
+    assert not np.allclose(stored, texts_embed(texts), atol=1e-3)
     assert (document.stage, document.progress_done) == ("", len(texts))
 
 
@@ -426,7 +433,7 @@ def test_a_job_killed_mid_embedding_resumes_without_embedding_a_batch_twice(alic
     from documents import ingest
 
     data = text_bytes([sentences(n) for n in range(1, 4)])
-    whole = ingested(alice, data, "whole.txt")
+    whole = ingested(alice, data, "cut.txt")  # the same title: the same vectors
     document = upload(alice, data, "cut.txt")
     first: list[list[str]] = []
     monkeypatch.setattr(ingest, "texts_embed", counting_embed(first, dies_at=2))
@@ -449,7 +456,8 @@ def test_a_job_killed_mid_embedding_resumes_without_embedding_a_batch_twice(alic
     document_ingest(document_id=document.id, tenant_id=alice.tenant.id)
     texts = [text for _, _, text, *_ in rows(document)[1]]
     assert parsed == []
-    assert [text for call in first + second for text in call] == texts  # each once
+    # Each once (after the document's title, as it is embedded).
+    assert [text for call in first + second for text in call] == [f"cut.txt\n\n{t}" for t in texts]
     assert all(len(call) == 2 for call in second[:-1])  # PARLEY_DOCUMENT_INGEST_BATCH
     with tenant_scope(tenant_id=alice.tenant.id):
         document.refresh_from_db()
@@ -520,7 +528,7 @@ def test_the_watchdog_embeds_again_ready_documents_without_vectors_or_of_another
     for document in (legacy, other_model):
         with tenant_scope(tenant_id=document.tenant_id):
             document.refresh_from_db()
-        assert (document.state, document.embedding_model) == ("ready", embedding_model_name())
+        assert (document.state, document.embedding_model) == ("ready", vectors_version())
         assert document.ingest_restarts == 0
         got = vectors(document)
         assert [i for i, _ in got] == [i for i, _ in expected[document.id]]

@@ -39,7 +39,12 @@ from django.conf import settings
 from django.db import transaction
 
 from documents.chunking import PAGE_BREAK, chunks_of, estimated_tokens
-from documents.embeddings import EmbeddingError, embedding_model_name, texts_embed
+from documents.embeddings import (
+    EmbeddingError,
+    chunk_for_embedding,
+    texts_embed,
+    vectors_version,
+)
 from documents.models import Chunk, Document, Page
 from documents.notify import document_updated_send
 from documents.parsing import ParseError, iter_pages
@@ -229,11 +234,12 @@ def embeddings_store(*, document_id: Any, tenant_id: Any) -> int:
     """Set the document `embedding`, embed its chunks that have no vector yet and store
     their vectors, a batch at a time; vectors of another model than the configured one
     are dropped first (they cannot be compared with its queries). The number of chunks."""
-    model = embedding_model_name()
+    model = vectors_version()
     with _transaction(tenant_id):
         document = _document(document_id)
         if document is None:
             return 0
+        title = document.title
         if document.embedding_model != model:
             document.chunks.exclude(embedding=None).update(embedding=None)
             document.embedding_model = model
@@ -247,7 +253,7 @@ def embeddings_store(*, document_id: Any, tenant_id: Any) -> int:
             document, state=Document.State.EMBEDDING, stage=STAGE_EMBEDDINGS, done=done, total=total
         )
     for batch in _batches(pending, settings.PARLEY_DOCUMENT_INGEST_BATCH):
-        vectors = texts_embed([text for _, text in batch])
+        vectors = texts_embed([chunk_for_embedding(title=title, text=text) for _, text in batch])
         with _transaction(tenant_id):
             Chunk.objects.bulk_update(
                 [

@@ -27,7 +27,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from config.celery import enqueue
-from documents.embeddings import embedding_model_name
+from documents.embeddings import vectors_version
 from documents.ingest import STAGE_EMBEDDINGS, document_fail, document_progress
 from documents.models import Document
 from tenants.rls import operator_scope, tenant_scope
@@ -68,7 +68,7 @@ def documents_reembed(*, limit: int) -> int:
     the configured model's. How many were queued."""
     from documents.tasks import document_ingest_task
 
-    model = embedding_model_name()
+    model = vectors_version()
     with operator_scope():
         found = list(
             Document.objects.filter(_stale(model))
