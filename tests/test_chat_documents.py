@@ -192,12 +192,16 @@ async def test_attachments_that_are_not_ready_or_not_yours_are_refused(alice, bo
     await socket.send({"type": "chat.send", "content": "Hi", "document_ids": [str(failed.id)]})
     refused = await socket.receive()
     assert refused["code"] == "invalid_frame" and "It is encrypted." in refused["message"]
+    # Being embedded (its text all read): it may be attached already.
+    embedding = await sync_to_async(document_row)(alice, state="embedding", done=1, total=3)
+    await socket.send({"type": "chat.send", "content": "Hi", "document_ids": [str(embedding.id)]})
+    assert (await socket.receive())["type"] == "run.started"
     await socket.send(
         {"type": "chat.send", "content": "Hi", "document_ids": [str(bobs.id)], "client_id": "b"}
     )
     refused = await socket.receive()
     assert refused["code"] == "not_found" and "no such document" in refused["message"]
-    assert await as_operator(lambda: Message.objects.filter(tenant=alice.tenant).count()) == 0
+    assert await as_operator(lambda: Message.objects.filter(tenant=alice.tenant).count()) == 1
     await socket.close()
 
 

@@ -30,9 +30,14 @@ from tenants.access import Actor
 from tenants.models import Membership, Role
 from tenants.rls import tenant_scope
 
+# Documents whose text is all read: ready, or being embedded (for the first time, or
+# again after the embedding model changed): full text finds their chunks meanwhile.
+READABLE = (Document.State.READY, Document.State.EMBEDDING)
+
 
 def attachments_check(*, actor: Actor, document_ids: Sequence[Any]) -> list[str]:
-    """The ids to store on a user message: the actor's documents, each ready to read.
+    """The ids to store on a user message: the actor's documents, each with its text
+    read (READABLE).
     NotFound for one that is not the actor's; ValidationError for one still being read
     or that could not be read."""
     if not document_ids:
@@ -51,7 +56,7 @@ def attachments_check(*, actor: Actor, document_ids: Sequence[Any]) -> list[str]
                 f"“{document.title}” could not be read ({document.error_message}); "
                 "upload it again or leave it out."
             )
-        if document.state != Document.State.READY:
+        if document.state not in READABLE:
             done = (
                 f" ({document.progress_done} of {document.progress_total})"
                 if (document.progress_total)
@@ -82,7 +87,7 @@ def documents_in_play(*, run: Run) -> list[Document]:
     if not ids:
         return []
     found = Document.objects.filter(
-        tenant_id=run.tenant_id, owner_id=run.user_id, id__in=ids, state=Document.State.READY
+        tenant_id=run.tenant_id, owner_id=run.user_id, id__in=ids, state__in=READABLE
     ).in_bulk()
     return [found[i] for i in ids if i in found]
 
