@@ -20,9 +20,13 @@ class DocumentOut(Schema):
     state: str = Field(description="uploaded, parsing, embedding, ready or failed.")
     error_message: str = Field(description="Why it failed (state `failed`), else empty.")
     stage: str = Field(
-        description="What the ingestion job is doing: `pages` or `chunks`; empty when idle."
+        description="What the ingestion job is doing: `pages`, `chunks` or `embeddings`; "
+        "empty when idle."
     )
     progress_done: int = Field(description="Pages or chunks of the stage done so far.")
+    embedding_model: str = Field(
+        description="The model (and form) its chunks' vectors are from; empty before any."
+    )
     progress_total: int | None = Field(
         description="Pages or chunks of the stage in all; null while not known."
     )
