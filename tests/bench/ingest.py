@@ -98,6 +98,24 @@ def _admin_execute(url: str, *statements: str) -> None:
             admin.execute(statement)  # type: ignore[arg-type]
 
 
+def _database_create(url: str) -> None:
+    """A new `parley_bench_docs`; one a past run left behind is dropped first, one that
+    another run is using is not touched (exit with a message)."""
+    import psycopg
+
+    with psycopg.connect(_url_with_database(url, "postgres"), autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", [DATABASE]
+        ).fetchone()
+        if row and row[0]:
+            raise SystemExit(
+                f"The database {DATABASE} is in use: another run of a documents benchmark? "
+                "Run one at a time."
+            )
+        admin.execute(f'DROP DATABASE IF EXISTS "{DATABASE}"')
+        admin.execute(f'CREATE DATABASE "{DATABASE}"')
+
+
 def _database_drop(url: str) -> None:
     _admin_execute(
         url,
@@ -128,8 +146,7 @@ def documents_django(*, scratch: Path) -> Iterator[Any]:
     )
     for name in [k for k in os.environ if k.startswith("PARLEY_DOCUMENT_CHUNK")]:
         del os.environ[name]  # the default chunk settings are what is measured
-    _database_drop(server)
-    _admin_execute(server, f'CREATE DATABASE "{DATABASE}"')
+    _database_create(server)
     try:
         import django
 
