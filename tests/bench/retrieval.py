@@ -18,7 +18,8 @@ Measured in the same run, to explain the result (the product's code is not chang
   returns them) fused here by reciprocal rank with other constants, fewer candidates
   or a lighter vector list; the product's own setting is reproduced as a check;
 - full text by BM25 (what passages_search runs on the embedded mode's SQLite);
-- vectors of each chunk embedded with its document's title in front, alone and fused;
+- vectors of each chunk's text alone, without its document's title in front (which
+  documents.ingest puts there), alone and fused;
 - each question with only its licence in play (which passage, without which document);
 - chunk sizes: the licences ingested again with smaller chunks (`--chunk-tokens`);
 - how much of each chunk the embedding model reads (all-MiniLM-L6-v2 reads 256 word
@@ -129,18 +130,16 @@ def licences_ingest(actor: Any, texts: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def titled_vector_rankings(
-    questions: list[dict[str, Any]],
-    chunks: dict[int, tuple[Any, str]],
-    titles: dict[Any, str],
+def untitled_vector_rankings(
+    questions: list[dict[str, Any]], chunks: dict[int, tuple[Any, str]]
 ) -> list[list[int]]:
-    """A vector ranking per question as if each chunk had been embedded with its
-    document's title before its text ("GPL-3\n\n<chunk>"): cosine with numpy, as
-    documents.retrieval scores the stored vectors."""
+    """A vector ranking per question as if each chunk had been embedded as its text
+    alone, without its document's title in front (as before the ingestion put it
+    there): cosine with numpy, as documents.retrieval scores the stored vectors."""
     from documents.embeddings import query_embed, texts_embed
 
     ids = list(chunks)
-    vectors = texts_embed([f"{titles[chunks[i][0]]}\n\n{chunks[i][1]}" for i in ids])
+    vectors = texts_embed([chunks[i][1] for i in ids])
     rankings = []
     for question in questions:
         scores = vectors @ query_embed(question["question"])
@@ -176,10 +175,11 @@ def corpus_evaluate(
     actor: Any, questions: list[dict[str, Any]], document_ids: dict[str, Any], *, variants: bool
 ) -> dict[str, Any]:
     """Every question in every mode over all the documents; with `variants`, also what
-    explains the result: fusion constants and weights, BM25, each chunk embedded with
+    explains the result: fusion constants and weights, BM25, each chunk embedded without
     its document's title, and only the question's licence in play."""
     from documents.models import Document
-    from documents.retrieval import _bm25_ranking, passages_search
+    from documents.retrieval import CANDIDATES as PRODUCT_CANDIDATES
+    from documents.retrieval import RRF_K, _bm25_ranking, passages_search
     from tenants.rls import tenant_scope
 
     all_ids = list(document_ids.values())
@@ -188,8 +188,7 @@ def corpus_evaluate(
         question["document_id"] = document_ids[question["licence"]]
     with tenant_scope(tenant_id=actor.tenant.id):
         documents = list(Document.objects.filter(id__in=all_ids))
-    titles = {document_id: name for name, document_id in document_ids.items()}
-    titled = titled_vector_rankings(questions, chunks, titles) if variants else []
+    untitled = untitled_vector_rankings(questions, chunks) if variants else []
     reachable = [any(answers(text, doc, q) for doc, text in chunks.values()) for q in questions]
     pieces = model_pieces([text for _, text in chunks.values()])
     ranks: dict[str, list[int | None]] = {mode: [] for mode in MODES}
@@ -235,7 +234,10 @@ def corpus_evaluate(
                         rank_of_answer([p.chunk_id for p in own], question, chunks)
                     )
             lists = [found["text"], found["vector"]]
-            if fused(lists, k=60, candidates=CANDIDATES, limit=MRR_AT) != found["hybrid"]:
+            if (
+                fused(lists, k=RRF_K, candidates=PRODUCT_CANDIDATES, limit=MRR_AT)
+                != found["hybrid"]
+            ):
                 product_reproduced = False
             for k in FUSION_K:
                 for candidates in FUSION_CANDIDATES:
@@ -244,8 +246,14 @@ def corpus_evaluate(
                         rank_of_answer(top, question, chunks)
                     )
             for weight in (0.5, 0.25):
-                top = fused(lists, k=60, candidates=CANDIDATES, limit=MRR_AT, weights=(1, weight))
-                variant_ranks[f"rrf k=60 vector weight {weight}"].append(
+                top = fused(
+                    lists,
+                    k=RRF_K,
+                    candidates=PRODUCT_CANDIDATES,
+                    limit=MRR_AT,
+                    weights=(1, weight),
+                )
+                variant_ranks[f"product's rrf, vector weight {weight}"].append(
                     rank_of_answer(top, question, chunks)
                 )
             # The embedded mode's full text (BM25 over the same chunks), called here
@@ -255,13 +263,20 @@ def corpus_evaluate(
             variant_ranks["text, BM25 (the embedded mode's)"].append(
                 rank_of_answer(bm25[:MRR_AT], question, chunks)
             )
-            top = fused([bm25, found["vector"]], k=60, candidates=CANDIDATES, limit=MRR_AT)
-            variant_ranks["hybrid, BM25 + vectors"].append(rank_of_answer(top, question, chunks))
-            variant_ranks["vector, title embedded with chunk"].append(
-                rank_of_answer(titled[number][:MRR_AT], question, chunks)
+            top = fused(
+                [bm25, found["vector"]], k=RRF_K, candidates=PRODUCT_CANDIDATES, limit=MRR_AT
             )
-            top = fused([found["text"], titled[number]], k=60, candidates=CANDIDATES, limit=MRR_AT)
-            variant_ranks["hybrid, title embedded with chunk"].append(
+            variant_ranks["hybrid, BM25 + vectors"].append(rank_of_answer(top, question, chunks))
+            variant_ranks["vector, chunk alone (no title)"].append(
+                rank_of_answer(untitled[number][:MRR_AT], question, chunks)
+            )
+            top = fused(
+                [found["text"], untitled[number]],
+                k=RRF_K,
+                candidates=PRODUCT_CANDIDATES,
+                limit=MRR_AT,
+            )
+            variant_ranks["hybrid, chunk alone (no title)"].append(
                 rank_of_answer(top, question, chunks)
             )
         per_question.append(row)
