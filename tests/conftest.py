@@ -332,29 +332,26 @@ def embedded_manage(var: Path, *command: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="session")
-def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
-    """Parley on its embedded default in a fresh process, as `make run` starts it:
-    migrate, seed_demo, serve (which starts the local model server). Yields the base
-    URL and the var/ folder; checks on the way out that the model server stopped too."""
-    root = Path(__file__).resolve().parents[1]
-    tmp = tmp_path_factory.mktemp("embedded")
-    env = embedded_env(tmp / "var")
+@contextmanager
+def embedded_serving(var: Path, *args: str, timeout_s: float = 180) -> Iterator[tuple[str, Path]]:
+    """`migrate`, `seed_demo`, then `manage.py serve <args>` on the embedded default's
+    data under `var`, in a process of its own, until it answers `/healthz`: the base URL
+    and serve's log. Stopped on the way out."""
     for command in (["migrate", "--noinput"], ["seed_demo"]):
-        embedded_manage(tmp / "var", *command)
+        embedded_manage(var, *command)
     port = free_port()
-    log_path = tmp / "serve.log"
+    log_path = var / "serve.log"
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(port)],
-            cwd=root,
-            env=env,
+            [sys.executable, "manage.py", "serve", "--port", str(port), *args],
+            cwd=Path(__file__).resolve().parents[1],
+            env=embedded_env(var),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout_s
         while True:
             assert process.poll() is None, log_path.read_text()
             assert time.monotonic() < deadline, log_path.read_text()
@@ -363,10 +360,20 @@ def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
                     break
             except httpx.HTTPError:
                 time.sleep(0.3)
-        yield base, tmp / "var"
+        yield base, log_path
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """Parley on its embedded default in a fresh process, as `make run` starts it:
+    migrate, seed_demo, serve (which starts the local model server). Yields the base
+    URL and the var/ folder; checks on the way out that the model server stopped too."""
+    var = tmp_path_factory.mktemp("embedded") / "var"
+    with embedded_serving(var) as (base, log_path):
+        yield base, var
     output = log_path.read_text()
     assert "Parley (embedded mode)" in output
     assert "Demo login: demo / parley-demo" in output

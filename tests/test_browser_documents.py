@@ -12,17 +12,12 @@ executable is refused with the server's reason, and cannot go with a message.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
-from inference.local_process import free_port
-from tests.conftest import embedded_env, embedded_manage
+from tests.conftest import embedded_serving
 from tests.synthetic import SyntheticServer
 from tests.test_browser import log_in, page, wait_for_answer, wait_until  # noqa: F401
 
@@ -57,33 +52,10 @@ def parley(tmp_path_factory) -> Iterator[tuple[str, SyntheticServer]]:
     pieces = [w + " " for w in words[:-1]] + [words[-1]]
     model = SyntheticServer(pieces=pieces, delay_s=0.08).start()
     var = tmp_path_factory.mktemp("documents-ui") / "var"
-    for command in (["migrate", "--noinput"], ["seed_demo"]):
-        embedded_manage(var, *command)
-    port = free_port()
-    log_path = var / "serve.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(port), "--backend", model.url],
-            cwd=Path(__file__).resolve().parents[1],
-            env=embedded_env(var),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, log_path.read_text()
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        yield base, model
+        with embedded_serving(var, "--backend", model.url, timeout_s=60) as (base, _):
+            yield base, model
     finally:
-        process.terminate()
-        process.wait(timeout=30)
         model.stop()
 
 

@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('documents', '0004_chunk_search'),
+        ("documents", "0004_chunk_search"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='document',
-            name='embedding_model',
+            model_name="document",
+            name="embedding_model",
             field=models.CharField(blank=True, max_length=200),
         ),
     ]
