@@ -211,6 +211,14 @@ class ConnectionWatch:
     def peak(self) -> int:
         return max(self.samples, default=0)
 
+    @property
+    def steady_peak(self) -> int:
+        """The most seen in three samples running (15 ms and more): a connection a pool
+        has closed can stay listed while its backend exits, and a pool reopened at once
+        (Celery's fixup, around each task) overlaps it for that moment on a busy host."""
+        runs = [min(self.samples[i : i + 3]) for i in range(max(1, len(self.samples) - 2))]
+        return max(runs, default=0)
+
     def __enter__(self) -> ConnectionWatch:
         self._thread.start()
         return self
@@ -360,4 +368,4 @@ def test_prefork_worker_children_hold_no_more_than_their_pools(processes, monkey
             time.sleep(0.1)
     assert worker.output().count("succeeded in") == TASKS
     assert "raised unexpected" not in worker.output()
-    assert 1 <= watch.peak <= WORKER_CHILDREN * WORKER_POOL_MAX, watch.samples
+    assert 1 <= watch.steady_peak <= WORKER_CHILDREN * WORKER_POOL_MAX, watch.samples
