@@ -156,3 +156,20 @@ def test_bad_searches_are_refused_with_a_reason(alice, kwargs, detail):
     query = kwargs.pop("query")
     with pytest.raises(ValidationError, match=detail):
         search(alice, query, [lease], **kwargs)
+
+
+def test_a_question_naming_a_document_by_its_title_finds_that_documents_passage(alice):
+    """The same clause in two documents: the one whose title the question names ranks
+    first, in PostgreSQL's ranking and in the embedded mode's BM25 alike."""
+    clause = ["Termination. Either party may end this agreement with three months' notice."]
+    apache = ingested(alice, clause, "Apache-2.0.txt")
+    mozilla = ingested(alice, clause, "Mozilla-Public-License.txt")
+    for question, expected in (
+        ("How do I end an Apache agreement?", apache),
+        ("How do I end a Mozilla agreement?", mozilla),
+    ):
+        found = search(alice, question, [apache, mozilla], mode="text")
+        assert found[0].document_id == expected.id, question
+        with tenant_scope(tenant_id=alice.tenant.id):
+            best = _bm25_ranking([apache, mozilla], question, 5)[0]
+            assert Chunk.objects.get(id=best).document_id == expected.id, question

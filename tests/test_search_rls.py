@@ -55,9 +55,15 @@ FUNCTIONS = {
     "parley_chunk_search": (
         "uuid[], text, integer",
         [[DOCUMENT], "which licence applies to llamas", 50],
-        ["documents_chunk"],
+        ["documents_chunk", "documents_document"],
         "documents_chunk_text_fts",
         f"""
+        INSERT INTO documents_document (id, tenant_id, owner_id, title, filename, media_type,
+                                        size_bytes, sha256, state, error_message, stage,
+                                        progress_done, ingest_restarts, file_name,
+                                        embedding_model, created_at, updated_at)
+        VALUES ('{DOCUMENT}', '{TENANT}', '{USER}', 'Farm-rules.txt', '', 'text/plain', 1,
+                '', 'ready', '', '', 0, 0, 'x', '', now(), now());
         INSERT INTO documents_chunk (tenant_id, document_id, index, text, page_start, page_end,
                                      char_start, char_end, token_count)
         SELECT '{TENANT}', '{DOCUMENT}', g,

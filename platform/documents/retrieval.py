@@ -2,10 +2,12 @@
 
 Hybrid, always scoped by the acting member and by the documents the caller names:
 - **full text**: PostgreSQL's full-text search over the chunk text, through
-  `parley_chunk_search` (documents migration 0004), which uses the GIN index under row
-  level security and applies the tenant filter itself; the query's words are OR-ed and
-  ts_rank orders the chunks. The embedded SQLite database has none: there the chunks
-  in scope are scored with BM25 in Python (an embedded deployment holds few documents).
+  `parley_chunk_search` (documents migrations 0004 and 0007), which uses the GIN index
+  under row level security and applies the tenant filter itself; the query's words are
+  OR-ed and ts_rank orders the chunks, their document's title counting too (a question
+  names its document more often than the answering chunk does). The embedded SQLite
+  database has none: there the chunks in scope are scored with BM25 in Python, their
+  titles' words counted too (an embedded deployment holds few documents).
 - **vectors**: the query's embedding (`documents.embeddings.query_embed`) against the
   stored chunk embeddings of the documents in scope, scored with numpy (the vectors are
   normalised: a dot product is the cosine). A document's matrix is cached per process
@@ -149,6 +151,7 @@ def _text_ranking(documents: Sequence[Document], query: str, limit: int) -> list
 
 
 _WORD = re.compile(r"\w+", re.UNICODE)
+_TITLE_JOINS = re.compile(r"[-_.]+")
 # A few function words that would otherwise dominate a question's score.
 _STOP = frozenset(
     _WORD.findall(
@@ -170,10 +173,16 @@ def _bm25_ranking(
     wanted = set(_terms(query))
     if not wanted:
         return []
-    rows = list(Chunk.objects.filter(document__in=documents).values_list("id", "text"))
+    rows = list(
+        Chunk.objects.filter(document__in=documents).values_list("id", "text", "document__title")
+    )
     if not rows:
         return []
-    counts = [(chunk_id, Counter(_terms(text))) for chunk_id, text in rows]
+    # The title's words count with each chunk's, as in parley_chunk_search.
+    counts = [
+        (chunk_id, Counter(_terms(text)) + Counter(_terms(_TITLE_JOINS.sub(" ", title))))
+        for chunk_id, text, title in rows
+    ]
     average = sum(sum(c.values()) for _, c in counts) / len(counts) or 1.0
     frequency = Counter(term for _, c in counts for term in wanted if term in c)
     n = len(counts)
