@@ -69,13 +69,12 @@ class ToolContext:
 
     def actor(self) -> Actor:
         """The member the run is for (call inside `scope()`)."""
-        from tenants.access import Actor
-        from tenants.models import Membership, Role, Tenant, User
+        from tenants.access import member_actor
+        from tenants.models import Tenant, User
 
-        tenant = Tenant.objects.get(id=self.tenant_id)
-        user = User.objects.get(id=self.user_id)
-        membership = Membership.objects.filter(tenant=tenant, user=user).first()
-        return Actor(tenant=tenant, user=user, role=membership.role if membership else Role.MEMBER)
+        return member_actor(
+            tenant=Tenant.objects.get(id=self.tenant_id), user=User.objects.get(id=self.user_id)
+        )
 
     def for_worker(self) -> dict[str, Any]:
         """What travels to a tool worker (ids only)."""

@@ -366,6 +366,20 @@ def embedded_serving(var: Path, *args: str, timeout_s: float = 180) -> Iterator[
         process.wait(timeout=30)
 
 
+@pytest.fixture
+def documents_storage(settings, tmp_path) -> Path:
+    """This test's uploaded files in a folder of its own; the folder."""
+    folder = tmp_path / "documents"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "documents": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(folder), "base_url": None},
+        },
+    }
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """Parley on its embedded default in a fresh process, as `make run` starts it:

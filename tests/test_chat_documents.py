@@ -34,14 +34,7 @@ LEASE_PAGES = [
 
 
 @pytest.fixture(autouse=True)
-def document_files(settings, tmp_path):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "documents": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "documents"), "base_url": None},
-        },
-    }
+def document_files(settings, documents_storage):
     settings.PARLEY_DOCUMENT_CHUNK_TOKENS = 60
     settings.PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS = 0
     # The scripted model answers the turns only, not a title request.

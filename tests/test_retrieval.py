@@ -32,14 +32,7 @@ LEASE = [
 
 
 @pytest.fixture(autouse=True)
-def small_chunks(settings, tmp_path):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "documents": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "documents"), "base_url": None},
-        },
-    }
+def small_chunks(settings, documents_storage):
     # One paragraph a chunk (each is under 60 tokens), no overlap.
     settings.PARLEY_DOCUMENT_CHUNK_TOKENS = 60
     settings.PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS = 0

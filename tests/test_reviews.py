@@ -207,18 +207,11 @@ def test_a_cancelled_review_stops_between_steps():
 
 
 @pytest.fixture
-def lease(alice, settings, tmp_path):
+def lease(alice, documents_storage):
     from documents.ingest import document_ingest
     from documents.services import document_upload
     from tenants.rls import tenant_scope
 
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "documents": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "documents"), "base_url": None},
-        },
-    }
     text = "\f".join(pages_of(2)).encode()
     with tenant_scope(tenant_id=alice.tenant.id, user_id=alice.user.id):
         document = document_upload(actor=alice.actor, data=text, filename="supply.txt")
@@ -378,3 +371,20 @@ def test_a_reply_cut_off_mid_json_keeps_what_was_complete():
     assert parsed["items"] == [whole]
     # Not JSON at all: the text is the summary, nothing invented.
     assert output_parse("Just prose.", spec) == {"summary": "Just prose.", "items": []}
+
+
+@pytest.mark.django_db
+def test_kept_steps_are_never_reused_across_tenants(alice, charlie):
+    """The same file reviewed in two tenants: each reuses only its own steps, even where
+    row level security does not stand (operator scope here; SQLite in embedded mode)."""
+    from documents.models import ReviewStep
+    from documents.selectors import review_step_output
+    from tenants.rls import operator_scope
+
+    key = {"document_sha256": "a" * 64, "task": "t", "model": "m", "step": "map:0:x"}
+    with operator_scope():
+        ReviewStep.objects.create(tenant=alice.tenant, output={"summary": "alice's"}, **key)
+        assert review_step_output(tenant_id=charlie.tenant.id, **key) is None
+        ReviewStep.objects.create(tenant=charlie.tenant, output={"summary": "charlie's"}, **key)
+        assert review_step_output(tenant_id=alice.tenant.id, **key) == {"summary": "alice's"}
+        assert review_step_output(tenant_id=charlie.tenant.id, **key) == {"summary": "charlie's"}

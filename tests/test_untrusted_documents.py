@@ -84,15 +84,8 @@ INJECTED = (
 
 
 @pytest.fixture
-def courier(tmp_path, monkeypatch, settings, alice):
+def courier(tmp_path, monkeypatch, alice, documents_storage):
     plugin_install(tmp_path, monkeypatch, name="courier", source=COURIER_PLUGIN)
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "documents": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "documents"), "base_url": None},
-        },
-    }
     with tenant_scope(tenant_id=alice.tenant.id):
         plugin_scopes_grant(actor=alice.actor, name="courier", scopes=["network.fetch"])
         plugin_enable(actor=alice.actor, name="courier")

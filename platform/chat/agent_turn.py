@@ -66,15 +66,19 @@ class AgentTurn:
 
     def prepare(self, run: Run) -> None:
         self.messages = thread_messages(run=run, tool_calls=True)
+        in_play = documents_in_play(run=run)
         self.documents = documents_apply(
-            run=run, messages=self.messages, max_tokens=settings.PARLEY_MAX_TOKENS
+            run=run,
+            messages=self.messages,
+            max_tokens=settings.PARLEY_MAX_TOKENS,
+            documents=in_play,
         )
         # Document text in the prompt makes the run untrusted: no tool with side effects.
         self.context = ToolContext(
             tenant_id=str(run.tenant_id),
             user_id=str(run.user_id),
             run_id=str(run.id),
-            document_ids=tuple(str(d.id) for d in documents_in_play(run=run)),
+            document_ids=tuple(str(d.id) for d in in_play),
             untrusted=self.documents is not None,
         )
 

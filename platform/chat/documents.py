@@ -26,8 +26,7 @@ from documents.context import DocumentContext, context_build
 from documents.models import Document
 from documents.retrieval import documents_in_scope
 from inference.tokens import prompt_tokens_estimate
-from tenants.access import Actor
-from tenants.models import Membership, Role
+from tenants.access import Actor, member_actor
 from tenants.rls import tenant_scope
 
 # Documents whose text is all read: ready, or being embedded (for the first time, or
@@ -70,10 +69,7 @@ def attachments_check(*, actor: Actor, document_ids: Sequence[Any]) -> list[str]
 
 def run_actor(run: Run) -> Actor:
     """The member a run answers, as an actor (documents are read as their owner)."""
-    membership = Membership.objects.filter(tenant_id=run.tenant_id, user_id=run.user_id).first()
-    return Actor(
-        tenant=run.tenant, user=run.user, role=membership.role if membership else Role.MEMBER
-    )
+    return member_actor(tenant=run.tenant, user=run.user)
 
 
 def documents_in_play(*, run: Run) -> list[Document]:
@@ -90,22 +86,6 @@ def documents_in_play(*, run: Run) -> list[Document]:
         tenant_id=run.tenant_id, owner_id=run.user_id, id__in=ids, state__in=READABLE
     ).in_bulk()
     return [found[i] for i in ids if i in found]
-
-
-def run_document_context(
-    *, run: Run, question: str, context_tokens: int, used_tokens: int
-) -> DocumentContext | None:
-    """How the run reads its documents (None: it has none)."""
-    documents = documents_in_play(run=run)
-    if not documents:
-        return None
-    return context_build(
-        actor=run_actor(run),
-        documents=documents,
-        question=question,
-        context_tokens=context_tokens,
-        used_tokens=used_tokens,
-    )
 
 
 def context_tokens_of(model: str) -> int:
@@ -126,26 +106,31 @@ def context_tokens_of(model: str) -> int:
 
 
 def documents_apply(
-    *, run: Run, messages: list[dict[str, Any]], max_tokens: int
+    *,
+    run: Run,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    documents: Sequence[Document] | None = None,
 ) -> DocumentContext | None:
-    """Put the run's documents into its prompt `messages` (changed in place): whole,
-    after the system message's text (a stable prefix; before the last user message
-    where there is no system message), or the retrieved passages before the question.
-    None when the run has no documents."""
+    """Put the run's documents (`documents`, else `documents_in_play`) into its prompt
+    `messages` (changed in place): whole, after the system message's text (a stable
+    prefix; before the last user message where there is no system message), or the
+    retrieved passages before the question. None when the run has no documents."""
+    if documents is None:
+        documents = documents_in_play(run=run)
     last_user = next(
         (i for i in range(len(messages) - 1, -1, -1) if messages[i]["role"] == "user"), None
     )
-    if last_user is None:
+    if not documents or last_user is None:
         return None
     question = str(messages[last_user].get("content") or "")
-    context = run_document_context(
-        run=run,
+    context = context_build(
+        actor=run_actor(run),
+        documents=documents,
         question=question,
         context_tokens=context_tokens_of(run.model),
         used_tokens=prompt_tokens_estimate(messages) + max_tokens,
     )
-    if context is None:
-        return None
     if context.system:
         if messages and messages[0]["role"] == "system":
             messages[0] = {

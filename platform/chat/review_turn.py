@@ -34,6 +34,7 @@ from documents.review import (
     review_markdown,
     with_retries,
 )
+from documents.selectors import review_step_output
 from inference import pool
 from inference.selectors import tenant_limits
 from inference.types import (
@@ -100,8 +101,7 @@ class ReviewTurn:
 
         def step_get(step: str) -> dict | None:
             with tenant_scope(tenant_id=run.tenant_id):
-                kept = ReviewStep.objects.filter(**self._key(run), step=step).first()
-            return kept.output if kept is not None else None
+                return review_step_output(tenant_id=run.tenant_id, **self._key(run), step=step)
 
         def step_put(step: str, output: dict) -> None:
             try:

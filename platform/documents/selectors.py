@@ -8,7 +8,7 @@ from typing import Any
 
 from django.db.models import QuerySet, Sum
 
-from documents.models import Document, Page, ReviewTemplate
+from documents.models import Document, Page, ReviewStep, ReviewTemplate
 from tenants.access import Actor, NotFound, id_parse
 
 
@@ -55,3 +55,14 @@ def review_template_get(*, actor: Actor, template_id: Any) -> ReviewTemplate:
         return review_template_list(actor=actor).get(id=id_parse(template_id))
     except ReviewTemplate.DoesNotExist:
         raise NotFound from None
+
+
+def review_step_output(
+    *, tenant_id: Any, document_sha256: str, task: str, model: str, step: str
+) -> dict | None:
+    """A review step the tenant kept (documents.review), or None. The same file in
+    another tenant is another tenant's work: never reused across tenants."""
+    kept = ReviewStep.objects.filter(
+        tenant_id=tenant_id, document_sha256=document_sha256, task=task, model=model, step=step
+    ).first()
+    return kept.output if kept is not None else None

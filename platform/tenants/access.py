@@ -73,6 +73,13 @@ def id_parse(value: Any) -> uuid.UUID:
         raise NotFound from None
 
 
+def member_actor(*, tenant: Tenant, user: User) -> Actor:
+    """A member acting in `tenant` from a worker (a run, a tool): their role there,
+    the least one if they have none any more (their own documents stay theirs)."""
+    membership = Membership.objects.filter(tenant=tenant, user=user).first()
+    return Actor(tenant=tenant, user=user, role=membership.role if membership else Role.MEMBER)
+
+
 def actor_for_user(user: User | Any, *, tenant_id: str | uuid.UUID | None = None) -> Actor | None:
     """The actor a signed-in user acts as: their membership in `tenant_id` (the tenant
     chosen in their session) or, failing that, their first membership. None for
