@@ -153,7 +153,13 @@ def test_each_accepted_type_is_stored_and_read_back(
     if pages is None:
         assert page.status_code == 404  # a DOCX has no pages until it is parsed
     elif text is None:
-        assert page.json() == {"document_id": body["id"], "number": 1, "text": "", "parsed": False}
+        assert page.json() == {
+            "document_id": body["id"],
+            "number": 1,
+            "label": "",
+            "text": "",
+            "parsed": False,
+        }
     else:
         assert page.json()["parsed"] is True and text in page.json()["text"]
         assert body["token_count"] == len(page.json()["text"]) // 4
@@ -252,7 +258,9 @@ HOSTILE = [
     ("too many pages", lambda: pdf_bytes(4), 400, "at most 3"),
     ("nested page tree", lambda: nested_pdf_bytes(6), 400, "nested more than 4 levels"),
     ("zip bomb", _zip_bomb, 400, "zip bomb"),
-    ("zip, not docx", lambda: zip_bytes({"readme.txt": b"hello"}), 415, "not a DOCX"),
+    # A zip that is not a DOCX is a repository (tests/test_repositories.py): one without
+    # a text file is refused.
+    ("zip without text", lambda: zip_bytes({"logo.png": b"\x89PNG\0"}), 415, "no text file"),
     ("corrupt zip", lambda: b"PK\x03\x04" + b"\xff" * 200, 400, "corrupt zip"),
     (
         "docx without its parts",

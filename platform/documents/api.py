@@ -72,7 +72,8 @@ class ListQuery(Schema):
     openapi_extra={"responses": UPLOAD_ERRORS},
 )
 def documents_upload(request: HttpRequest, file: File[UploadedFile], title: Form[str] = ""):
-    """Upload a document (PDF, DOCX, HTML, Markdown or plain text)."""
+    """Upload a document (PDF, DOCX, HTML, Markdown or plain text), or a repository (a
+    zip, tar or tar.gz archive: each text file a page, labelled with its path)."""
     actor = documents_actor(request)
     try:
         upload_size_check(actor=actor, size=file.size or 0)
@@ -119,12 +120,14 @@ def documents_delete(request: HttpRequest, document_id: str):
 @router.get("/{document_id}/pages/{number}", response=PageOut, url_name="document_page")
 def documents_page(request: HttpRequest, document_id: str, number: str):
     """A page's text (pages from 1). Text, Markdown and HTML have one page, read at
-    upload; PDF and DOCX pages have text once the document is parsed."""
+    upload, and a repository a page for each text file (its path the page's label);
+    PDF and DOCX pages have text once the document is parsed."""
     document = document_get(actor=documents_actor(request), document_id=document_id)
     page = page_get(document=document, number=number)
     return {
         "document_id": document.id,
         "number": page.number,
+        "label": page.label,
         "text": page.text,
         "parsed": page.pk is not None,
     }

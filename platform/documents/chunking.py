@@ -30,7 +30,7 @@ from __future__ import annotations
 import bisect
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inference.tokens import CHARS_PER_TOKEN
 
@@ -150,6 +150,27 @@ def chunks_of(
                     lo = mid + 1
             following = lo
         first = following
+    return chunks
+
+
+def chunks_of_each_page(
+    pages: Sequence[str],
+    *,
+    target_tokens: int,
+    overlap_tokens: int,
+    count_tokens: Callable[[str], int] = estimated_tokens,
+) -> list[ChunkSpan]:
+    """`chunks_of` each page alone, in page order: no chunk spans two pages (a
+    repository's pages are its files)."""
+    chunks: list[ChunkSpan] = []
+    for number, page in enumerate(pages, start=1):
+        for span in chunks_of(
+            [page],
+            target_tokens=target_tokens,
+            overlap_tokens=overlap_tokens,
+            count_tokens=count_tokens,
+        ):
+            chunks.append(replace(span, page_start=number, page_end=number))
     return chunks
 
 

@@ -38,7 +38,8 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import transaction
 
-from documents.chunking import PAGE_BREAK, chunks_of, estimated_tokens
+from documents.archives import is_archive
+from documents.chunking import PAGE_BREAK, chunks_of, chunks_of_each_page, estimated_tokens
 from documents.embeddings import (
     EmbeddingError,
     chunk_for_embedding,
@@ -47,7 +48,7 @@ from documents.embeddings import (
 )
 from documents.models import Chunk, Document, Page
 from documents.notify import document_updated_send
-from documents.parsing import ParseError, iter_pages
+from documents.parsing import ParseError, iter_labelled_pages
 from documents.storage import file_read
 from tenants.rls import tenant_scope
 
@@ -162,18 +163,24 @@ def pages_store(*, document_id: Any, tenant_id: Any) -> None:
     data = file_read(document.file_name)
     count = 0
     for batch in _batches(
-        enumerate(iter_pages(data, document.media_type), start=1),
+        enumerate(iter_labelled_pages(data, document.media_type), start=1),
         settings.PARLEY_DOCUMENT_INGEST_BATCH,
     ):
         count = batch[-1][0]
-        new = [(number, text) for number, text in batch if number not in stored]
+        new = [(number, page) for number, page in batch if number not in stored]
         if not new:
             continue
         with _transaction(tenant_id):
             Page.objects.bulk_create(
                 [
-                    Page(tenant_id=tenant_id, document_id=document_id, number=number, text=text)
-                    for number, text in new
+                    Page(
+                        tenant_id=tenant_id,
+                        document_id=document_id,
+                        number=number,
+                        label=label,
+                        text=text,
+                    )
+                    for number, (label, text) in new
                 ],
                 ignore_conflicts=True,
             )
@@ -191,7 +198,10 @@ def chunks_store(*, document_id: Any, tenant_id: Any) -> int:
         document = Document.objects.get(id=document_id)
         pages = list(document.pages.order_by("number").values_list("text", flat=True))
         stored = set(document.chunks.values_list("index", flat=True))
-    spans = chunks_of(
+    # A repository's chunks stay within a file: a passage is never the end of one file
+    # and the start of the next.
+    cut = chunks_of_each_page if is_archive(document.media_type) else chunks_of
+    spans = cut(
         pages,
         target_tokens=settings.PARLEY_DOCUMENT_CHUNK_TOKENS,
         overlap_tokens=settings.PARLEY_DOCUMENT_CHUNK_OVERLAP_TOKENS,

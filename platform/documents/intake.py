@@ -1,13 +1,16 @@
 """What an uploaded file is, decided from its bytes (never its name), and whether it
 is safe to keep. `intake_check` answers the media type and what can be learnt
-cheaply (page count; the text of text, Markdown and HTML), or raises `Refused` with
-the status and the reason; it writes nothing.
+cheaply (page count; the text of text, Markdown, HTML and a repository's text files),
+or raises `Refused` with the status and the reason; it writes nothing.
 
 Accepted: PDF (`%PDF-`, not encrypted, readable by pypdf, a sane page tree), DOCX (a
 zip holding `word/document.xml`, checked for zip bombs before a byte is unpacked),
-HTML, Markdown and plain text (valid UTF-8, no NUL). Refused with 415: anything else,
-executables (ELF, PE, Mach-O) by name. HTML is kept as text: never rendered, its text
-read without tags, scripts or styles.
+HTML, Markdown and plain text (valid UTF-8, no NUL), and repositories: any other zip,
+a tar (ustar or GNU) or a gzipped tar, read through `documents.archives` (which refuses
+unsafe paths, links and special files, and bombs) and holding at least one text file.
+Refused with 415: anything else (other Office packages among them), executables (ELF,
+PE, Mach-O) by name. HTML is kept as text: never rendered, its text read without
+tags, scripts or styles.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from django.conf import settings
 
 from documents.models import Document
-from documents.parsing import html_text, text_pages
+from documents.parsing import archive_pages, html_text, text_pages
 
 MediaType = Document.MediaType
 
@@ -39,8 +42,11 @@ class Refused(Exception):
 class Intake:
     media_type: str
     page_count: int | None = None
-    # The text of each page when it was cheap to read at upload (text, Markdown, HTML).
+    # The text of each page when it was cheap to read at upload (text, Markdown, HTML,
+    # a repository's text files).
     pages: list[str] = field(default_factory=list)
+    # Each page's label, where pages have one (a repository's file paths), else empty.
+    labels: list[str] = field(default_factory=list)
 
 
 EXECUTABLES: tuple[tuple[bytes, str], ...] = (
@@ -53,8 +59,12 @@ EXECUTABLES: tuple[tuple[bytes, str], ...] = (
 )
 OLE = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"  # legacy Office files, and encrypted OOXML
 ZIP = b"PK\x03\x04"
+GZIP = b"\x1f\x8b"
 DOCX_MAIN = "word/document.xml"
-ACCEPTED = "PDF, DOCX, HTML, Markdown or plain text (UTF-8)"
+ACCEPTED = (
+    "PDF, DOCX, HTML, Markdown or plain text (UTF-8), or a repository as a zip, tar or "
+    "tar.gz archive"
+)
 MAX_ZIP_MEMBERS = 10_000
 
 
@@ -69,13 +79,17 @@ def intake_check(data: bytes) -> Intake:
     if data.startswith(b"%PDF-"):
         return _pdf(data)
     if data.startswith(ZIP):
-        return _docx(data)
+        return _zip(data)
     if data.startswith(OLE):
         raise Refused(
             415,
             "This is a legacy Office file or an encrypted Office document; save it as an "
             f"unencrypted DOCX or PDF. Upload {ACCEPTED}.",
         )
+    if data.startswith(GZIP):
+        return _repository(data, MediaType.TAR_GZ)
+    if looks_like_tar(data):
+        return _repository(data, MediaType.TAR)
     text = _utf8(data)
     if text is None:
         raise Refused(415, f"Unsupported file type. Upload {ACCEPTED}.")
@@ -84,6 +98,11 @@ def intake_check(data: bytes) -> Intake:
     media_type = MediaType.MARKDOWN if _looks_like_markdown(text) else MediaType.TEXT
     pages = text_pages(text)  # the pages parsing gives: what chunk offsets point into
     return Intake(media_type, page_count=len(pages), pages=pages)
+
+
+def looks_like_tar(data: bytes) -> bool:
+    """A ustar (POSIX) or GNU tar: its magic at byte 257 of the first header."""
+    return data[257:262] == b"ustar"
 
 
 # --- executables ---------------------------------------------------------------------
@@ -167,20 +186,51 @@ def _pdf_page_tree_leaves(reader: Any, *, max_pages: int) -> int:
     return leaves
 
 
-# --- DOCX --------------------------------------------------------------------------
+# --- zip: DOCX or a repository ---------------------------------------------------------
 
 
-def _docx(data: bytes) -> Intake:
-    """A zip is checked from its directory before anything is unpacked: members, total
-    size and each member's compression ratio; then python-docx must open it."""
+def _zip(data: bytes) -> Intake:
+    """A DOCX is a zip holding `word/document.xml`; other Office packages are refused;
+    any other zip is a repository."""
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-        members = archive.infolist()
+        members = zipfile.ZipFile(io.BytesIO(data)).infolist()
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError):
         raise Refused(400, "This file is a corrupt zip archive.") from None
     names = {member.filename for member in members}
-    if DOCX_MAIN not in names:
-        raise Refused(415, f"This zip archive is not a DOCX document. Upload {ACCEPTED}.")
+    if DOCX_MAIN in names:
+        return _docx(data, members)
+    if "[Content_Types].xml" in names or {"mimetype", "content.xml"} <= names:
+        raise Refused(
+            415,
+            "This is an Office document other than a Word document (a spreadsheet or a "
+            f"presentation, say); save it as PDF. Upload {ACCEPTED}.",
+        )
+    return _repository(data, MediaType.ZIP)
+
+
+def _repository(data: bytes, media_type: str) -> Intake:
+    """An archive's text files are its pages, one a file, labelled with its path."""
+    pages = archive_pages(data, media_type)
+    if not pages:
+        raise Refused(
+            415,
+            "This archive holds no text file (source code or text in UTF-8) to read. "
+            f"Upload {ACCEPTED}.",
+        )
+    return Intake(
+        media_type,
+        page_count=len(pages),
+        pages=[text for _, text in pages],
+        labels=[label for label, _ in pages],
+    )
+
+
+# --- DOCX --------------------------------------------------------------------------
+
+
+def _docx(data: bytes, members: list[zipfile.ZipInfo]) -> Intake:
+    """A zip is checked from its directory before anything is unpacked: members, total
+    size and each member's compression ratio; then python-docx must open it."""
     if len(members) > MAX_ZIP_MEMBERS:
         raise Refused(400, f"This DOCX holds more than {MAX_ZIP_MEMBERS} files.")
     max_total = settings.PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES

@@ -32,6 +32,10 @@ class Document(models.Model):
         HTML = "text/html"
         MARKDOWN = "text/markdown"
         TEXT = "text/plain"
+        # Repositories: archives of files (documents.archives), a text file a page.
+        ZIP = "application/zip"
+        TAR = "application/x-tar"
+        TAR_GZ = "application/gzip"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
@@ -76,12 +80,15 @@ class Document(models.Model):
 
 
 class Page(models.Model):
-    """One page's text (1-based `number`); a text file is one page."""
+    """One page's text (1-based `number`); a text file is one page, and so is each text
+    file of a repository, its path the page's `label`."""
 
     id = models.BigAutoField(primary_key=True)
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="+")
     document = models.ForeignKey(Document, on_delete=models.CASCADE, related_name="pages")
     number = models.PositiveIntegerField()
+    # What the page is called where pages have names: a repository's file path.
+    label = models.CharField(max_length=500, blank=True)
     text = models.TextField(blank=True)
 
     class Meta:

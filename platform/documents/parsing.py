@@ -22,6 +22,12 @@ control characters (PostgreSQL text holds no NUL).
   ends a page, so a text without one is one page.
 - HTML: its text only, one page (`html_text`: no tags, scripts or styles; block
   elements become line breaks). Upload stores the same text (`documents.intake`).
+- Repositories (zip, tar, tar.gz): a page for each text file, in the order of their
+  paths, labelled with its path (`iter_labelled_pages`, `archive_pages`); its text kept
+  as written (line endings become `"\\n"`, control characters spaces, a form feed
+  too: a file is one page). Binary files (a NUL byte, or not UTF-8) and files over
+  `TEXT_FILE_MAX_BYTES` (minified bundles, lock files, data) have no page. The files
+  are read through `documents.archives`, the same reader as the upload check.
 """
 
 from __future__ import annotations
@@ -53,6 +59,23 @@ def document_pages(data: bytes, media_type: str) -> list[str]:
 def iter_pages(data: bytes, media_type: str) -> Iterator[str]:
     """Each page's text, in order. A PDF's pages are read one at a time, as they are
     asked for; other formats are read whole at the first."""
+    return (text for _, text in iter_labelled_pages(data, media_type))
+
+
+def iter_labelled_pages(data: bytes, media_type: str) -> Iterator[tuple[str, str]]:
+    """Each page's label (a repository's file path; else "") and text, in order."""
+    from documents.archives import is_archive
+    from documents.intake import Refused
+
+    if is_archive(media_type):
+        try:
+            return iter(archive_pages(data, media_type))
+        except Refused as exc:
+            raise ParseError(exc.message) from None
+    return (("", text) for text in _texts(data, media_type))
+
+
+def _texts(data: bytes, media_type: str) -> Iterator[str]:
     if media_type == MediaType.PDF:
         return _pdf_pages(data)
     if media_type == MediaType.DOCX:
@@ -62,6 +85,36 @@ def iter_pages(data: bytes, media_type: str) -> Iterator[str]:
     if media_type == MediaType.HTML:
         return iter([html_text(_decoded(data))])
     raise ParseError(f"Documents of type {media_type!r} cannot be read.")
+
+
+# --- repositories --------------------------------------------------------------------
+
+# A text file larger than this is not read as a page (it is still in the archive).
+TEXT_FILE_MAX_BYTES = 1 << 20
+
+
+def archive_pages(data: bytes, media_type: str) -> list[tuple[str, str]]:
+    """A repository's text files as (path, text), by path; raises
+    `documents.intake.Refused` for an archive that is not safe to read."""
+    from documents.archives import archive_files
+
+    pages = []
+    for file in archive_files(data, media_type):
+        text = file_text(file.data)
+        if text is not None:
+            pages.append((file.path, text))
+    return sorted(pages)
+
+
+def file_text(data: bytes) -> str | None:
+    """A repository file's page text, or None for a binary or too large file."""
+    if len(data) > TEXT_FILE_MAX_BYTES or b"\0" in data:
+        return None
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        return None
+    return _CONTROL.sub(" ", text.replace("\r\n", "\n").replace("\r", "\n"))
 
 
 # --- whitespace --------------------------------------------------------------------

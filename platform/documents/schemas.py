@@ -37,6 +37,9 @@ class DocumentOut(Schema):
 class PageOut(Schema):
     document_id: uuid.UUID
     number: int = Field(description="From 1.")
+    label: str = Field(
+        description="The page's name where pages have one: a repository's file path; else empty."
+    )
     text: str = Field(description="Plain text; empty until the document is parsed.")
     parsed: bool = Field(description="False while the page's text is not read yet.")
 

@@ -100,9 +100,10 @@ def document_upload(*, actor: Actor, data: bytes, filename: str = "", title: str
         )
         document.file_name = file_name_for(tenant_id=actor.tenant_id, document_id=document.id)
         document.save()
+        labels = intake.labels or [""] * len(intake.pages)
         Page.objects.bulk_create(
-            Page(tenant=actor.tenant, document=document, number=number, text=text)
-            for number, text in enumerate(intake.pages, start=1)
+            Page(tenant=actor.tenant, document=document, number=number, label=label, text=text)
+            for number, (label, text) in enumerate(zip(labels, intake.pages, strict=True), start=1)
         )
         audit_record(
             actor=actor,

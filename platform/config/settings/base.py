@@ -539,6 +539,15 @@ PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES = env.integer(
     "PARLEY_DOCUMENT_MAX_UNZIPPED_BYTES", default=256 * 2**20, minimum=1
 )
 PARLEY_DOCUMENT_MAX_ZIP_RATIO = env.integer("PARLEY_DOCUMENT_MAX_ZIP_RATIO", default=100, minimum=1)
+# Repositories (zip, tar, tar.gz; documents.archives), read in memory at upload and into
+# sandbox workspaces: refused with more entries than this, more bytes unpacked in all, a
+# file over the per-file size, or compressed more than this ratio (a bomb).
+PARLEY_ARCHIVE_MAX_FILES = env.integer("PARLEY_ARCHIVE_MAX_FILES", default=10_000, minimum=1)
+PARLEY_ARCHIVE_MAX_BYTES = env.integer("PARLEY_ARCHIVE_MAX_BYTES", default=100 * 2**20, minimum=1)
+PARLEY_ARCHIVE_MAX_FILE_BYTES = env.integer(
+    "PARLEY_ARCHIVE_MAX_FILE_BYTES", default=20 * 2**20, minimum=1
+)
+PARLEY_ARCHIVE_MAX_RATIO = env.integer("PARLEY_ARCHIVE_MAX_RATIO", default=100, minimum=1)
 # Ingestion (documents.ingest): chunks of about this many tokens, each overlapping the
 # one before by about this many; pages and chunks are stored (and progress reported)
 # this many at a time, so a job cut short resumes after its last stored batch.
