@@ -19,6 +19,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from agents.context import ToolContext
 from documents.archives import ArchiveLimits, archive_files, safe_path
+from documents.context import context_build
 from documents.ingest import document_ingest
 from documents.intake import Refused
 from documents.models import Chunk, Document, Page
@@ -32,6 +33,7 @@ from plugins.coding.repo_tools import (
     repo_read,
     repo_search,
 )
+from plugins.coding.repos import repository_archive_files
 from plugins.docreview.reading import RESULT_CHARS
 from tenants.rls import operator_scope, tenant_scope
 
@@ -474,3 +476,27 @@ def test_documents_that_are_not_repositories_are_not_in_play(alice, shop, docume
     notes = uploaded(alice, b"Plain notes about the shop.\n", "notes.txt")
     result = call(repo_files, context(alice, notes, shop), repository="notes")
     assert result.startswith("Error: No document 'notes' among the 1 repository attached")
+
+
+@pytest.mark.django_db
+def test_a_repositorys_files_are_read_back_whole_for_a_workspace(alice, shop):
+    with tenant_scope(tenant_id=alice.tenant.id, user_id=alice.user.id):
+        files = {f.path: f for f in repository_archive_files(repository=shop)}
+    # Every file, binary ones too, as uploaded (CRLF kept), with its mode.
+    assert {path: f.data for path, f in files.items()} == FILES
+    assert files["shop/scripts/run.sh"].mode == 0o755
+    assert files["shop/src/app.py"].mode == 0o644
+
+
+@pytest.mark.django_db
+def test_a_repository_in_the_prompt_names_each_files_path(alice, shop):
+    with tenant_scope(tenant_id=alice.tenant.id, user_id=alice.user.id):
+        built = context_build(
+            actor=alice.actor,
+            documents=[shop],
+            question="Where is the cart?",
+            context_tokens=32000,
+            used_tokens=0,
+        )
+    assert built.strategy == "whole"
+    assert '<page number="3" file="shop/src/app.py">\n"""The shop' in built.system

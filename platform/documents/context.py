@@ -106,8 +106,12 @@ def document_tokens(document: Document) -> int:
 
 
 def whole_block(document: Document, pages: Sequence[Page]) -> str:
+    # A repository's page is a file: its path says which.
     body = "\n".join(
-        f'<page number="{page.number}">\n{defuse(page.text)}\n</page>' for page in pages
+        f'<page number="{page.number}"'
+        + (f' file="{_attribute(page.label)}"' if page.label else "")
+        + f">\n{defuse(page.text)}\n</page>"
+        for page in pages
     )
     return (
         f'<document title="{_attribute(document.title)}" pages="{len(pages)}">\n{body}\n</document>'

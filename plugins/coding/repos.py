@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from django.db.models import QuerySet, Value
 from django.db.models.functions import Length, Replace, Right
 
-from documents.archives import ARCHIVE_TYPES
+from documents.archives import ARCHIVE_TYPES, ArchiveFile, archive_files
 from documents.models import Document, Page
 from documents.selectors import document_list
+from documents.storage import file_read
 from plugins.docreview.selection import RECENT_LIMIT, InPlay
 from tenants.access import Actor
 
@@ -96,6 +97,14 @@ def repository_file(*, repository: Document, path: str) -> str | None:
     file."""
     page = repository.pages.filter(label=_prefix(path)).exclude(label="").first()
     return page.text if page is not None else None
+
+
+def repository_archive_files(*, repository: Document) -> list[ArchiveFile]:
+    """Every file of the repository as uploaded (binary ones too, with their modes),
+    read from its stored archive through the same safe reader as the upload check:
+    what fills a sandbox workspace. Raises `documents.intake.Refused` should the
+    archive no longer pass (limits lowered since)."""
+    return archive_files(file_read(repository.file_name), repository.media_type)
 
 
 def repository_texts(*, repository: Document, path_prefix: str = "") -> Iterator[tuple[str, str]]:
