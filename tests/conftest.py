@@ -380,6 +380,20 @@ def documents_storage(settings, tmp_path) -> Path:
     return folder
 
 
+@pytest.fixture
+def sandbox_storage(settings, tmp_path) -> Path:
+    """This test's workspaces and artifacts in a folder of its own; the folder."""
+    folder = tmp_path / "sandbox"
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "sandbox": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(folder), "base_url": None},
+        },
+    }
+    return folder
+
+
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     """Parley on its embedded default in a fresh process, as `make run` starts it:
@@ -496,11 +510,12 @@ def fresh_pool(settings):
 
 @pytest.fixture(scope="session", autouse=True)
 def documents_folder_emptied():
-    """The tests' uploaded files (config.settings.test puts them in a temporary folder)
-    are gone after the run."""
+    """The tests' uploaded files and sandbox files (config.settings.test puts them in
+    temporary folders) are gone after the run."""
     yield
     from django.conf import settings as django_settings
 
-    options = django_settings.STORAGES["documents"].get("OPTIONS", {})
-    if django_settings.STORAGES["documents"]["BACKEND"].endswith("FileSystemStorage"):
-        shutil.rmtree(options["location"], ignore_errors=True)
+    for alias in ("documents", "sandbox"):
+        options = django_settings.STORAGES[alias].get("OPTIONS", {})
+        if django_settings.STORAGES[alias]["BACKEND"].endswith("FileSystemStorage"):
+            shutil.rmtree(options["location"], ignore_errors=True)

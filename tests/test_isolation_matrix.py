@@ -259,6 +259,46 @@ HTTP_MATRIX.update(
 )
 
 
+def _artifact(world: World) -> tuple[Any, str]:
+    """A file a run produced in alice's conversation (stored: the owner downloads it)."""
+    from sandbox.services import artifact_create
+
+    conversation_id, text = _conversation(world)
+    artifact = artifact_create(
+        tenant=world.alice.tenant,
+        owner=world.alice.user,
+        conversation_id=conversation_id,
+        name="figures/merger.txt",
+        data=b"Merger plans, confidential figures",
+    )
+    return artifact.id, text
+
+
+# Artifacts are their conversation's: private to its member, like the conversation.
+HTTP_MATRIX.update(
+    {
+        "api/v1/artifacts/<artifact_id>": Entry(_artifact, {"GET": PRIVATE}),
+        "api/v1/artifacts/<artifact_id>/content": Entry(_artifact, {"GET": PRIVATE}),
+    }
+)
+
+
+def test_artifact_conversation_ids_in_queries_are_isolated(client, alice, bob, charlie):
+    """`GET /api/v1/artifacts?conversation=<id>`: another's conversation lists nothing."""
+    world = World(alice, bob, charlie)
+    artifact_id, _ = _artifact(world)
+    with operator_scope():
+        from sandbox.models import Artifact
+
+        conversation_id = Artifact.objects.get(id=artifact_id).conversation_id
+    for person, expected in ((charlie, []), (bob, []), (alice, [str(artifact_id)])):
+        client.force_login(person.user)
+        response = client.get(f"/api/v1/artifacts?conversation={conversation_id}")
+        assert response.status_code == 200, response.content
+        assert [a["id"] for a in response.json()] == expected
+        if person is not alice:
+            assert "merger" not in response.content.decode()
+
 def _review(world: World) -> tuple[Any, str]:
     """A finished review of alice's document: its run and its stored answer."""
     document_id, text = _stored_document(world)

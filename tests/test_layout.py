@@ -13,15 +13,17 @@ SOURCES = {
     "inference": ROOT / "platform" / "inference",
     "documents": ROOT / "platform" / "documents",
     "chat": ROOT / "platform" / "chat",
+    "sandbox": ROOT / "platform" / "sandbox",
     "console": ROOT / "platform" / "console",
     "agents": ROOT / "agents",
     "plugins": ROOT / "plugins",
 }
 # What each layer must never import (DESIGN section 2).
 FORBIDDEN = {
-    "tenants": {"inference", "documents", "chat", "console", "agents", "plugins"},
-    "inference": {"chat", "documents", "console", "agents", "plugins"},
+    "tenants": {"inference", "documents", "chat", "console", "agents", "plugins", "sandbox"},
+    "inference": {"chat", "documents", "console", "agents", "plugins", "sandbox"},
     "documents": {"chat", "console", "agents", "plugins"},
+    "sandbox": {"chat", "console", "agents", "plugins", "documents"},
     "agents": {"console", "chat", "plugins"},
     "plugins": {"console", "chat"},
 }

@@ -14,6 +14,7 @@ from agents.models import TenantPlugin
 from chat.models import Conversation, Message
 from documents.models import Chunk, Document, Page, ReviewStep, ReviewTemplate
 from inference.models import UsageRecord
+from sandbox.models import Artifact, Workspace
 from tenants.models import ApiKey, AuditEvent, Invitation, Membership, Tenant, TenantSSO
 from tenants.rls import operator_scope, tenant_scope
 from tests.conftest import APP_ROLE
@@ -45,7 +46,7 @@ def app_connection() -> psycopg.Connection:
 @pytest.fixture
 def two_tenants(alice, charlie):
     """A conversation with a message and a run, an invitation, a key and an audit
-    event in each of two tenants."""
+    event (and a row of every other tenant-owned table) in each of two tenants."""
     with operator_scope():
         for person in (alice, charlie):
             conversation = ConversationFactory(
@@ -101,6 +102,22 @@ def two_tenants(alice, charlie):
                 step="map:0:x",
                 output={"summary": "", "items": []},
             )
+            Workspace.objects.create(
+                tenant=person.tenant,
+                owner=person.user,
+                conversation_id=conversation.id,
+                file_name=f"{person.tenant.id}/workspaces/w.tar",
+            )
+            Artifact.objects.create(
+                tenant=person.tenant,
+                owner=person.user,
+                conversation_id=conversation.id,
+                name="plot.png",
+                media_type="image/png",
+                size_bytes=8,
+                sha256="0" * 64,
+                file_name=f"{person.tenant.id}/artifacts/a",
+            )
     return alice, charlie
 
 
@@ -119,6 +136,8 @@ def test_every_tenant_owned_table_has_forced_row_level_security():
         "documents_chunk",
         "documents_reviewtemplate",
         "documents_reviewstep",
+        "sandbox_workspace",
+        "sandbox_artifact",
     } <= set(tables)
     with connection.cursor() as cursor:
         cursor.execute(

@@ -93,4 +93,17 @@ export interface ToolStepOut {
   /** Why the call failed or was refused, or that it did not finish. */
   error: string | null;
   truncated: boolean;
+  /** The files the call produced (a sandboxed run's). */
+  artifacts: StepArtifactOut[];
+}
+
+export interface StepArtifactOut {
+  /** Its bytes: GET /api/v1/artifacts/{id}/content. */
+  id: string;
+  /** Its path in the conversation's workspace. */
+  name: string;
+  /** Detected from its content. */
+  media_type: string;
+  /** In bytes. */
+  size: number;
 }

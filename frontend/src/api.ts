@@ -9,6 +9,7 @@ import type {
   MessageTreeOut,
   SearchHitOut,
   SearchOut,
+  StepArtifactOut,
   ToolStepOut,
 } from "./api.gen";
 
@@ -25,6 +26,7 @@ export class ApiError extends Error {
 // page knows them.
 export type Conversation = ConversationOut;
 export type ToolStep = ToolStepOut;
+export type StepArtifact = StepArtifactOut;
 export type TreeMessage = MessageOut;
 export type TreeStep = BranchStepOut;
 export type MessageTree = MessageTreeOut;

@@ -10,6 +10,16 @@ export type Seq = number;
 
 export type ShortText = string | null;
 
+export interface StepArtifact {
+  id: Uuid;
+  /** Its path in the conversation's workspace. */
+  name: string;
+  /** Detected from its content. */
+  media_type: string;
+  /** In bytes. */
+  size: number;
+}
+
 export interface AnswerDocuments {
   /** `whole`: every page was in the prompt; `retrieval`: the passages that best match the question were; `map_reduce`: a review of a document longer than the model's context, section by section, then merged. */
   strategy: "whole" | "retrieval" | "map_reduce";
@@ -125,6 +135,8 @@ export interface ToolEndFrame {
   result: string;
   error?: string | null;
   truncated?: boolean;
+  /** The files the call produced (a sandboxed run's), each downloadable at `/api/v1/artifacts/{id}/content`; images may be shown inline. */
+  artifacts?: StepArtifact[];
 }
 
 export interface ProgressFrame {

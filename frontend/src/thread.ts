@@ -12,7 +12,7 @@
 // as `documents.marked` (citations as links that open their page, unverified quotations
 // flagged) with a footer, live at `run.done` and from storage after a reload.
 
-import type { Api, MessageTree, ToolStep } from "./api";
+import type { Api, MessageTree, StepArtifact, ToolStep } from "./api";
 import {
   type AnswerDocuments,
   type Attached,
@@ -340,6 +340,7 @@ export class Thread {
         break;
       case "tool.end":
         this.toolEnded(run, frame.call_id, frame.name, frame.result ?? "", frame.error ?? null, frame.truncated);
+        if (frame.artifacts?.length) this.toolFiles(run, frame.call_id, frame.artifacts);
         break;
       case "progress":
         if (frame.stage === "documents") this.reads(run, frame.strategy, frame.message);
@@ -385,6 +386,12 @@ export class Thread {
       details = run.tools.get(callId) as HTMLDetailsElement;
     }
     toolCallEnded(details, result, error, truncated);
+  }
+
+  // The files a call produced: shown after the call (outside it, so images show while
+  // the call stays folded).
+  private toolFiles(run: RunView, callId: string, artifacts: StepArtifact[]): void {
+    run.tools.get(callId)?.after(artifactList(artifacts));
   }
 
   private progressed(run: RunView, stage: string, message?: string, done?: number, total?: number): void {
@@ -780,8 +787,41 @@ function storedSteps(steps: ToolStep[]): HTMLDivElement {
     const details = toolCall(step.call_id, step.name, step.arguments);
     toolCallEnded(details, step.result ?? "", step.error, step.truncated);
     box.append(details);
+    if (step.artifacts?.length) box.append(artifactList(step.artifacts));
   }
   return box;
+}
+
+// The files a tool call produced (a sandboxed run's): raster images shown, with their
+// name as the alternative text, and everything as a download link with its size. The
+// server decides what may be shown inline (it serves the rest as attachments); SVG,
+// which may carry scripts, is never put in an <img> here either.
+const INLINE_IMAGES = new Set(["image/png", "image/jpeg", "image/gif", "image/webp"]);
+const ARTIFACTS_URL = "/api/v1/artifacts/";
+
+export function artifactList(artifacts: StepArtifact[]): HTMLDivElement {
+  const box = el("div", { class: "artifacts" });
+  for (const artifact of artifacts) {
+    const url = `${ARTIFACTS_URL}${encodeURIComponent(artifact.id)}/content`;
+    const item = el("figure", { class: "artifact", "data-artifact-id": artifact.id });
+    if (INLINE_IMAGES.has(artifact.media_type)) {
+      item.append(el("img", { src: url, alt: artifact.name, loading: "lazy" }));
+    }
+    const caption = el("figcaption");
+    caption.append(
+      el("a", { href: url, download: artifact.name.split("/").pop() ?? artifact.name }, artifact.name),
+      el("span", { class: "artifact-size" }, ` · ${sizeText(artifact.size)}`),
+    );
+    item.append(caption);
+    box.append(item);
+  }
+  return box;
+}
+
+export function sizeText(bytes: number): string {
+  if (bytes < 1024) return `${bytes} B`;
+  if (bytes < 1024 * 1024) return `${(bytes / 1024).toFixed(1)} KiB`;
+  return `${(bytes / (1024 * 1024)).toFixed(1)} MiB`;
 }
 
 // A tool's arguments as the model gave them (an object, normally), readable.

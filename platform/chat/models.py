@@ -62,7 +62,8 @@ class Message(models.Model):
     role = models.CharField(max_length=16, choices=Role.choices)
     content = models.TextField(blank=True)
     # An agent's answer: its tool calls in order, as its run logged them
-    # (chat.steps.tool_steps): [{call_id, name, arguments, result, error, truncated}].
+    # (chat.steps.tool_steps): [{call_id, name, arguments, result, error, truncated}],
+    # with `artifacts` [{id, name, media_type, size}] when the call produced files.
     steps = models.JSONField(default=list, blank=True)
     # A user message: the ids of the documents attached to it (documents.Document),
     # in play for this turn and the turns after it on its branch.

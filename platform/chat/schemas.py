@@ -102,6 +102,13 @@ class BranchIn(Schema):
     message_id: uuid.UUID = Field(description="Any message of the branch to switch to.")
 
 
+class StepArtifactOut(Schema):
+    id: uuid.UUID = Field(description="Its bytes: GET /api/v1/artifacts/{id}/content.")
+    name: str = Field(description="Its path in the conversation's workspace.")
+    media_type: str = Field(description="Detected from its content.")
+    size: int = Field(description="In bytes.")
+
+
 class ToolStepOut(Schema):
     call_id: str
     name: str
@@ -111,6 +118,9 @@ class ToolStepOut(Schema):
         None, description="Why the call failed or was refused, or that it did not finish."
     )
     truncated: bool = False
+    artifacts: list[StepArtifactOut] = Field(
+        default_factory=list, description="The files the call produced (a sandboxed run's)."
+    )
 
 
 class MessageOut(Schema):

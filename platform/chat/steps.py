@@ -38,4 +38,6 @@ def tool_steps(events: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
                 error=event.get("error"),
                 truncated=bool(event.get("truncated", False)),
             )
+            if event.get("artifacts"):  # files the call produced (sandbox.services.artifact_ref)
+                step["artifacts"] = list(event["artifacts"])
     return list(steps.values())

@@ -18,6 +18,7 @@ from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
 from chat.selectors import branch_leaf, conversation_get, message_tree
 from chat.services.run_state import run_cancel_request
+from sandbox.services import conversation_files_delete
 from tenants.access import Actor, NotFound, id_parse
 from tenants.rls import tenant_scope
 
@@ -92,6 +93,9 @@ def conversation_delete(*, actor: Actor, conversation_id: Any) -> None:
                 "deleted": True,
             },
         )
+        # Its sandbox workspace and the files its runs produced go with it (their
+        # files once this commits).
+        conversation_files_delete(tenant=conversation.tenant_id, conversation_id=conversation.id)
         conversation.delete()
 
 
@@ -230,6 +234,8 @@ def _markdown_steps(steps: list[dict[str, Any]]) -> list[str]:
         elif step.get("result") is not None:
             cut = " (cut short)" if step.get("truncated") else ""
             lines += [f"Result{cut}:", "", *_fenced(str(step["result"]))]
+        for artifact in step.get("artifacts") or ():
+            lines += [f"File: `{artifact.get('name', '')}` ({artifact.get('size', 0)} bytes)", ""]
     return lines
 
 

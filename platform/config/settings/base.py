@@ -81,6 +81,7 @@ INSTALLED_APPS = [
     "chat",
     "gateway",
     "agents",
+    "sandbox",
 ]
 
 MIDDLEWARE = [
@@ -621,6 +622,53 @@ PARLEY_REVIEW_START = "chat.services.runs.review_start"
 PARLEY_REVIEW_SECTION_TOKENS = env.integer(
     "PARLEY_REVIEW_SECTION_TOKENS", default=2048 if EMBEDDED else 0, minimum=0
 )
+
+# --- sandbox: workspaces and artifacts ----------------------------------------
+# A conversation's workspace (its files between sandboxed runs, one tar archive) and
+# the files runs produce (artifacts) live in the `sandbox` storage (sandbox.storage):
+# a folder (under PARLEY_VAR_DIR unless PARLEY_SANDBOX_DIR says where), or, when
+# PARLEY_DOCUMENTS_S3_BUCKET is set, that bucket under PARLEY_SANDBOX_S3_PREFIX.
+if env.present("PARLEY_DOCUMENTS_S3_BUCKET"):
+    STORAGES["sandbox"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            **STORAGES["documents"]["OPTIONS"],
+            "location": env.string("PARLEY_SANDBOX_S3_PREFIX", default="sandbox"),
+        },
+    }
+else:
+    STORAGES["sandbox"] = {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": env.string("PARLEY_SANDBOX_DIR", default=str(VAR_DIR / "sandbox")),
+            "base_url": None,  # never served by URL: read through the API only
+            "file_permissions_mode": 0o600,
+            "directory_permissions_mode": 0o700,
+        },
+    }
+# Bytes a tenant's workspaces and artifacts may take in all (a save past it is refused
+# with the reason, which the tool tells the model); the largest one artifact; how long
+# a workspace no run used is kept (then the expiry sweep, every
+# PARLEY_SANDBOX_EXPIRE_INTERVAL_S, deletes it: its file and its row).
+PARLEY_SANDBOX_TENANT_BYTES = env.integer(
+    "PARLEY_SANDBOX_TENANT_BYTES", default=1024 * 2**20, minimum=1
+)
+PARLEY_SANDBOX_ARTIFACT_BYTES = env.integer(
+    "PARLEY_SANDBOX_ARTIFACT_BYTES", default=20 * 2**20, minimum=1
+)
+PARLEY_SANDBOX_WORKSPACE_TTL_S = env.integer(
+    "PARLEY_SANDBOX_WORKSPACE_TTL_S", default=7 * 86400, minimum=60
+)
+PARLEY_SANDBOX_EXPIRE_INTERVAL_S = env.floating(
+    "PARLEY_SANDBOX_EXPIRE_INTERVAL_S", default=300.0, minimum=1.0
+)
+# The sweep runs where the other watchdogs do (never on the `sandbox` queue's workers).
+CELERY_TASK_ROUTES["sandbox.tasks.workspaces_expire"] = {"queue": "default"}
+CELERY_BEAT_SCHEDULE["sandbox-workspaces-expire"] = {
+    "task": "sandbox.tasks.workspaces_expire",
+    "schedule": PARLEY_SANDBOX_EXPIRE_INTERVAL_S,
+    "options": {"expires": PARLEY_SANDBOX_EXPIRE_INTERVAL_S},
+}
 
 LOGGING = {
     "version": 1,

@@ -50,3 +50,6 @@ EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
 STORAGES["documents"]["OPTIONS"]["location"] = os.environ.get(
     "PARLEY_DOCUMENTS_DIR", os.path.join(tempfile.gettempdir(), "parley-test-documents")
 )
+STORAGES["sandbox"]["OPTIONS"]["location"] = os.environ.get(
+    "PARLEY_SANDBOX_DIR", os.path.join(tempfile.gettempdir(), "parley-test-sandbox")
+)

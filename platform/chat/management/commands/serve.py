@@ -94,16 +94,19 @@ class Command(BaseCommand):
             self.stdout.write(f"Local model server healthy at {model_server.url}")
         pool.forget_cache()
         if settings.EMBEDDED:
-            # No Celery beat here: threads keep backend health and load fresh, and end
-            # runs that no worker will finish, such as those a stopped server left running.
+            # No Celery beat here: threads keep backend health and load fresh, end runs
+            # that no worker will finish, such as those a stopped server left running,
+            # and delete sandbox workspaces left unused.
             from chat.watchdog import runs_reap
             from documents.watchdog import documents_reap
             from inference.backends import backends_refresh
+            from sandbox.services import workspaces_expire
 
             for name, work, interval_s in (
                 ("pool-refresh", backends_refresh, settings.PARLEY_SCRAPE_INTERVAL_S),
                 ("run-watchdog", runs_reap, settings.PARLEY_RUN_WATCHDOG_INTERVAL_S),
                 ("document-watchdog", documents_reap, settings.PARLEY_RUN_WATCHDOG_INTERVAL_S),
+                ("sandbox-expiry", workspaces_expire, settings.PARLEY_SANDBOX_EXPIRE_INTERVAL_S),
             ):
                 threading.Thread(
                     target=_repeat, args=(name, work, interval_s), name=name, daemon=True
