@@ -201,6 +201,7 @@ def test_the_reader_keeps_modes_plain_paths_and_skips_inner_links():
         ("C:\\Windows\\evil.dll", "absolute path"),
         ("\\\\server\\share\\evil", "absolute path"),
         ("ok/\x1b[31mred", "control characters"),
+        ("caf\udce9.py", "not UTF-8"),  # how tarfile keeps a Latin-1 name
         ("x" * 300, "longer than 255"),
     ],
 )
@@ -290,6 +291,12 @@ HOSTILE = [
     ),
     ("encrypted", _encrypted_zip, 400, "encrypted"),
     ("gzip, not tar", lambda: gzip.compress(b"just text\n"), 415, "does not hold a tar"),
+    (
+        "latin-1 name",
+        lambda: tar_of({"caf\udce9.py": b"x\n"}),  # encoded back to its Latin-1 byte
+        400,
+        "not UTF-8",
+    ),
     ("truncated tar.gz", lambda: tar_of({"a.py": b"x\n" * 500}, gz=True)[:60], 400, "gzip"),
     ("binary only", lambda: zip_of({"logo.png": PNG}), 415, "no text file"),
     (

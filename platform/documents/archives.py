@@ -9,8 +9,9 @@ archive's order, each with a safe relative path, its bytes and a mode of 0o644 o
 `documents.intake.Refused` with the reason:
 
 - a path that is absolute (`/etc/x`, `C:\\x`, `\\\\host\\x`) or has a `..` part (even
-  one that would land inside), control characters, a part over 255 characters or a
-  whole path over `PATH_MAX_CHARS`; `\\` counts as a separator, as Windows tools write it;
+  one that would land inside), control characters or bytes that are not UTF-8, a part
+  over 255 characters or a whole path over `PATH_MAX_CHARS`; `\\` counts as a
+  separator, as Windows tools write it;
 - a symbolic link that points outside the archive (absolute, or climbing out with
   `..`); a link that stays inside is skipped, not kept: a workspace holds no links,
   which would lead out of it again once files move;
@@ -146,6 +147,10 @@ def safe_path(name: str) -> str:
     """The member's path made relative and plain ("" for the archive's root), or
     `Refused` for one that could land outside the archive (see the docstring)."""
     shown = repr(name[:100])
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a tar name's bytes that are not UTF-8 (kept as surrogates)
+        raise Refused(400, f"This archive has a path that is not UTF-8: {shown}.") from None
     if _CONTROL.search(name):
         raise Refused(400, f"This archive has a path with control characters: {shown}.")
     unified = name.replace("\\", "/")

@@ -101,8 +101,9 @@ def intake_check(data: bytes) -> Intake:
 
 
 def looks_like_tar(data: bytes) -> bool:
-    """A ustar (POSIX) or GNU tar: its magic at byte 257 of the first header."""
-    return data[257:262] == b"ustar"
+    """A ustar (POSIX) or GNU tar: its magic at byte 257 of the first header, whose
+    fields are padded with NUL bytes (which no accepted text has)."""
+    return data[257:262] == b"ustar" and b"\0" in data[:512]
 
 
 # --- executables ---------------------------------------------------------------------
