@@ -10,6 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from plugins.coding.diffs import (
     DiffError,
@@ -272,6 +274,14 @@ def test_a_hunk_whose_context_does_not_match_names_the_file_and_the_hunk():
     assert "'line 29'" in message and "'line 29 edited meanwhile'" in message
 
 
+def test_a_plain_diff_naming_the_same_path_twice_keeps_it():
+    diff = "--- src/app.py\n+++ src/app.py\n@@ -1 +1 @@\n-line 1\n+line one\n"
+    (file,) = diff_parse(diff)
+    assert (file.old_path, file.new_path) == ("src/app.py", "src/app.py")
+    result = diff_apply(OLD, diff)
+    assert result == {"src/app.py": OLD["src/app.py"].replace("line 1\n", "line one\n", 1)}
+
+
 def test_a_hunk_with_wrong_line_numbers_applies_where_its_context_matches():
     old = OLD["src/app.py"]
     diff = (
@@ -350,3 +360,25 @@ def test_review_comments_must_be_on_lines_the_diff_shows():
     assert "it shows its lines 2-8, 18-24" in message
     assert "comment 2: 'other.py' is not in the diff" in message
     assert "comment 3: it has no text" in message
+
+
+_LINES = st.lists(
+    st.sampled_from(["a", "b", "c", "", "  d", "--- x", "+++ y", "@@ z"]), max_size=30
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(old=_LINES, new=_LINES, context=st.integers(min_value=0, max_value=4))
+def test_any_difflib_diff_applies_back_to_its_new_text(old, new, context):
+    # difflib writes no "No newline" marker: both texts end with one.
+    before = "".join(f"{line}\n" for line in old)
+    after = "".join(f"{line}\n" for line in new)
+    diff = "".join(
+        difflib.unified_diff(
+            before.splitlines(True), after.splitlines(True), "a/f.txt", "b/f.txt", n=context
+        )
+    )
+    if not diff:
+        assert before == after
+        return
+    assert diff_apply({"f.txt": before}, diff) == {"f.txt": after}

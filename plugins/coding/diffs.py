@@ -156,8 +156,9 @@ class _File:
 
 
 def _plain_paths(old: str | None, new: str | None) -> tuple[str | None, str | None]:
-    """`diff -ruN a b` names `a/x` and `b/x`: the same file one folder down each (as
-    `patch -p1` reads them). Other plain names are kept as written."""
+    """`diff -ruN a b` names `a/x` and `b/x`: the same file one folder down in two
+    folders (as `patch -p1` reads them). Other plain names are kept as written: the
+    same path on both sides (`--- src/x` / `+++ src/x`) is that path."""
     if old is None or new is None:
         # A new or deleted file: strip a first folder only when it is git's a/ or b/.
         one = old if old is not None else new
@@ -169,6 +170,7 @@ def _plain_paths(old: str | None, new: str | None) -> tuple[str | None, str | No
         len(old_parts) == len(new_parts) == 2
         and old_parts[0] not in ("", ".", "..")
         and new_parts[0] not in ("", ".", "..")
+        and old_parts[0] != new_parts[0]
         and old_parts[1] == new_parts[1]
     ):
         return old_parts[1], new_parts[1]
