@@ -49,8 +49,9 @@ def _context(config: RunnableConfig) -> ToolContext | None:
     return context if context is not None and context.user_id else None
 
 
-def _choose(context: ToolContext, repository: str) -> Document | str:
-    """The repository the model names among those in play, or an error sentence."""
+def repository_choose(context: ToolContext, repository: str) -> Document | str:
+    """The repository the model names among those in play, or an error sentence (call
+    inside `context.scope()`)."""
     play = repositories_in_play(actor=context.actor(), document_ids=context.document_ids)
     try:
         chosen = document_choose(play, repository)
@@ -84,7 +85,7 @@ def repo_files(repository: str, config: RunnableConfig, path_prefix: str = "") -
     if context is None:
         return OUTSIDE_A_RUN
     with context.scope():
-        chosen = _choose(context, repository)
+        chosen = repository_choose(context, repository)
         if isinstance(chosen, str):
             return chosen
         files = repository_files(repository=chosen, path_prefix=path_prefix)
@@ -132,7 +133,7 @@ def repo_read(
     if context is None:
         return OUTSIDE_A_RUN
     with context.scope():
-        chosen = _choose(context, repository)
+        chosen = repository_choose(context, repository)
         if isinstance(chosen, str):
             return chosen
         text = repository_file(repository=chosen, path=path)
@@ -213,7 +214,7 @@ def repo_search(
     deadline = time.monotonic() + SEARCH_TIMEOUT_S
     timed_out = False
     with context.scope():
-        chosen = _choose(context, repository)
+        chosen = repository_choose(context, repository)
         if isinstance(chosen, str):
             return chosen
         for path, text in repository_texts(repository=chosen, path_prefix=path_prefix):
@@ -288,7 +289,7 @@ def repo_outline(repository: str, path: str, config: RunnableConfig) -> str:
     if context is None:
         return OUTSIDE_A_RUN
     with context.scope():
-        chosen = _choose(context, repository)
+        chosen = repository_choose(context, repository)
         if isinstance(chosen, str):
             return chosen
         text = repository_file(repository=chosen, path=path)
@@ -303,6 +304,9 @@ def repo_outline(repository: str, path: str, config: RunnableConfig) -> str:
     head = f"{path} in {label(chosen)}, {len(symbols)} symbols:\n"
     return head + cut(outline_text(symbols), ROOM - len(head))
 
+
+# The name run_tools imported first; `repository_choose` is the one to use.
+_choose = repository_choose
 
 REPO_TOOLS = [repo_files, repo_read, repo_search, repo_outline]
 REPO_SCOPES = {t.name: ("documents.read",) for t in REPO_TOOLS}
