@@ -3,8 +3,8 @@
 A tool reads it from its `RunnableConfig`, `config["configurable"]["parley_context"]`
 (`tool_context(config)` returns it, or None when the tool runs outside a run):
 
-- `tenant_id`, `user_id`, `run_id`: whose run this is; a tool never takes them from
-  the model's arguments;
+- `tenant_id`, `user_id`, `run_id`, `conversation_id`: whose run this is; a tool
+  never takes them from the model's arguments;
 - `document_ids`: the documents in play in the conversation (attached to its
   messages), the member's own;
 - `untrusted`: the run's context holds document text (data that may carry
@@ -40,6 +40,7 @@ class ToolContext:
     tenant_id: str
     user_id: str = ""
     run_id: str = ""
+    conversation_id: str = ""
     document_ids: tuple[str, ...] = ()
     untrusted: bool = False
     # Where progress events go: the agent loop's queue, or a tool worker's relay to it
@@ -82,6 +83,7 @@ class ToolContext:
             "tenant_id": self.tenant_id,
             "user_id": self.user_id,
             "run_id": self.run_id,
+            "conversation_id": self.conversation_id,
             "document_ids": list(self.document_ids),
             "untrusted": self.untrusted,
         }
@@ -92,9 +94,20 @@ class ToolContext:
             tenant_id=str(data["tenant_id"]),
             user_id=str(data.get("user_id") or ""),
             run_id=str(data.get("run_id") or ""),
+            conversation_id=str(data.get("conversation_id") or ""),
             document_ids=tuple(str(d) for d in data.get("document_ids") or ()),
             untrusted=bool(data.get("untrusted")),
         )
+
+
+@dataclass(frozen=True)
+class ToolAnswer:
+    """A tool's answer with files it produced: `text` is what the model reads,
+    `artifacts` ([{id, name, media_type, size}], stored by sandbox.services) travel to
+    the `tool.end` event and the message's steps, where the page shows them."""
+
+    text: str
+    artifacts: tuple[dict[str, Any], ...] = ()
 
 
 def tool_context(config: Any) -> ToolContext | None:

@@ -50,9 +50,12 @@ def parley_manifest() -> PluginManifest:  # type: ignore[empty-body]
     run, the documents in play; `scope()` for database access through the access
     functions from the tool's thread; `progress(...)` for a long tool's `progress`
     events); never trust ids in the model's arguments for these. A tool whose scopes
-    act on the world (`code.execute`, `network.fetch`, `documents.write`) is never
+    act on the world outside the run (`network.fetch`, `documents.write`) is never
     offered to, nor run by, a run that reads document text (`ToolContext.untrusted`):
-    design such tools so that a document cannot be their reason to act. A result
+    design such tools so that a document cannot be their reason to act. Code
+    (`code.execute`) runs in the sandbox with no network and only the conversation's
+    workspace, so it stays available. A tool may return `agents.context.ToolAnswer`
+    (text and the artifacts it stored) to have files shown with its step. A result
     longer than 4,000 characters is passed by reference: the model gets its start and a
     `ref`, and reads on with the runtime's `tool_result_read` (agents.runtime); a tool
     over large data (a long document) had better take paging arguments anyway.

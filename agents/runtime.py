@@ -38,9 +38,9 @@ goes back to the model, which may correct itself.
 A run whose context holds document text (`ToolContext.untrusted`: documents attached
 to the conversation; or, from the moment one returns, a result of a tool with the
 `documents.read` scope, in this run or earlier in the conversation) is offered no tool
-with side effects (`agents.scopes.side_effects`:
-running code, outside requests, document writes), and a call to one is refused: a
-document cannot make the agent act on its say-so.
+that acts outside the run (`agents.scopes.side_effects`: outside requests, document
+writes; code runs in the sandbox and stays available), and a call to one is refused:
+a document cannot make the agent act on its say-so.
 
 A tool learns whose call it serves from `config["configurable"]["parley_context"]`
 (`agents.context.ToolContext`: tenant, member, run, documents in play, a database
@@ -81,7 +81,7 @@ from langchain_core.messages import (
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
-from agents.context import CONTEXT_KEY, ToolContext
+from agents.context import CONTEXT_KEY, ToolAnswer, ToolContext
 from agents.manifest import AgentSpec, PluginManifest
 from agents.scopes import ToolRefused, side_effects, tool_guard, tools_allowed
 from inference.tokens import CHARS_PER_TOKEN, prompt_tokens_estimate
@@ -192,6 +192,8 @@ def bound_text(text: str, limit: int) -> tuple[str, bool]:
 
 def tool_result_text(output: Any) -> str:
     """What a tool returned, as the text its `tool.end` event and the model see."""
+    if isinstance(output, ToolAnswer):
+        return output.text
     if isinstance(output, ToolMessage):
         output = output.content
     if isinstance(output, str):
@@ -382,12 +384,16 @@ class _Loop:
             arguments = {}
         self.emit({"type": "tool.start", "call_id": call_id, "name": name, "arguments": arguments})
         error: str | None = None
+        artifacts: list[dict[str, Any]] = []
         try:
             reading = name == RESULT_READ and bool(self.full_results)
             tool = self.reader if reading else self.guard(name)
             if call.get("error"):  # an invalid tool call: arguments that do not parse
                 raise ValueError(f"The arguments are not valid JSON: {call['error']}")
-            result = tool_result_text(self.invoke(tool, arguments, call_id=call_id, name=name))
+            output = self.invoke(tool, arguments, call_id=call_id, name=name)
+            if isinstance(output, ToolAnswer):
+                artifacts = [dict(artifact) for artifact in output.artifacts]
+            result = tool_result_text(output)
             if len(result) > self.limits.tool_result_chars and name != RESULT_READ:
                 # Passed by reference: the first part now, the rest on request.
                 self.full_results[call_id] = result
@@ -410,16 +416,17 @@ class _Loop:
         if error is None and self.reads_documents(name) and not self.untrusted:
             # Document text is in the conversation now: no side effects from here on.
             self.mark_untrusted()
-        self.emit(
-            {
-                "type": "tool.end",
-                "call_id": call_id,
-                "name": name,
-                "result": result,
-                "error": error,
-                "truncated": truncated,
-            }
-        )
+        end = {
+            "type": "tool.end",
+            "call_id": call_id,
+            "name": name,
+            "result": result,
+            "error": error,
+            "truncated": truncated,
+        }
+        if artifacts:
+            end["artifacts"] = artifacts
+        self.emit(end)
         return ToolMessage(
             content=result, tool_call_id=call_id, name=name, status="error" if error else "success"
         )

@@ -88,10 +88,17 @@ SCOPE_QUEUES: dict[str, str] = {
 QUEUE_ORDER = ("sandbox", "tools")
 
 
+# Of those, the scopes that act outside the run: never on a document's say-so
+# (agents.runtime: a run reading document text is offered no such tool). Running code
+# is not among them: it runs in the sandbox (sandbox.jail), with no network, and
+# changes only the conversation's own workspace, so a coding agent may run the tests of
+# a repository it has read.
+OUTWARD_SCOPES = frozenset({"network.fetch", "documents.write"})
+
+
 def side_effects(scopes: Iterable[str]) -> frozenset[str]:
-    """Those of `scopes` that act on the world (SCOPE_QUEUES): never on a document's
-    say-so (agents.runtime: a run reading document text is offered no such tool)."""
-    return frozenset(scope for scope in scopes if scope in SCOPE_QUEUES)
+    """Those of `scopes` that act on the world outside the run (OUTWARD_SCOPES)."""
+    return frozenset(scope for scope in scopes if scope in OUTWARD_SCOPES)
 
 
 def tool_queue(scopes: Iterable[str]) -> str | None:

@@ -43,7 +43,7 @@ from django.conf import settings
 from langchain_core.runnables import RunnableConfig
 from langchain_core.tools import BaseTool
 
-from agents.context import CONTEXT_KEY, ToolContext, tool_context
+from agents.context import CONTEXT_KEY, ToolAnswer, ToolContext, tool_context
 from agents.runtime import tool_invoke_in_process, tool_result_text
 from agents.scopes import ToolRefused, side_effects, tool_guard, tool_queue
 
@@ -254,6 +254,8 @@ class QueuedToolExecutor:
 
     def answer(self, tool: str, answer: dict[str, Any]) -> Any:
         if "result" in answer:
+            if answer.get("artifacts"):
+                return ToolAnswer(str(answer["result"]), tuple(answer["artifacts"]))
             return answer["result"]
         if answer.get("refused"):
             raise ToolRefused(
@@ -377,6 +379,9 @@ def tool_execute(
         output = found.invoke(arguments, config=config)
     except Exception as exc:  # a tool may raise anything; the model gets to see it
         reply({"error": f"{type(exc).__name__}: {exc}"})
+        return
+    if isinstance(output, ToolAnswer) and output.artifacts:
+        reply({"result": output.text, "artifacts": list(output.artifacts)})
         return
     reply({"result": tool_result_text(output)})
 

@@ -149,7 +149,7 @@ def test_allowlist_limits_what_loads_and_never_imports_the_rest(settings, plugin
     assert [plugin.name for plugin in registry.plugins()] == ["calculator"]
     # pp_raises would fail on import: left out, it is never imported.
     assert registry.failures() == []
-    assert set(registry.not_allowed()) == {"example_lookup", "pp_raises", "docreview"}
+    assert set(registry.not_allowed()) == {"example_lookup", "pp_raises", "docreview", "coding"}
     with pytest.raises(PluginNotFound, match="No plugin 'example_lookup' is loaded"):
         registry.get("example_lookup")
 
@@ -157,7 +157,7 @@ def test_allowlist_limits_what_loads_and_never_imports_the_rest(settings, plugin
 def test_allowlist_comes_from_the_setting(settings):
     settings.PARLEY_PLUGINS = ["example_lookup", "not_installed_anywhere"]
     assert [plugin.name for plugin in plugins_loaded()] == ["example_lookup"]
-    assert plugins_not_allowed() == ["calculator", "docreview"]
+    assert plugins_not_allowed() == ["calculator", "coding", "docreview"]
     (failure,) = plugin_failures()
     assert failure.name == "not_installed_anywhere"
     assert "named in PARLEY_PLUGINS but no installed distribution" in failure.reason

@@ -78,6 +78,7 @@ class AgentTurn:
             tenant_id=str(run.tenant_id),
             user_id=str(run.user_id),
             run_id=str(run.id),
+            conversation_id=str(run.conversation_id),
             document_ids=tuple(str(d.id) for d in in_play),
             untrusted=self.documents is not None,
         )

@@ -50,7 +50,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -163,7 +163,8 @@ class Result:
     exit_code: int | None  # None: stopped here at a limit before it ended
     stdout: str
     stderr: str
-    stopped: str = ""  # "", "time", "cpu", "output", "workspace": the limit that ended it
+    # What ended it early: "time", "cpu", "output", "workspace" (a limit), "cancelled".
+    stopped: str = ""
     wall_s: float = 0.0
     cpu_s: float = 0.0
     max_rss_bytes: int = 0
@@ -515,9 +516,11 @@ def sandbox_run(
     workspace: bytes | None = None,
     programs: dict[str, bytes] | None = None,
     limits: Limits | None = None,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Result:
     """Run `argv` in a new sandbox, in /workspace (unpacked from `workspace`), with
-    `programs` (name -> bytes) readable under /.parley."""
+    `programs` (name -> bytes) readable under /.parley. `cancelled()` true stops it
+    (the run was cancelled): `Result.stopped` "cancelled"."""
     limits = limits or Limits.from_settings()
     var = _var_dir()
     seccomp_fd = seccomp.filter_fd()
@@ -544,7 +547,9 @@ def sandbox_run(
                 "sandbox",
                 *argv,
             ]
-            return _supervise(cgroup.enter(command), seccomp_fd, limits, workspace, cgroup)
+            return _supervise(
+                cgroup.enter(command), seccomp_fd, limits, workspace, cgroup, cancelled
+            )
     finally:
         os.close(seccomp_fd)
         cgroup.remove()
@@ -552,7 +557,12 @@ def sandbox_run(
 
 
 def _supervise(
-    command: list[str], seccomp_fd: int, limits: Limits, before: bytes | None, cgroup: _Cgroup
+    command: list[str],
+    seccomp_fd: int,
+    limits: Limits,
+    before: bytes | None,
+    cgroup: _Cgroup,
+    cancelled: Callable[[], bool] | None,
 ) -> Result:
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -612,6 +622,8 @@ def _supervise(
             stopped = "workspace"
         elif time.monotonic() >= deadline:
             stopped = "time"
+        elif cancelled is not None and cancelled():
+            stopped = "cancelled"
         if stopped:
             _kill(process.pid, cgroup)
             ended.wait()
@@ -626,7 +638,7 @@ def _supervise(
     cpu, after = _times_and_archive(bytes(readers[2].data))
     if not stopped and exit_code == 128 + signal.SIGXCPU:
         stopped = "cpu"
-    if stopped in ("time", "output", "workspace"):
+    if stopped in ("time", "output", "workspace", "cancelled"):
         exit_code = None
     if stopped or readers[2].truncated:
         after = None

@@ -305,8 +305,5 @@ def repo_outline(repository: str, path: str, config: RunnableConfig) -> str:
     return head + cut(outline_text(symbols), ROOM - len(head))
 
 
-# The name run_tools imported first; `repository_choose` is the one to use.
-_choose = repository_choose
-
 REPO_TOOLS = [repo_files, repo_read, repo_search, repo_outline]
 REPO_SCOPES = {t.name: ("documents.read",) for t in REPO_TOOLS}

@@ -13,8 +13,12 @@ DEMO_PLAN = "Team"
 DEMO_OPERATOR = "operator"
 DEMO_OPERATOR_PASSWORD = "parley-operator"  # noqa: S105 - the documented local operator
 # The scopes the demo grants a built-in plugin whose tools need some: the document
-# reviewer reads documents and starts reviews (plugins/docreview).
-DEMO_SCOPES = {"docreview": ["documents.read", "documents.write"]}
+# reviewer reads documents and starts reviews (plugins/docreview); the Coder reads
+# repositories and runs code in the sandbox (plugins/coding).
+DEMO_SCOPES = {
+    "docreview": ["documents.read", "documents.write"],
+    "coding": ["documents.read", "code.execute"],
+}
 
 
 def builtin_agents_enable(tenant: Tenant, owner) -> list[str]:
