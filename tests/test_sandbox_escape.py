@@ -553,3 +553,13 @@ def test_seccomp_numbers_match_the_kernel_headers():
     if not checked:
         pytest.skip("no kernel headers to compare with")
     assert checked > 40
+
+
+def test_manage_py_check_warns_where_code_cannot_run_sandboxed(settings, tmp_path):
+    from django.core.management import call_command
+    from django.core.management.base import SystemCheckError
+
+    call_command("check", "--fail-level", "WARNING")  # here it can: no warning
+    settings.PARLEY_SANDBOX_BWRAP = str(tmp_path / "no-bwrap")
+    with pytest.raises(SystemCheckError, match=r"sandbox\.W001.*bubblewrap is not installed"):
+        call_command("check", "--fail-level", "WARNING")

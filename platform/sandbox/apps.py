@@ -6,6 +6,7 @@ class SandboxConfig(AppConfig):
     name = "sandbox"
 
     def ready(self) -> None:
+        import sandbox.checks  # noqa: F401 - registers the sandbox's system check
         from sandbox.lifecycle import artifacts_export, files_delete_for_tenant
         from tenants.lifecycle import register_export_section, tenant_deleted
 

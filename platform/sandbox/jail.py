@@ -715,20 +715,20 @@ def _is_archive(data: bytes) -> bool:
 # --- can this host sandbox at all? ---------------------------------------------------------
 
 _probe_lock = threading.Lock()
-_probe_result: tuple[float, str] | None = None
+# The last answer for each configuration: (when, the problem or "").
+_probes: dict[tuple[str, str], tuple[float, str]] = {}
 PROBE_RETRY_S = 60.0
 
 
 def sandbox_problem() -> str:
     """Why code cannot run sandboxed here, or "" when it can. Runs a trivial command
     through the whole sandbox once (and again a minute after a failure)."""
-    global _probe_result
+    key = (settings.PARLEY_SANDBOX_BWRAP, settings.PARLEY_SANDBOX_PYTHON)
     with _probe_lock:
         now = time.monotonic()
-        if _probe_result is not None and (
-            not _probe_result[1] or now - _probe_result[0] < PROBE_RETRY_S
-        ):
-            return _probe_result[1]
+        known = _probes.get(key)
+        if known is not None and (not known[1] or now - known[0] < PROBE_RETRY_S):
+            return known[1]
         try:
             result = sandbox_run(argv=["/bin/true"], limits=Limits(wall_s=10))
             problem = (
@@ -736,7 +736,7 @@ def sandbox_problem() -> str:
             )
         except (SandboxUnavailable, seccomp.UnsupportedArch, OSError) as exc:
             problem = str(exc)
-        _probe_result = (now, problem)
+        _probes[key] = (now, problem)
         return problem
 
 
