@@ -563,3 +563,50 @@ def test_manage_py_check_warns_where_code_cannot_run_sandboxed(settings, tmp_pat
     settings.PARLEY_SANDBOX_BWRAP = str(tmp_path / "no-bwrap")
     with pytest.raises(SystemCheckError, match=r"sandbox\.W001.*bubblewrap is not installed"):
         call_command("check", "--fail-level", "WARNING")
+
+
+def _cgroup2_mount() -> Path | None:
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 2 and fields[2] == "cgroup2":
+            return Path(fields[1])
+    return None
+
+
+def test_a_delegated_cgroup_holds_each_call_and_goes_with_it(settings):
+    import threading
+
+    mount = _cgroup2_mount()
+    parent = mount / f"parley-test-{os.getpid()}" if mount else None
+    try:
+        assert parent is not None
+        parent.mkdir()
+    except (AssertionError, OSError):
+        pytest.skip("this host delegates no cgroup v2 directory to the tests")
+    try:
+        settings.PARLEY_SANDBOX_CGROUP = str(parent)
+        seen: list[int] = []
+        stop = threading.Event()
+
+        def watch() -> None:
+            while not stop.is_set():
+                for child in parent.iterdir():
+                    if child.is_dir():
+                        procs = (child / "cgroup.procs").read_text().split()
+                        seen.append(len(procs))
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        result = shell("setsid sleep 60 & sleep 60", limits=Limits(wall_s=1))
+        stop.set()
+        watcher.join()
+        assert result.stopped == "time"
+        assert seen and max(seen) >= 3  # bubblewrap, its init, the shell, the sleeps
+        assert [child for child in parent.iterdir() if child.is_dir()] == []
+        host_unchanged()
+    finally:
+        for child in parent.iterdir():
+            if child.is_dir():
+                child.rmdir()
+        parent.rmdir()
