@@ -610,3 +610,21 @@ def test_a_delegated_cgroup_holds_each_call_and_goes_with_it(settings):
             if child.is_dir():
                 child.rmdir()
         parent.rmdir()
+
+
+def test_a_sandbox_that_cannot_be_set_up_is_refused_with_bubblewraps_reason(settings):
+    import tempfile
+
+    # A fake bubblewrap that fails as bubblewrap does where user namespaces are off
+    # (in a folder the sandbox's unprivileged user can read).
+    folder = Path(tempfile.mkdtemp())
+    folder.chmod(0o755)
+    fake = folder / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: setting up uid map: Permission denied' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    settings.PARLEY_SANDBOX_BWRAP = str(fake)
+    try:
+        with pytest.raises(SandboxUnavailable, match="setting up uid map: Permission denied"):
+            sandbox_run(argv=["/bin/true"], limits=QUICK)
+    finally:
+        shutil.rmtree(folder)

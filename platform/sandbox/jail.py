@@ -633,9 +633,12 @@ def _supervise(
         reader.join(timeout=5)
     exit_code: int | None = process.returncode
     stderr = bytes(readers[1].data).decode("utf-8", "replace")
-    if exit_code == 125 and re.search(r"^(bwrap|setpriv|prlimit): ", stderr, re.MULTILINE):
+    sent = bytes(readers[2].data)
+    wrapped = f"{TIMES_END}\n".encode() in sent or exit_code == 125
+    if not stopped and not wrapped and re.match(r"(bwrap|setpriv|prlimit): ", stderr):
+        # The command never started: the sandbox could not be set up.
         raise SandboxUnavailable(f"the sandbox could not start: {stderr.strip()[-500:]}")
-    cpu, after = _times_and_archive(bytes(readers[2].data))
+    cpu, after = _times_and_archive(sent)
     if not stopped and exit_code == 128 + signal.SIGXCPU:
         stopped = "cpu"
     if stopped in ("time", "output", "workspace", "cancelled"):
