@@ -67,6 +67,10 @@ def parley_manifest() -> PluginManifest:
                 ),
                 instructions=INSTRUCTIONS,
                 tools=tuple(tool.name for tool in tools),
+                # It works by looking and running, not by recalling, and small models
+                # rarely reach for a tool unasked (docs/benchmarks.md, tool calls): the
+                # first step must call one; later steps choose.
+                tool_choice="required",
             )
         ],
     )
