@@ -99,7 +99,7 @@ def test_the_workspace_persists_between_calls_of_one_conversation_only(alice, sa
     ctx = context(alice)
     first = call(code_run, ctx, code="open('notes.txt', 'w').write('kept')")
     assert [a["name"] for a in first.artifacts] == ["notes.txt"]
-    again = call(code_run, ctx, code="cat notes.txt", language="shell")
+    again = call(code_run, ctx, code="cat notes.txt", language="bash")
     assert "stdout:\nkept" in again.text
     elsewhere = call(code_run, context(alice), code="ls -A; echo end", language="shell")
     assert "stdout:\nend" in elsewhere.text  # another conversation: an empty workspace
@@ -297,3 +297,14 @@ async def test_the_coder_runs_code_on_the_sandbox_queue_and_the_page_gets_the_fi
     message = await sync_to_async(stored)()
     [step] = message.steps
     assert step["artifacts"] == [figure]
+
+
+@needs_bwrap
+@pytest.mark.django_db
+def test_an_error_shows_the_members_code_only(alice, sandbox_storage):
+    answer = call(code_run, context(alice), code="x = 1\nprint(1 / 0)", language="py")
+    assert answer.text.startswith("exit status 1")
+    assert 'File "main.py", line 2' in answer.text and "ZeroDivisionError" in answer.text
+    assert "run.py" not in answer.text and "exec(compile" not in answer.text
+    syntax = call(code_run, context(alice), code="print(1 +", language="python")
+    assert "SyntaxError" in syntax.text and "run.py" not in syntax.text

@@ -36,6 +36,11 @@ from sandbox.services import (
     workspace_save,
 )
 
+# What models write for the two languages (small ones name the library they use).
+LANGUAGES = {
+    **dict.fromkeys(("python", "python3", "py", "numpy", "pandas", "matplotlib"), "python"),
+    **dict.fromkeys(("shell", "sh", "bash", "zsh", "console"), "shell"),
+}
 OUTSIDE_A_RUN = "Error: this tool runs in a conversation's workspace and has no run here."
 CODE_CHARS_MAX = 100_000
 STREAM_CHARS = 2_000  # of stdout and of stderr, each, in the answer to the model
@@ -56,7 +61,8 @@ try:
 except SystemExit as exc:
     status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
 except BaseException:
-    traceback.print_exc()
+    kind, error, trace = sys.exc_info()
+    traceback.print_exception(kind, error, trace.tb_next)  # from the member's code on
     status = 1
 finally:
     pyplot = sys.modules.get("matplotlib.pyplot")
@@ -226,6 +232,7 @@ def code_run(code: str, config: RunnableConfig, language: str = "python") -> Too
         return "Error: there is no code to run."
     if len(code) > CODE_CHARS_MAX:
         return f"Error: the code is longer than {CODE_CHARS_MAX} characters."
+    language = LANGUAGES.get(language.strip().lower(), language)
     if language == "python":
         argv = [PYTHON, "/.parley/run.py"]
         programs = {"run.py": RUNNER, "main.py": code.encode()}
