@@ -628,3 +628,10 @@ def test_a_sandbox_that_cannot_be_set_up_is_refused_with_bubblewraps_reason(sett
             sandbox_run(argv=["/bin/true"], limits=QUICK)
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_crashing_program_is_a_result_and_the_next_call_runs():
+    crashed = python("import ctypes\nctypes.string_at(0)")
+    assert crashed.exit_code == 128 + 11  # SIGSEGV, reported by the wrapper's shell
+    assert crashed.workspace is not None  # the workspace still came back
+    assert python("print('next')").stdout == "next\n"
