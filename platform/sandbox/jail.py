@@ -96,7 +96,11 @@ if [ -s {ARCHIVE_IN} ]; then
 fi
 "$@" </dev/null
 status=$?
-{{ times; echo "{TIMES_END}"; tar -cf - -C {WORKSPACE} . 2>/dev/null; }} >&0
+empty=yes  # (with the shell's own globbing: no tar to start for an empty workspace)
+for entry in {WORKSPACE}/* {WORKSPACE}/.[!.]* {WORKSPACE}/..?*; do
+  if [ -e "$entry" ] || [ -L "$entry" ]; then empty=; break; fi
+done
+{{ times; echo "{TIMES_END}"; [ -n "$empty" ] || tar -cf - -C {WORKSPACE} . 2>/dev/null; }} >&0
 exit $status
 """
 
@@ -382,7 +386,8 @@ def _host_user(var: Path) -> Iterator[tuple[int | None, int]]:
                 continue
             try:
                 uid = settings.PARLEY_SANDBOX_UID_BASE + slot
-                yield uid, _processes_of(uid)  # leftovers of an earlier call, if any
+                # The last call's processes may still be on their way out.
+                yield uid, _processes_of(uid)
             finally:
                 handle.close()
             return
@@ -692,9 +697,9 @@ def _kilobytes(value: str) -> int:
 
 def _times_and_archive(data: bytes) -> tuple[float, bytes | None]:
     """What the wrapper sent back: the command's CPU seconds (user + system of the
-    shell's children, from `times`) and the packed workspace, or None when it is not
-    a readable archive (the call was stopped before it was packed, or the code wrote
-    over it: the caller keeps the workspace it had)."""
+    shell's children, from `times`) and the packed workspace (b"" for an empty one),
+    or None when it is not a readable archive (the call was stopped before it was
+    packed, or the code wrote over it: the caller keeps the workspace it had)."""
     head, marker, archive = data.partition(f"{TIMES_END}\n".encode())
     if not marker:
         return 0.0, None
@@ -703,7 +708,7 @@ def _times_and_archive(data: bytes) -> tuple[float, bytes | None]:
     if len(lines) >= 2:
         for value in re.findall(r"(\d+)m([\d.]+)s", lines[1]):
             cpu += int(value[0]) * 60 + float(value[1])
-    return cpu, archive if _is_archive(archive) else None
+    return cpu, archive if not archive or _is_archive(archive) else None
 
 
 def _is_archive(data: bytes) -> bool:
