@@ -406,7 +406,7 @@ def vectors(document: Document) -> list[tuple[int, list[float] | None]]:
 
 def test_the_chunks_get_the_models_vectors(alice):
     document = ingested(alice, text_bytes(PAGES), "a.txt")
-    assert document.embedding_model == vectors_version() == embedding_model_name() + "+title"
+    assert document.embedding_model == vectors_version() == embedding_model_name() + "+title+192"
     texts = [text for _, _, text, *_ in rows(document)[1]]
     stored = np.array([vector for _, vector in vectors(document)])
     assert stored.shape == (len(texts), EMBEDDING_DIM)

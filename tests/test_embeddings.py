@@ -1,7 +1,8 @@
 """Embeddings (documents.embeddings): the real all-MiniLM-L6-v2 under onnxruntime (loaded
 once for the test session, as a process loads it once), checked against vectors written
-down from sentence-transformers and against a plain numpy BERT; batching; the
-OpenAI-compatible backend against a real HTTP server; bad settings stop start-up."""
+down from sentence-transformers and against a plain numpy BERT; how much of a text it
+reads; batching; the OpenAI-compatible backend against a real HTTP server; bad settings
+stop start-up."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from documents.embeddings import (
     embedding_model_name,
     query_embed,
     texts_embed,
+    vectors_version,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +55,24 @@ def test_the_local_model_gives_the_reference_vectors():
     assert embedding_model_name() == "sentence-transformers/all-MiniLM-L6-v2"
 
 
+def test_the_local_model_reads_the_first_192_word_pieces():
+    words = [f"clause{n}" for n in range(200)]  # a few word pieces each
+    encoding = embeddings.embedding_backend()._tokenizer.encode(" ".join(words))
+    assert len(encoding.ids) == 192  # [CLS], 190 pieces, [SEP]
+
+    def changed(word_index: int) -> str:
+        return " ".join("invoice" if n == word_index else w for n, w in enumerate(words))
+
+    # A word wholly past the 192nd piece, and one among pieces 150 to 180 (read at 192,
+    # not at 128).
+    late = encoding.word_ids[-2] + 2
+    middle = encoding.word_ids[165]
+    base, after, within = texts_embed([" ".join(words), changed(late), changed(middle)])
+    assert np.array_equal(base, after)
+    assert not np.allclose(base, within, atol=1e-4)
+    assert vectors_version() == "sentence-transformers/all-MiniLM-L6-v2+title+192"
+
+
 def test_a_paraphrase_is_nearer_than_an_unrelated_sentence():
     query = query_embed("When must the invoice be paid?")
     paraphrase, unrelated = texts_embed(
@@ -73,7 +93,7 @@ def test_vectors_are_unit_length_and_the_same_whatever_the_batch(settings):
     assert np.array_equal(texts_embed(texts), together)  # deterministic
     settings.PARLEY_EMBEDDING_BATCH = 1
     one_by_one = texts_embed(texts)
-    assert np.allclose(one_by_one, together, atol=1e-5)  # padding changes nothing
+    assert np.array_equal(one_by_one, together)  # each text is run alone: no padding
     assert texts_embed([]).shape == (0, EMBEDDING_DIM)
 
 
@@ -247,6 +267,7 @@ def test_the_remote_backend_embeds_in_batches_on_the_server(remote, settings):
         expected = np.array(EmbeddingServer.vector(text))
         assert np.allclose(vector, expected / np.linalg.norm(expected))
     assert embedding_model_name() == "BAAI/bge-small-en-v1.5"
+    assert vectors_version() == "BAAI/bge-small-en-v1.5+title"  # the local model's suffix only
     assert texts_embed([]).shape == (0, 4)  # the server's size, once known
 
 

