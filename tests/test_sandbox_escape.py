@@ -635,3 +635,12 @@ def test_a_crashing_program_is_a_result_and_the_next_call_runs():
     assert crashed.exit_code == 128 + 11  # SIGSEGV, reported by the wrapper's shell
     assert crashed.workspace is not None  # the workspace still came back
     assert python("print('next')").stdout == "next\n"
+
+
+def test_a_figure_leaves_only_itself_in_the_workspace_and_nothing_on_stderr():
+    result = python(
+        "import matplotlib.pyplot as plt\nplt.plot([1, 2])\nplt.title('text needs fonts')\n"
+        "plt.savefig('plot.png')"
+    )
+    assert result.ok and result.stderr == ""
+    assert list(archive_files(result.workspace)) == ["plot.png"]  # no caches

@@ -76,6 +76,8 @@ ENVIRONMENT = {
     "PYTHONUNBUFFERED": "1",
     "MPLBACKEND": "Agg",
     "MPLCONFIGDIR": "/tmp/matplotlib",  # noqa: S108
+    # Caches (fontconfig's, pip's...) in the private /tmp, never in the workspace.
+    "XDG_CACHE_HOME": "/tmp/cache",  # noqa: S108
     # One thread per numerical library: the CPU limit is the sandbox's, and many
     # threads reserve address space that the memory limit counts.
     "OPENBLAS_NUM_THREADS": "1",
@@ -114,7 +116,15 @@ ETC_FILES = {
 }
 # Read from the host's /etc where present: the dynamic linker's cache and what some
 # programs look for. Nothing that names the host's users, secrets or services.
-ETC_HOST = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "localtime", "mime.types")
+ETC_HOST = (
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "localtime",
+    "mime.types",
+    "fonts",  # fontconfig, for figures
+)
 
 
 class SandboxUnavailable(RuntimeError):
