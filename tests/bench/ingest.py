@@ -246,7 +246,7 @@ class StageTimer:
     next page."""
 
     STAGES = ("pages_store", "chunks_store", "embeddings_store")
-    WORK = {"iter_pages": "parse", "texts_embed": "model"}
+    WORK = {"iter_labelled_pages": "parse", "texts_embed": "model"}
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -259,7 +259,7 @@ class StageTimer:
         for name in self.STAGES:
             setattr(ingest, name, self._timed(name, originals[name]))
         ingest.texts_embed = self._timed("model", originals["texts_embed"])
-        ingest.iter_pages = self._timed_iterator("parse", originals["iter_pages"])
+        ingest.iter_labelled_pages = self._timed_iterator("parse", originals["iter_labelled_pages"])
         try:
             yield
         finally:

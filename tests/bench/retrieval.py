@@ -22,8 +22,9 @@ Measured in the same run, to explain the result (the product's code is not chang
   documents.ingest puts there), alone and fused;
 - each question with only its licence in play (which passage, without which document);
 - chunk sizes: the licences ingested again with smaller chunks (`--chunk-tokens`);
-- how much of each chunk the embedding model reads (all-MiniLM-L6-v2 reads 256 word
-  pieces; the rest of a longer chunk does not reach its vector);
+- how much of each chunk the embedding model reads (the local all-MiniLM-L6-v2 reads
+  its first LOCAL_MAX_TOKENS word pieces; the rest of a longer chunk does not reach its
+  vector);
 - labels no chunk contains whole (a phrase cut by a chunk boundary), which no mode can
   find.
 
@@ -66,7 +67,6 @@ QUICK_LICENCES = ("BSD", "Artistic", "CC0-1.0")
 GOAL_RECALL = 0.9
 FUSION_K = (1, 5, 10, 20, 60)
 FUSION_CANDIDATES = (10, 20, 50)
-MODEL_MAX_PIECES = 256
 
 
 def questions_load(*, licences: Sequence[str] | None = None) -> list[dict[str, Any]]:
@@ -177,6 +177,7 @@ def corpus_evaluate(
     """Every question in every mode over all the documents; with `variants`, also what
     explains the result: fusion constants and weights, BM25, each chunk embedded without
     its document's title, and only the question's licence in play."""
+    from documents.embeddings import LOCAL_MAX_TOKENS
     from documents.models import Document
     from documents.retrieval import CANDIDATES as PRODUCT_CANDIDATES
     from documents.retrieval import RRF_K, _bm25_ranking, passages_search
@@ -287,10 +288,11 @@ def corpus_evaluate(
     result: dict[str, Any] = {
         "documents": len(all_ids),
         "chunks": len(chunks),
-        "chunks_over_model_limit": sum(p > MODEL_MAX_PIECES for p in pieces),
+        "model_max_pieces": LOCAL_MAX_TOKENS,
+        "chunks_over_model_limit": sum(p > LOCAL_MAX_TOKENS for p in pieces),
         "chunk_word_pieces_mean": round(sum(pieces) / len(pieces)),
         "share_of_pieces_the_model_reads": round(
-            sum(min(p, MODEL_MAX_PIECES) for p in pieces) / sum(pieces), 3
+            sum(min(p, LOCAL_MAX_TOKENS) for p in pieces) / sum(pieces), 3
         ),
         "labels_in_no_chunk": [
             q["question"] for q, ok in zip(questions, reachable, strict=True) if not ok
@@ -327,7 +329,8 @@ def table(result: dict[str, Any]) -> str:
     for corpus in result["corpora"]:
         lines.append(
             f"chunks of {corpus['chunk_tokens']} tokens: {corpus['chunks']} chunks, "
-            f"{corpus['chunks_over_model_limit']} over the model's {MODEL_MAX_PIECES} pieces"
+            f"{corpus['chunks_over_model_limit']} over the model's "
+            f"{corpus['model_max_pieces']} pieces"
         )
         lines.append(f"  {'':<12}" + "".join(f"{m + ' ' + recall:>18}{'mrr':>7}" for m in MODES))
         rows = {"overall": corpus["overall"], **corpus["by_licence"]}
