@@ -299,6 +299,7 @@ def test_artifact_conversation_ids_in_queries_are_isolated(client, alice, bob, c
         if person is not alice:
             assert "merger" not in response.content.decode()
 
+
 def _review(world: World) -> tuple[Any, str]:
     """A finished review of alice's document: its run and its stored answer."""
     document_id, text = _stored_document(world)
