@@ -106,7 +106,7 @@ class LocalBackend:
             graph, options, providers=["CPUExecutionProvider"]
         )
         del graph  # onnxruntime keeps its own copy
-        workers = threads or len(os.sched_getaffinity(0))
+        workers = threads or _usable_cores()
         self._runs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="embedding")
 
     def embed(self, texts: list[str]) -> np.ndarray:
@@ -118,6 +118,13 @@ class LocalBackend:
         feed = {"input_ids": tokens, "attention_mask": np.ones_like(tokens)}
         (vectors,) = self._session.run(None, feed)
         return np.asarray(vectors[0], np.float32)
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class RemoteBackend:
