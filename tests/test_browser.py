@@ -532,6 +532,7 @@ def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server
     assert options == [
         ["", "Plain chat"],
         ["calculator.calculator", "Calculator"],
+        ["coding.coder", "Coder"],
         ["docreview.reviewer", "Document reviewer"],
     ]
     assert page.input_value("#agent") == ""

@@ -198,7 +198,7 @@ def test_project_settings_and_host_secrets_are_not_visible():
         "/etc/shadow",
         "/etc/gshadow",
         "/root/.bash_history",
-        str(Path(settings.VAR_DIR) / "sandbox" / "calls"),
+        str(Path(settings.VAR_DIR) / "sandbox" / "slots"),
     ]
     result = python(
         f"""

@@ -47,7 +47,6 @@ import signal
 import socket
 import subprocess
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -288,25 +287,40 @@ def _python_binds() -> list[str]:
     return binds
 
 
-def _var_dir() -> Path:
-    root = Path(settings.VAR_DIR) / "sandbox"
-    for path, mode in ((root, 0o711), (root / "calls", 0o711), (root / "slots", 0o700)):
-        path.mkdir(parents=True, exist_ok=True)
-        path.chmod(mode)
-    etc = root / "etc"
-    if not etc.exists():
-        staging = Path(tempfile.mkdtemp(dir=root))
-        for name, text in ETC_FILES.items():
-            (staging / name).write_text(text)
-            (staging / name).chmod(0o644)
-        staging.chmod(0o755)
-        with contextlib.suppress(OSError):  # another process made it first
-            staging.rename(etc)
-        shutil.rmtree(staging, ignore_errors=True)
-    return root
+def _slots_dir() -> Path:
+    """Where a root worker's calls take their host users (lock files; the sandbox
+    itself reads nothing here)."""
+    slots = Path(settings.VAR_DIR) / "sandbox" / "slots"
+    slots.mkdir(parents=True, exist_ok=True)
+    slots.chmod(0o700)
+    return slots
 
 
-def _root_binds(etc: Path) -> list[str]:
+class _Files:
+    """Files the sandbox gets copied in by bubblewrap (`--ro-bind-data`) from memory
+    descriptors: nothing on the host's disk that the sandbox's user would need to
+    reach (the worker's folders may well be closed to it)."""
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.args: list[str] = []
+
+    def add(self, data: bytes, destination: str) -> None:
+        fd = os.memfd_create("parley-sandbox", 0)  # close-on-exec off: bwrap reads it
+        self.fds.append(fd)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.lseek(fd, 0, os.SEEK_SET)
+        self.args += ["--ro-bind-data", str(fd), destination]
+
+    def close(self) -> None:
+        for fd in self.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _root_binds(files: _Files) -> list[str]:
     args = ["--ro-bind", "/usr", "/usr"]
     for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
         path = Path("/") / name
@@ -315,15 +329,15 @@ def _root_binds(etc: Path) -> list[str]:
         elif path.is_dir():
             args += ["--ro-bind", str(path), f"/{name}"]
     args += ["--dir", "/etc"]
-    for name in ETC_FILES:
-        args += ["--ro-bind", str(etc / name), f"/etc/{name}"]
+    for name, text in ETC_FILES.items():
+        files.add(text.encode(), f"/etc/{name}")
     for name in ETC_HOST:
         args += ["--ro-bind-try", f"/etc/{name}", f"/etc/{name}"]
     return args
 
 
-def bwrap_args(*, seccomp_fd: int, call_dir: Path, etc: Path, limits: Limits) -> list[str]:
-    """bubblewrap's arguments up to the command."""
+def bwrap_args(*, seccomp_fd: int, files: _Files, limits: Limits) -> list[str]:
+    """bubblewrap's arguments up to the command (`files` gets what is copied in)."""
     return [
         _bwrap(),
         "--unshare-user",
@@ -344,7 +358,7 @@ def bwrap_args(*, seccomp_fd: int, call_dir: Path, etc: Path, limits: Limits) ->
         "--cap-drop",
         "ALL",
         *[arg for name, value in ENVIRONMENT.items() for arg in ("--setenv", name, value)],
-        *_root_binds(etc),
+        *_root_binds(files),
         *_python_binds(),
         "--proc",
         "/proc",
@@ -366,9 +380,9 @@ def bwrap_args(*, seccomp_fd: int, call_dir: Path, etc: Path, limits: Limits) ->
         str(limits.workspace_bytes),
         "--tmpfs",
         WORKSPACE,
-        "--ro-bind",
-        str(call_dir),
+        "--dir",
         PROGRAMS,
+        *files.args,
         "--remount-ro",
         "/",
         "--chdir",
@@ -379,7 +393,7 @@ def bwrap_args(*, seccomp_fd: int, call_dir: Path, etc: Path, limits: Limits) ->
 
 
 @contextlib.contextmanager
-def _host_user(var: Path) -> Iterator[tuple[int | None, int]]:
+def _host_user(slots_dir: Path) -> Iterator[tuple[int | None, int]]:
     """(uid to switch to or None, processes of that user already running)."""
     if os.geteuid() != 0:
         yield None, _processes_of(os.getuid())
@@ -388,7 +402,7 @@ def _host_user(var: Path) -> Iterator[tuple[int | None, int]]:
     deadline = time.monotonic() + wall_limit_s()
     while True:
         for slot in range(slots):
-            handle = open(var / "slots" / f"{slot}.lock", "a")  # noqa: SIM115
+            handle = open(slots_dir / f"{slot}.lock", "a")  # noqa: SIM115
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -537,25 +551,21 @@ def sandbox_run(
     `programs` (name -> bytes) readable under /.parley. `cancelled()` true stops it
     (the run was cancelled): `Result.stopped` "cancelled"."""
     limits = limits or Limits.from_settings()
-    var = _var_dir()
+    files = _Files()
     seccomp_fd = seccomp.filter_fd()
-    call_dir = Path(tempfile.mkdtemp(dir=var / "calls"))
     cgroup = _Cgroup(limits)
     try:
-        call_dir.chmod(0o755)
-        (call_dir / "workspace-in.tar").write_bytes(workspace or b"")
         for name, data in (programs or {}).items():
             if "/" in name or name.startswith("."):
                 raise ValueError(f"not a program name: {name!r}")
-            (call_dir / name).write_bytes(data)
-        for path in call_dir.iterdir():
-            path.chmod(0o644)
-        with _host_user(var) as (uid, running):
+            files.add(data, f"{PROGRAMS}/{name}")
+        if workspace:
+            files.add(workspace, ARCHIVE_IN)
+        sandbox = bwrap_args(seccomp_fd=seccomp_fd, files=files, limits=limits)
+        with _host_user(_slots_dir()) as (uid, running):
             command = [
                 *_launcher(uid=uid, running=running, limits=limits),
-                *bwrap_args(
-                    seccomp_fd=seccomp_fd, call_dir=call_dir, etc=var / "etc", limits=limits
-                ),
+                *sandbox,
                 "/bin/sh",
                 "-c",
                 WRAPPER,
@@ -563,17 +573,22 @@ def sandbox_run(
                 *argv,
             ]
             return _supervise(
-                cgroup.enter(command), seccomp_fd, limits, workspace, cgroup, cancelled
+                cgroup.enter(command),
+                (seccomp_fd, *files.fds),
+                limits,
+                workspace,
+                cgroup,
+                cancelled,
             )
     finally:
         os.close(seccomp_fd)
+        files.close()
         cgroup.remove()
-        shutil.rmtree(call_dir, ignore_errors=True)
 
 
 def _supervise(
     command: list[str],
-    seccomp_fd: int,
+    pass_fds: tuple[int, ...],
     limits: Limits,
     before: bytes | None,
     cgroup: _Cgroup,
@@ -598,7 +613,7 @@ def _supervise(
             stdin=there.fileno(),
             stdout=out_w,
             stderr=err_w,
-            pass_fds=(seccomp_fd,),
+            pass_fds=pass_fds,
             env={"PATH": "/usr/bin:/bin"},
             close_fds=True,
             start_new_session=True,

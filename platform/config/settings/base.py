@@ -413,7 +413,10 @@ PARLEY_TOOL_TIMEOUT_S = env.floating("PARLEY_TOOL_TIMEOUT_S", default=120.0, min
 # from a Python every user may read, with numpy, pandas and matplotlib: `make
 # sandbox`).
 PARLEY_SANDBOX_BWRAP = env.string("PARLEY_SANDBOX_BWRAP", default="bwrap")
-PARLEY_SANDBOX_PYTHON = env.string("PARLEY_SANDBOX_PYTHON", default=str(VAR_DIR / "sandbox-python"))
+# (Where `make sandbox` makes it: in the checkout, whatever PARLEY_VAR_DIR says.)
+PARLEY_SANDBOX_PYTHON = env.string(
+    "PARLEY_SANDBOX_PYTHON", default=str(ROOT_DIR / "var" / "sandbox-python")
+)
 # Limits of one call. The wall limit is kept below PARLEY_TOOL_TIMEOUT_S.
 PARLEY_SANDBOX_WALL_S = env.floating("PARLEY_SANDBOX_WALL_S", default=30.0, minimum=1.0)
 PARLEY_SANDBOX_CPU_S = env.integer("PARLEY_SANDBOX_CPU_S", default=20, minimum=1)
