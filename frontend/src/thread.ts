@@ -1,6 +1,9 @@
 // The open conversation: its current branch, the answers streaming into it, and the
 // sends on their way. Everything the server or the model wrote is set as text only.
 //
+// Answers are Markdown, rendered by ./markdown (sanitised: no script, nothing remote),
+// while they stream too; what users write stays plain text.
+//
 // Runs are event logs (docs/protocol.md): each run remembers the last `seq` it applied,
 // ignores frames it has already seen and re-attaches after that seq when a gap shows or
 // the socket comes back, so the text is neither doubled nor lost across reloads and
@@ -23,6 +26,7 @@ import {
   readingText,
 } from "./documents";
 import { button, el } from "./dom";
+import { StreamingMarkdown, handleCopyClicks, renderMarkdown } from "./markdown";
 import type { ClientFrame, RunEventFrame, SendFrame, ServerFrame } from "./protocol";
 import { isRunEvent } from "./protocol";
 
@@ -77,7 +81,8 @@ interface RunView {
   cancelRequested: boolean;
   reattaching: boolean;
   element: HTMLLIElement;
-  text: Text;
+  // The answer's text so far, rendered as it grows.
+  answer: StreamingMarkdown;
   note: HTMLParagraphElement;
   // An agent's tool calls and progress, as they happen (text only).
   steps: HTMLDivElement;
@@ -150,6 +155,7 @@ export class Thread {
     for (const step of data.branch) if (step.error) this.endings.set(step.id, step.error);
     for (const run of data.runs) this.addRun(run.id, run.user_message_id);
     list.addEventListener("click", (event) => this.onClick(event));
+    handleCopyClicks(list);
     this.learnTitles();
     this.render();
   }
@@ -279,9 +285,7 @@ export class Thread {
 
   private addRun(id: string, userMessageId: string): RunView {
     this.seenRuns.add(id);
-    const text = document.createTextNode("");
     const body = el("div", { class: "body" });
-    body.append(text);
     const note = el("p", { class: "note", hidden: "" });
     const steps = el("div", { class: "steps", hidden: "" });
     const element = el("li", { class: "message assistant streaming", "data-run-id": id, "aria-busy": "true" });
@@ -296,7 +300,7 @@ export class Thread {
       cancelRequested: false,
       reattaching: false,
       element,
-      text,
+      answer: new StreamingMarkdown(body),
       note,
       steps,
       tools: new Map(),
@@ -333,7 +337,7 @@ export class Thread {
   private applyRunEvent(run: RunView, frame: RunEventFrame): void {
     switch (frame.type) {
       case "token":
-        run.text.appendData(frame.delta);
+        run.answer.append(frame.delta);
         break;
       case "tool.start":
         this.toolStarted(run, frame.call_id, frame.name, frame.arguments);
@@ -419,8 +423,9 @@ export class Thread {
   // The answer as it should be read: citations linked, unverified quotations flagged.
   private answeredFromDocuments(run: RunView, documents: AnswerDocuments): void {
     run.documents = documents;
-    const body = run.text.parentElement;
-    if (!body) return;
+    run.answer.flush();
+    const body = run.answer.element;
+    body.classList.remove("markdown");
     body.replaceChildren(markedAnswer(documents));
     run.reading?.remove();
     run.reading = null;
@@ -430,6 +435,7 @@ export class Thread {
   private ended(run: RunView, messageId: string | null, ending: Ending | null): void {
     run.active = false;
     run.messageId = messageId;
+    if (!run.documents) run.answer.flush();
     run.element.classList.remove("streaming");
     run.element.removeAttribute("aria-busy");
     run.progress?.remove();
@@ -634,6 +640,10 @@ export class Thread {
       const body = el("div", { class: "body" });
       body.append(markedAnswer(step.documents));
       item.append(body, documentsFooter(step.documents));
+    } else if (step.role === "assistant") {
+      const body = el("div", { class: "body" });
+      renderMarkdown(body, step.content);
+      item.append(body);
     } else item.append(el("div", { class: "body" }, step.content));
     if (step.document_ids?.length) item.append(this.attachedList(step.document_ids));
     const ending = step.error ?? this.endings.get(step.id);
