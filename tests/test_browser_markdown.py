@@ -143,12 +143,19 @@ def test_markdown_renders_while_streaming_across_a_reload_and_once_stored(parley
 
     # Rendered while it streams: the table is there before the answer ends.
     live = "#messages li[data-run-id]"
-    wait_until(
-        page,
-        "(scope) => document.querySelector(scope + ' .body table td') !== null",
-        arg=live,
-        timeout=60,
-    )
+    try:
+        wait_until(
+            page,
+            "(scope) => document.querySelector(scope + ' .body table td') !== null",
+            arg=live,
+            timeout=60,
+        )
+    except AssertionError as error:
+        shown = page.evaluate(
+            "() => [document.getElementById('messages').innerHTML,"
+            " document.getElementById('status').textContent]"
+        )
+        raise AssertionError(f"no table while streaming; shown: {shown}") from error
     assert page.locator(f"{live}.streaming").count() == 1
     assert not page.evaluate(
         "(scope) => document.querySelector(scope + ' .body').textContent"
@@ -246,5 +253,62 @@ def test_hostile_output_renders_inert_and_loads_nothing_remote(parley, page):  #
     assert page.evaluate("() => typeof window.__pwned") == "undefined"
     assert not [url for url in seen["requests"] if REMOTE in url]
     # Nothing even tried: no script or remote load refused by the CSP.
+    assert page.evaluate("window.__violations || []") == []
+    assert seen["errors"] == []
+
+
+MATH = r"""Euler: $e^{i\pi}+1=0$, and it costs $5 and $6.
+
+$$
+\int_0^1 x^2\,dx = \frac{1}{3}
+$$
+
+Untrusted: $\href{javascript:window.__pwned=1}{click}$
+
+Done."""
+
+
+def test_math_is_typeset_once_an_answer_holds_some(parley, page):  # noqa: F811
+    base, model = parley
+    model.pieces = pieces(MATH)
+    model.delay_s = 0.01
+    seen = watch_console(page)
+    log_in(page, base)
+    # KaTeX is loaded only for an answer with math.
+    assert not [url for url in seen["requests"] if "/parley/math-" in url]
+    send(page, "Some math, please.")
+    wait_for_answer(page)
+    stored = "#messages li.assistant[data-id]"
+    math = wait_until(
+        page,
+        """(scope) => {
+            const body = document.querySelector(scope + ' .body');
+            const nodes = [...body.querySelectorAll('.math')];
+            if (!nodes.length || nodes.some((n) => !n.classList.contains('typeset'))) return null;
+            return {
+                kinds: nodes.map(
+                    (n) => [n.className, n.querySelector('math')?.getAttribute('display')]),
+                text: body.innerText,
+                identifiers: [...body.querySelectorAll('.math-block math mi, .math-block math mo')]
+                    .map((n) => n.textContent),
+                annotations: body.querySelectorAll('annotation').length,
+                links: [...body.querySelectorAll('[href]')].map((n) => n.getAttribute('href')),
+                styled: body.querySelectorAll('[style]').length,
+            };
+        }""",
+        arg=stored,
+        timeout=30,
+    )
+    assert math["kinds"] == [
+        ["math math-inline typeset", None],
+        ["math math-block typeset", "block"],
+        ["math math-inline typeset", None],
+    ], math
+    assert "∫" in math["identifiers"] and "x" in math["identifiers"], math
+    assert "$5 and $6" in math["text"]  # money, not math
+    assert math["annotations"] == 0 and math["links"] == [] and math["styled"] == 0, math
+    assert [url for url in seen["requests"] if "/parley/math-" in url]
+    assert page.evaluate("() => typeof window.__pwned") == "undefined"
+    page.wait_for_timeout(300)  # (late errors)
     assert page.evaluate("window.__violations || []") == []
     assert seen["errors"] == []

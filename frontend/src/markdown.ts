@@ -5,6 +5,8 @@
 // markdown-it makes passes DOMPurify with a short list of tags and attributes before it
 // becomes DOM. Code blocks show their language, a Copy button, and highlighting
 // (highlight.js core with the few languages registered below, to keep the bundle small).
+// Math (`$…$`, `$$…$$`, a `$$` block) is kept as its TeX until ./math, loaded the first
+// time an answer holds some, typesets it.
 //
 // While an answer streams, `StreamingMarkdown` renders at most once per animation frame,
 // less often when rendering gets slow (it keeps itself under a fifth of the main
@@ -29,6 +31,7 @@ import typescript from "highlight.js/lib/languages/typescript";
 import xml from "highlight.js/lib/languages/xml";
 import yaml from "highlight.js/lib/languages/yaml";
 import MarkdownIt from "markdown-it";
+import type { StateBlock, StateInline } from "markdown-it";
 import { el } from "./dom";
 
 const LANGUAGES = { bash, c, cpp, css, diff, go, java, javascript, json, python, rust, sql, typescript, xml, yaml };
@@ -36,7 +39,7 @@ for (const [name, language] of Object.entries(LANGUAGES)) hljs.registerLanguage(
 
 // What the sanitiser lets through: what markdown-it and highlight.js produce, no more.
 const ALLOWED_TAGS = [
-  "a", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "img", "li",
+  "a", "div", "blockquote", "br", "code", "del", "em", "h1", "h2", "h3", "h4", "h5", "h6", "hr", "img", "li",
   "ol", "p", "pre", "s", "span", "strong", "table", "tbody", "td", "th", "thead", "tr", "ul",
 ];
 const ALLOWED_ATTR = ["href", "src", "alt", "title", "class", "start"];
@@ -99,6 +102,100 @@ md.core.ruler.push("align_classes", (state) => {
   }
 });
 
+// --- math: found by markdown-it, typeset by ./math when it is loaded ------------------
+
+// `$…$` (no space inside the dollars, no digit after: "$5 and $6" is money) or `$$…$$`.
+function mathInline(state: StateInline, silent: boolean): boolean {
+  const src = state.src;
+  const start = state.pos;
+  if (src.charCodeAt(start) !== 0x24) return false;
+  const display = src.charCodeAt(start + 1) === 0x24;
+  const marker = display ? "$$" : "$";
+  const first = src.charAt(start + marker.length);
+  if (!first || /\s/.test(first)) return false;
+  let end = start + marker.length;
+  for (;;) {
+    end = src.indexOf(marker, end);
+    if (end === -1 || end > state.posMax) return false;
+    if (src.charCodeAt(end - 1) !== 0x5c) break; // an escaped dollar is TeX's
+    end += 1;
+  }
+  if (end === start + marker.length || /\s/.test(src.charAt(end - 1))) return false;
+  if (!display && /\d/.test(src.charAt(end + 1))) return false;
+  if (!silent) {
+    const token = state.push("math_inline", "", 0);
+    token.content = src.slice(start + marker.length, end);
+    token.markup = marker;
+  }
+  state.pos = end + marker.length;
+  return true;
+}
+
+// A block from a line starting with `$$` to one ending with it. Unclosed (still
+// streaming), it is no block: shown as text until the closing line comes.
+function mathBlock(state: StateBlock, startLine: number, endLine: number, silent: boolean): boolean {
+  if (state.sCount[startLine] - state.blkIndent >= 4) return false;
+  const line = (n: number) => state.src.slice(state.bMarks[n] + state.tShift[n], state.eMarks[n]).trimEnd();
+  const opening = line(startLine);
+  if (!opening.startsWith("$$")) return false;
+  const lines: string[] = [];
+  let last = startLine;
+  const rest = opening.slice(2);
+  if (rest.length >= 2 && rest.endsWith("$$")) lines.push(rest.slice(0, -2));
+  else {
+    lines.push(rest);
+    for (last = startLine + 1; ; last++) {
+      if (last >= endLine) return false;
+      const text = line(last);
+      if (text.endsWith("$$")) {
+        lines.push(text.slice(0, -2));
+        break;
+      }
+      lines.push(text);
+    }
+  }
+  if (silent) return true;
+  state.line = last + 1;
+  const token = state.push("math_block", "div", 0);
+  token.block = true;
+  token.content = lines.join("\n").trim();
+  token.map = [startLine, state.line];
+  return true;
+}
+
+md.inline.ruler.after("escape", "math_inline", mathInline);
+md.block.ruler.before("fence", "math_block", mathBlock, { alt: ["paragraph", "reference", "blockquote", "list"] });
+md.renderer.rules.math_inline = (tokens, idx) => {
+  const kind = tokens[idx].markup === "$$" ? "math-display" : "math-inline";
+  return `<span class="math ${kind}">${md.utils.escapeHtml(tokens[idx].content)}</span>`;
+};
+md.renderer.rules.math_block = (tokens, idx) =>
+  `<div class="math math-block">${md.utils.escapeHtml(tokens[idx].content)}</div>\n`;
+
+type MathModule = typeof import("./math");
+let mathModule: MathModule | null = null;
+let mathLoading: Promise<void> | null = null;
+
+// Typesets the math under `root` now when KaTeX is here; else loads it (once) and then
+// typesets what the page's answers hold.
+function typesetMath(root: ParentNode): void {
+  const pending = root.querySelectorAll<HTMLElement>(".math:not(.typeset)");
+  if (!pending.length) return;
+  if (mathModule) {
+    for (const node of Array.from(pending)) mathModule.typeset(node);
+    return;
+  }
+  mathLoading ??= import("./math").then(
+    (module) => {
+      mathModule = module;
+      typesetMath(document.querySelector("#messages") ?? document);
+    },
+    () => {
+      mathLoading = null; // (a later answer tries again)
+    },
+  );
+}
+
 // Defence in depth: whatever gets to the sanitiser, links and images obey the same rules.
 DOMPurify.addHook("afterSanitizeAttributes", (node) => {
   if (node.tagName === "A") {
@@ -129,6 +226,7 @@ function sanitized(html: string): DocumentFragment {
 export function markdownNodes(source: string): Node[] {
   const fragment = sanitized(md.render(source));
   for (const pre of Array.from(fragment.querySelectorAll("pre"))) decorateCode(pre);
+  typesetMath(fragment);
   return Array.from(fragment.childNodes).filter((n) => n.nodeType !== Node.TEXT_NODE || n.textContent?.trim());
 }
 
