@@ -616,3 +616,44 @@ def test_pick_an_agent_for_a_conversation_and_back_to_plain_chat(embedded_server
     assert page.input_value("#agent") == ""
     data = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
     assert data["conversation"]["agent"] is None
+
+
+def test_the_model_picker_shows_the_pools_models_with_the_default_selected(embedded_server, page):
+    base, _ = embedded_server
+    log_in(page, base)
+    page.wait_for_selector("#composer .model-choice", state="visible")
+    choices = api(page, "GET", "models")
+    assert choices["status"] == 200
+    default = choices["body"]["default_model"]
+    assert default and [m["id"] for m in choices["body"]["models"] if m["default"]] == [default]
+    options = page.eval_on_selector_all(
+        "#model option", "(options) => options.map((o) => [o.value, o.textContent])"
+    )
+    assert options == [
+        [m["id"], f"{m['id']} (default)" if m["default"] else m["id"]]
+        for m in choices["body"]["models"]
+    ]
+    assert page.input_value("#model") == default
+    # Labelled: found by its label, as a screen reader names it.
+    assert page.get_by_label("Model").evaluate("(select) => select.id") == "model"
+
+    # What is sent carries the picked model; the conversation keeps it.
+    sent: list[dict[str, Any]] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda p: sent.append(json.loads(p))))
+    page.reload()  # (the socket opened after the listener)
+    page.wait_for_selector("#composer .model-choice", state="visible")
+    send(page, "Say hi.")
+    wait_until(page, "() => !document.querySelector('#messages li.pending:not(.assistant)')")
+    if page.is_visible("#stop"):
+        page.click("#stop")
+    wait_until(
+        page,
+        "() => !document.querySelector('#messages li.streaming, #messages li.pending')",
+        timeout=ANSWER_TIMEOUT_MS / 1000,
+    )
+    assert [f.get("model") for f in sent if f["type"] == "chat.send"] == [default]
+    page.reload()
+    page.wait_for_selector("#composer .model-choice", state="visible")
+    assert page.input_value("#model") == default
+    data = page.evaluate("() => JSON.parse(document.getElementById('parley-chat').textContent)")
+    assert data["conversation"]["model"] == default

@@ -82,6 +82,7 @@ def test_the_page_carries_the_current_branch_with_siblings_and_live_runs(client,
         "title": "Branches",
         "current_leaf_id": str(m["q2"].id),
         "agent": None,
+        "model": "",
     }
     branch = data["branch"]
     assert [step["id"] for step in branch] == [str(m["q1"].id), str(m["a2"].id), str(m["q2"].id)]
@@ -133,7 +134,16 @@ def test_the_page_carries_what_the_client_needs_for_the_api(client, alice, conve
 def test_a_new_chat_carries_no_conversation(client, alice, conversation):
     client.force_login(alice.user)
     data = chat_page_data(client.get(reverse("chat:home")))
-    assert data == {"conversation": None, "branch": [], "runs": [], "agents": []}
+    assert data == {
+        "conversation": None,
+        "branch": [],
+        "runs": [],
+        "agents": [],
+        # (no backend in these tests: no model to choose)
+        "default_model": "",
+        "models": [],
+        "model": "",
+    }
 
 
 CALCULATOR = {
@@ -210,7 +220,15 @@ def test_an_outsider_is_offered_only_their_own_tenants_agents(
     _enable(alice, "calculator")
     client.force_login(charlie.user)
     home = client.get(reverse("chat:home"))
-    assert chat_page_data(home) == {"conversation": None, "branch": [], "runs": [], "agents": []}
+    assert chat_page_data(home) == {
+        "conversation": None,
+        "branch": [],
+        "runs": [],
+        "agents": [],
+        "default_model": "",
+        "models": [],
+        "model": "",
+    }
     assert "calculator" not in _agent_select(home)
     # And still nothing of the owner's conversation, its agent included.
     foreign = client.get(reverse("chat:conversation", args=[conversation.id]))

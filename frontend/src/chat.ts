@@ -4,6 +4,7 @@
 import { Api } from "./api";
 import { Attachments, DocumentsClient, PageViewer } from "./documents";
 import { required } from "./dom";
+import type { ClientFrame } from "./protocol";
 import { Sidebar } from "./sidebar";
 import { ChatSocket } from "./socket";
 import { type PageData, Thread } from "./thread";
@@ -19,6 +20,9 @@ const form = required<HTMLFormElement>("#composer");
 const prompt = required<HTMLTextAreaElement>("#prompt");
 // Plain chat (""), or one of the agents the tenant enabled.
 const agentSelect = required<HTMLSelectElement>("#agent");
+// One of the pool's models the tenant may use; the server rendered the conversation's
+// (while it may still be used), else the tenant's default, selected. Empty: none served.
+const modelSelect = required<HTMLSelectElement>("#model");
 const sendButton = required<HTMLButtonElement>("#send");
 const stopButton = required<HTMLButtonElement>("#stop");
 const status = required<HTMLParagraphElement>("#status");
@@ -78,9 +82,19 @@ const socket = new ChatSocket(`${location.protocol === "https:" ? "wss" : "ws"}:
   },
 });
 
+// What asks for an answer carries the picked model; the server keeps it as the
+// conversation's, so the picker shows it again on the conversation's page. A frame sent
+// again (after a reconnect) keeps the model it was first sent with.
+function withModel(frame: ClientFrame): ClientFrame {
+  if ((frame.type === "chat.send" || frame.type === "chat.regenerate") && frame.model === undefined && modelSelect.value) {
+    frame.model = modelSelect.value;
+  }
+  return frame;
+}
+
 const thread = new Thread(required<HTMLOListElement>("#messages"), data, {
   api,
-  send: (frame) => socket.send(frame),
+  send: (frame) => socket.send(withModel(frame)),
   say,
   started(conversationId, title) {
     history.replaceState(null, "", `${conversationUrl}${conversationId}/`);

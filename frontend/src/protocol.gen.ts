@@ -65,6 +65,7 @@ export interface ChatSendFrame {
   content: string;
   conversation_id?: string | null;
   parent_message_id?: string | null;
+  /** A model of the pool that the tenant may use (GET /api/v1/models lists them); it answers this and later messages of the conversation. Absent or empty: the conversation's model, else the default. Another is refused with `error` `model_not_found`, naming those you may use. */
   model?: ShortText;
   /** An agent the tenant enabled, `<plugin>.<agent>`; it answers this and later messages of the conversation. Absent: the conversation's agent (none for a new conversation); `none`: back to plain chat. An agent that is not enabled is answered with `error` `not_found`. */
   agent?: ShortText;
@@ -76,6 +77,7 @@ export interface ChatSendFrame {
 export interface ChatRegenerateFrame {
   type: "chat.regenerate";
   message_id: Id;
+  /** As `model` of `chat.send`: a model the tenant may use (else `error` `model_not_found`); absent: the conversation's model. */
   model?: ShortText;
   client_id?: ClientId;
 }
@@ -209,7 +211,7 @@ export interface DocumentUpdatedFrame {
 
 export interface ErrorFrame {
   type: "error";
-  code: "invalid_json" | "invalid_frame" | "unknown_type" | "frame_too_large" | "rate_limited" | "not_found" | "unavailable" | "internal_error" | "tenant_suspended" | "tenant_deleted" | "api_key_revoked" | "access_revoked" | "unauthenticated" | "forbidden";
+  code: "invalid_json" | "invalid_frame" | "unknown_type" | "frame_too_large" | "rate_limited" | "not_found" | "model_not_found" | "unavailable" | "internal_error" | "tenant_suspended" | "tenant_deleted" | "api_key_revoked" | "access_revoked" | "unauthenticated" | "forbidden";
   message: string;
   client_id?: ClientId;
 }

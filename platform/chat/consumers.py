@@ -19,6 +19,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 
 from chat import protocol
+from chat.choices import ModelNotFound
 from chat.models import Run
 from chat.notify import conversation_group
 from chat.relay import LogTrimmed, run_relay
@@ -223,6 +224,10 @@ class ChatConsumer(AsyncWebsocketConsumer):
             )
         except NotFound:
             raise protocol.FrameError(protocol.NOT_FOUND, not_found, client_id) from None
+        except ModelNotFound as exc:  # (a ValidationError, with its own code)
+            raise protocol.FrameError(
+                protocol.MODEL_NOT_FOUND, " ".join(exc.messages), client_id
+            ) from None
         except ValidationError as exc:
             raise protocol.FrameError(
                 protocol.INVALID_FRAME, " ".join(exc.messages), client_id

@@ -27,6 +27,7 @@ INVALID_FRAME = "invalid_frame"
 UNKNOWN_TYPE = "unknown_type"
 FRAME_TOO_LARGE = "frame_too_large"
 NOT_FOUND = "not_found"
+MODEL_NOT_FOUND = "model_not_found"
 INTERNAL_ERROR = "internal_error"
 UNAVAILABLE = "unavailable"
 

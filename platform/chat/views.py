@@ -10,6 +10,7 @@ from django.contrib.auth.decorators import login_required
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 
+from chat.choices import answer_choices
 from chat.models import Conversation
 from chat.selectors import (
     conversation_get,
@@ -34,27 +35,13 @@ def _id(value: Any) -> str | None:
     return str(value) if value is not None else None
 
 
-def agent_choices(*, actor: Actor) -> list[dict[str, str]]:
-    """The agents the member may pick for a conversation (besides plain chat): those of
-    the plugins the tenant enabled."""
-    from agents.selectors import agents_available  # (LangChain loads with the plugins)
-
-    return [
-        {
-            "id": available.id,
-            "title": available.agent.title,
-            "description": available.agent.description,
-        }
-        for available in agents_available(actor=actor)
-    ]
-
-
 def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any]:
     """What the client needs to show a conversation: its current branch (as the REST
     messages endpoint gives it), each message's place among its siblings, why an answer
     ended early, the runs still queued or running (to attach to and stream), and the
-    agents the member may pick, with the one that answers the conversation (`agent`,
-    null: plain chat).
+    models and agents the member may pick (`answer_choices`), with the model the
+    conversation last chose (`model`, "" for none) and the agent that answers it
+    (`agent`, null: plain chat).
 
     `current_leaf_id` is the conversation's own current leaf: while an answer is being
     regenerated it is the question, though the branch still runs on through the
@@ -70,6 +57,7 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
             "title": conversation.title,
             "current_leaf_id": _id(conversation.current_leaf_id),
             "agent": conversation.agent or None,
+            "model": conversation.model,
         },
         "branch": [
             {
@@ -96,7 +84,7 @@ def chat_page_data(*, actor: Actor, conversation: Conversation) -> dict[str, Any
             for run in reversed(runs)  # oldest first, as they appear in the thread
             if not run.is_terminal
         ],
-        "agents": agent_choices(actor=actor),
+        **answer_choices(actor=actor),
     }
 
 
@@ -110,9 +98,14 @@ def _chat_page(
             "conversation": None,
             "branch": [],
             "runs": [],
-            "agents": agent_choices(actor=actor),
+            **answer_choices(actor=actor),
         }
     )
+    # The model picker shows the conversation's model while the tenant may still use
+    # it, else the tenant's default.
+    chosen = conversation.model if conversation else ""
+    offered = [choice["id"] for choice in data["models"]]
+    data["model"] = chosen if chosen in offered else data["default_model"]
     return render(
         request,
         "chat/chat.html",

@@ -38,6 +38,26 @@ def default_model(rows: list[Backend] | None = None) -> str:
     return models[0].id
 
 
+def models_allowed(*, tenant_id: Any) -> list[ModelInfo]:
+    """The pool's models (`models_available`, in its order) that the tenant's plan
+    allows: what its members may choose, in the chat and through `/v1/models`."""
+    limits = tenant_limits(tenant_id)
+    return [model for model in models_available() if limits.allows_model(model.id)]
+
+
+def tenant_default_model(*, tenant_id: Any, allowed: list[ModelInfo] | None = None) -> str:
+    """The model preselected for the tenant's members: the platform's default
+    (PARLEY_DEFAULT_MODEL, else the pool's first model) when the tenant may use it,
+    else the first model it may use; "" when it may use none. A tenant's own default
+    (the console) slots in here. `allowed`: `models_allowed`, when the caller has it."""
+    allowed = models_allowed(tenant_id=tenant_id) if allowed is None else allowed
+    if not allowed:
+        return ""
+    ids = [model.id for model in allowed]
+    platform = str(settings.PARLEY_DEFAULT_MODEL) or ids[0]
+    return platform if platform in ids else ids[0]
+
+
 def tenant_limits(tenant_id: Any) -> Limits:
     """The limits of a tenant's plan; `tenant_not_found` for a tenant that is gone."""
     with tenant_scope(tenant_id=tenant_id):

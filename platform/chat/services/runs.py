@@ -13,6 +13,7 @@ from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from chat.choices import model_check
 from chat.documents import attachments_check
 from chat.models import Conversation, Message, Run
 from chat.notify import frame_send
@@ -99,7 +100,9 @@ def _run_create(
     new_conversation: bool = False,
 ) -> Run:
     """The run row (in the caller's transaction) and its hand-over to a worker on commit.
-    The run gets the conversation's agent, if it has one and it is still available.
+    The run gets the conversation's agent, if it has one and it is still available. A
+    chosen `model` must be one the tenant may use (ModelNotFound) and becomes the
+    conversation's, for the sends that name none; none chosen: the conversation's.
 
     The member's other sockets (another tab) are told on commit: a new conversation's
     `conversation.updated` (its message is stored, whatever becomes of the run), then,
@@ -109,6 +112,8 @@ def _run_create(
     task = "review" if (user_message.documents or {}).get("review") else ""
     if conversation.agent and not task:
         _agent_check(actor=actor, agent=conversation.agent)
+    if model:
+        model_check(actor=actor, model=model)
     run = Run.objects.create(
         tenant=actor.tenant,
         conversation=conversation,
@@ -120,7 +125,8 @@ def _run_create(
         client_id=client_id,
     )
     conversation.current_leaf = user_message
-    conversation.save(update_fields=["current_leaf", "updated_at"])
+    conversation.model = model or conversation.model
+    conversation.save(update_fields=["current_leaf", "model", "updated_at"])
     run_id, tenant_id = run.id, actor.tenant_id
     agent = run.agent
     started = run_started_frame(run)

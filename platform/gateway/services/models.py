@@ -6,8 +6,10 @@ from typing import Any
 
 from gateway import formats
 from gateway.agents import AGENT_MODEL_PREFIX
-from gateway.services.callers import caller_authenticate, tenant_limits_of
-from inference.selectors import models_available
+from gateway.errors import from_inference_error
+from gateway.services.callers import caller_authenticate
+from inference.selectors import models_allowed
+from inference.types import InferenceError
 from tenants.access import Actor
 from tenants.rls import tenant_scope
 
@@ -15,13 +17,15 @@ from tenants.rls import tenant_scope
 def models_list(*, actor: Actor) -> list[dict[str, Any]]:
     """Every model a routable backend serves that the tenant's plan allows, once each,
     then the agents the tenant enabled (`agent_models`)."""
-    limits = tenant_limits_of(actor)
+    try:
+        allowed = models_allowed(tenant_id=actor.tenant_id)
+    except InferenceError as exc:  # the tenant is gone: 401
+        raise from_inference_error(exc) from None
     found = [
         formats.model_object(
             model_id=model.id, created=model.created, max_model_len=model.max_model_len
         )
-        for model in models_available()
-        if limits.allows_model(model.id)
+        for model in allowed
     ]
     return [*found, *agent_models(actor=actor)]
 
