@@ -673,8 +673,8 @@ def _supervise(
         stopped = "cpu"
     if stopped in ("time", "output", "workspace", "cancelled"):
         exit_code = None
-    if stopped or readers[2].truncated:
-        after = None
+    if exit_code is None or readers[2].truncated:
+        after = None  # killed here before it was packed: the caller keeps its workspace
     return Result(
         exit_code=exit_code,
         stdout=bytes(readers[0].data).decode("utf-8", "replace"),
