@@ -10,8 +10,10 @@
 //
 // While an answer streams, `StreamingMarkdown` renders at most once per animation frame,
 // less often when rendering gets slow (it keeps itself under a fifth of the main
-// thread), and replaces only the top-level blocks that changed, so what was rendered
-// already stays put (a selection in it survives, a same-site image is not fetched again).
+// thread); it parses only the text after the last finished block (a blank line outside
+// code or math), and replaces only the top-level blocks that changed, so what was
+// rendered stays put (a selection in it survives, a same-site image is not fetched
+// again). At the end the whole text is rendered once more, as a stored answer is.
 
 import DOMPurify from "dompurify";
 import hljs from "highlight.js/lib/core";
@@ -232,14 +234,44 @@ export function markdownNodes(source: string): Node[] {
 
 // Renders the Markdown into the element, replacing its content.
 export function renderMarkdown(target: HTMLElement, source: string): void {
-  const nodes = markdownNodes(source);
   target.classList.add("markdown");
-  const old = Array.from(target.childNodes);
-  // Blocks rendered the same stay (the streaming case: all but the last usually do).
+  replaceFrom(target, 0, markdownNodes(source));
+}
+
+// Puts `nodes` in place of the element's children from `from` on, keeping those equal
+// to what they would be replaced with (while streaming: all but the last, usually).
+function replaceFrom(target: HTMLElement, from: number, nodes: Node[]): void {
+  const old = Array.from(target.childNodes).slice(from);
   let same = 0;
   while (same < old.length && same < nodes.length && old[same].isEqualNode(nodes[same])) same++;
   for (const node of old.slice(same)) node.remove();
   target.append(...nodes.slice(same));
+}
+
+const FENCE = /^ {0,3}(```|~~~|\$\$)/;
+
+// Where the text can be cut for streaming: after the last blank line that is outside
+// a fenced block or math block and followed by a line that does not continue a block
+// (not indented). Before it, the text renders the same whatever comes later, as far
+// as answers go (a loose list cut there shows as two lists until the end: the final
+// render joins them). `from`: where the last cut was (always a line's start).
+function lastCut(source: string, from: number): number {
+  let cut = from;
+  let open = false;
+  let blank = false;
+  let at = from;
+  while (at < source.length) {
+    const end = source.indexOf("\n", at);
+    if (end === -1) break; // the last line may be incomplete
+    const line = source.slice(at, end);
+    if (blank && !open && line.trim() && !/^[ \t]/.test(line)) cut = at;
+    if (FENCE.test(line) && !(line.trim().startsWith("$$") && line.trim().length > 2 && line.trim().endsWith("$$"))) {
+      open = !open;
+    }
+    blank = !line.trim();
+    at = end + 1;
+  }
+  return cut;
 }
 
 function decorateCode(pre: HTMLPreElement): void {
@@ -302,6 +334,10 @@ export class StreamingMarkdown {
   private source = "";
   private frame: number | null = null;
   private notBefore = 0;
+  // The text before `frozen` is rendered for good (until the final render) as the
+  // element's first `frozenNodes` children: each render parses what follows only.
+  private frozen = 0;
+  private frozenNodes = 0;
 
   constructor(readonly element: HTMLElement) {
     element.classList.add("markdown");
@@ -316,11 +352,13 @@ export class StreamingMarkdown {
     this.schedule();
   }
 
-  // Render now (the answer ended, or is replaced).
+  // The final render, of the whole text (the answer ended, or is replaced).
   flush(): void {
     if (this.frame !== null) cancelAnimationFrame(this.frame);
     this.frame = null;
-    this.render();
+    renderMarkdown(this.element, this.source);
+    this.frozen = 0;
+    this.frozenNodes = 0;
   }
 
   private schedule(): void {
@@ -334,7 +372,12 @@ export class StreamingMarkdown {
 
   private render(): void {
     const start = performance.now();
-    renderMarkdown(this.element, this.source);
+    const cut = lastCut(this.source, this.frozen);
+    const done = cut > this.frozen ? markdownNodes(this.source.slice(this.frozen, cut)) : [];
+    const rest = markdownNodes(this.source.slice(cut));
+    replaceFrom(this.element, this.frozenNodes, [...done, ...rest]);
+    this.frozen = cut;
+    this.frozenNodes += done.length;
     const took = performance.now() - start;
     this.notBefore = start + took / BUSY_SHARE;
   }
