@@ -3,31 +3,21 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
-
-from django.db import transaction
 
 from documents.models import Document
 from documents.storage import tenant_files_delete
+from tenants.lifecycle import tenant_files_delete_on_commit
 from tenants.models import Tenant
-
-log = logging.getLogger(__name__)
 
 
 def files_delete_for_tenant(*, tenant_id: Any, **kwargs: Any) -> None:
     """Receiver of `tenants.lifecycle.tenant_deleted`: delete the tenant's files once
     the deletion is committed (a deletion rolled back keeps them)."""
 
-    def delete() -> None:
-        try:
-            count = tenant_files_delete(tenant_id)
-        except Exception:
-            log.exception("documents: could not delete the files of tenant %s", tenant_id)
-            return
-        log.info("documents: deleted %d files of tenant %s", count, tenant_id)
-
-    transaction.on_commit(delete)
+    tenant_files_delete_on_commit(
+        app="documents", tenant_id=tenant_id, files_delete=tenant_files_delete
+    )
 
 
 def documents_export(tenant: Tenant) -> list[dict[str, Any]]:

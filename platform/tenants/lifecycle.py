@@ -4,9 +4,11 @@ the sections a tenant export gathers from other apps (chat adds conversations)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
+from django.db import transaction
 from django.dispatch import Signal
 
 from tenants.models import Tenant
@@ -28,3 +30,22 @@ def register_export_section(name: str, section: ExportSection) -> None:
 
 def export_sections() -> dict[str, ExportSection]:
     return dict(_export_sections)
+
+
+def tenant_files_delete_on_commit(
+    *, app: str, tenant_id: Any, files_delete: Callable[[Any], int]
+) -> None:
+    """For an app's receiver of `tenant_deleted`: delete the tenant's files with
+    `files_delete(tenant_id)` once the deletion is committed (a deletion rolled back
+    keeps them); a failure is logged, never raised into the deletion."""
+    log = logging.getLogger(f"{app}.lifecycle")
+
+    def delete() -> None:
+        try:
+            count = files_delete(tenant_id)
+        except Exception:
+            log.exception("%s: could not delete the files of tenant %s", app, tenant_id)
+            return
+        log.info("%s: deleted %d files of tenant %s", app, count, tenant_id)
+
+    transaction.on_commit(delete)
